@@ -18,7 +18,8 @@ import ml_collections
 LABELS = ("adamw", "muon", "router", "frozen")
 
 _NORMS = "attn_norm|ffn_norm|q_norm|kv_norm|norm|enorm|hnorm"
-# (label, regex on the path, minimum rank). First match wins; "frozen" is checked before all of them.
+# (label, regex on the path, minimum rank). The rules are mutually exclusive (a test checks it), so
+# their order does not matter; "frozen" (config.optim.frozen) is checked before all of them.
 LABEL_RULES: tuple[tuple[str, str, int], ...] = (
     ("router", r"(^|/)moe/router/kernel$", 2),
     ("adamw", r"(^|/)embed/embedding$", 2),
@@ -29,7 +30,7 @@ LABEL_RULES: tuple[tuple[str, str, int], ...] = (
     ("adamw", r"(^|/)ape$", 1),
     # Matrices: projections (…/kernel), mHC `fn`, experts' w1/w2/w3. Named explicitly rather than
     # "any >= 2-D leaf" because a scanned per-layer vector is 2-D too and must not be orthogonalised.
-    ("muon", r"(^|/)(kernel|fn|w1|w2|w3)$", 2),
+    ("muon", r"^(?!(.*/)?(head|moe/router)/kernel$).*(^|/)(kernel|fn|w1|w2|w3)$", 2),
 )
 
 
@@ -50,11 +51,13 @@ def label_for_path(path: str, ndim: int, frozen_patterns: tuple[str, ...] = ()) 
     """The label of one leaf; ValueError naming the path when no rule matches."""
     if any(re.search(pattern, path) for pattern in frozen_patterns):
         return "frozen"
-    for label, pattern, min_rank in LABEL_RULES:
-        if re.search(pattern, path):
-            if ndim < min_rank:
-                raise ValueError(f"parameter {path!r} matches the {label!r} rule but has rank {ndim} < {min_rank}")
-            return label
+    matches = [(label, min_rank) for label, pattern, min_rank in LABEL_RULES if re.search(pattern, path)]
+    if len(matches) > 1:
+        raise ValueError(f"parameter {path!r} matches several optimizer rules: {[label for label, _ in matches]}")
+    for label, min_rank in matches:
+        if ndim < min_rank:
+            raise ValueError(f"parameter {path!r} matches the {label!r} rule but has rank {ndim} < {min_rank}")
+        return label
     raise ValueError(
         f"parameter {path!r} (rank {ndim}) matches no optimizer rule (see v4jax.optim.labels.LABEL_RULES)"
         " or freeze it with config.optim.frozen")
