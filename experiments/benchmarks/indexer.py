@@ -1,0 +1,230 @@
+"""Lightning-indexer benchmark on one GPU: Pallas-Triton kernel vs the XLA bf16 reference, same run.
+
+For S in {8K, 32K, 128K} (N = S/4, H = 64, D = 128, topk = 512, ratio = 4, B = 1) it reports:
+  * time (median of several runs after warm-up) of the XLA reference (bf16 QK, fp32 accumulation,
+    chunked over 2048 queries, lax.top_k on bf16 scores) and of the Triton pipeline for quant None /
+    fp8 / mxfp4, end to end (quantisation of q and k included) and scores-only (kernel on prepared
+    operands), with TFLOP/s over the causal half (2 * S * N / 2 * H * D) and % of the dense matmul
+    rate measured in the same run (bf16, and FP8 for the quantized modes);
+  * compiled temp memory (XLA memory analysis) of each pipeline;
+  * recall of the selected sets vs the fp32 exact selection on sampled query rows;
+  * correctness guards: every output slot written (-1 count equals topk minus visible count), idx in
+    range, no NaN, scores equal to the fp32 recomputation of their idx within the dtype's band.
+Usage: python experiments/benchmarks/indexer.py [--sizes 8192,32768,131072] [--sweep] [--out DIR]
+Writes a markdown table to stdout and DIR/indexer_table.md, and JSON rows to DIR/indexer.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from v4jax.kernels.indexer import quantize, reference, triton
+
+H, D, TOPK, RATIO = 64, 128, 512, 4
+INTERPRET = bool(os.environ.get("INDEXER_BENCH_INTERPRET"))  # CPU smoke test of this script only
+
+
+def timed(fn, *args, reps: int = 10, warmup: int = 2) -> float:
+  """Median wall time in ms of fn(*args), synchronised, after warm-up."""
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  ts = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    ts.append((time.perf_counter() - t0) * 1e3)
+  return statistics.median(ts)
+
+
+def temp_mb(fn, *args) -> float:
+  """Compiled temporary memory of fn in MiB (XLA memory analysis; excludes arguments/outputs)."""
+  try:
+    ma = fn.lower(*args).compile().memory_analysis()
+    return (ma.temp_size_in_bytes + ma.output_size_in_bytes) / 2**20
+  except Exception:  # noqa: BLE001 - memory analysis is best effort
+    return float("nan")
+
+
+def matmul_rates() -> dict:
+  """Dense 8192^3 bf16 and fp8 matmul TFLOP/s on this device (the roofline of the score kernel)."""
+  n = 256 if INTERPRET else 8192
+  a = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.bfloat16)
+  bmat = jax.random.normal(jax.random.PRNGKey(2), (n, n), jnp.bfloat16)
+  f_bf16 = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32).astype(jnp.bfloat16))
+  a8, b8 = a.astype(jnp.float8_e4m3fn), bmat.astype(jnp.float8_e4m3fn)
+  f_fp8 = jax.jit(lambda x, y: jax.lax.dot(x, y, preferred_element_type=jnp.bfloat16))
+  out = {}
+  for name, f, x, y in (("bf16", f_bf16, a, bmat), ("fp8", f_fp8, a8, b8)):
+    ms = timed(f, x, y, reps=20)
+    out[name] = 2 * n**3 / ms / 1e9
+  return out
+
+
+def exact_rows(q, w, k, rows, topk, ratio):
+  """fp32 exact top-k sets (and full score rows) for a subset of query rows."""
+  qr = q[0, rows].astype(jnp.float32)  # [R, H, D]
+  logits = jnp.einsum("rhd,nd->rhn", qr, k[0].astype(jnp.float32),  # [R, H, N]
+                      precision=jax.lax.Precision.HIGHEST)
+  sc = jnp.einsum("rhn,rh->rn", jax.nn.relu(logits), w[0, rows].astype(jnp.float32),  # [R, N]
+                  precision=jax.lax.Precision.HIGHEST)
+  n = k.shape[1]
+  vis = jnp.arange(n)[None, :] < ((rows + 1) // ratio)[:, None]
+  sc = jnp.where(vis, sc, -jnp.inf)
+  vals, idx = jax.lax.top_k(sc, min(topk, n))
+  return np.asarray(jnp.where(vals == -jnp.inf, -1, idx)), np.asarray(sc)
+
+
+def check_and_recall(idx, vals, q, w, k, topk, ratio, rows) -> dict:
+  """Guards (all slots written, ranges, no NaN, scores match idx) and recall vs fp32 exact."""
+  idx, vals = np.asarray(idx), np.asarray(vals)
+  n = k.shape[1]
+  s = idx.shape[1]
+  counts = np.minimum((np.arange(s) + 1) // ratio, n)
+  n_invalid = (idx[0] == -1).sum(-1)
+  ok_written = bool(np.all(n_invalid == np.maximum(0, topk - counts)))
+  ok_range = bool(np.all((idx >= -1) & (idx < n)))
+  ok_nan = not bool(np.isnan(vals).any())
+  ex_idx, ex_sc = exact_rows(q, w, k, jnp.asarray(rows), topk, ratio)
+  hits = total = 0
+  num = den = 0.0
+  for r_i, r in enumerate(rows):
+    got = idx[0, r]
+    got_valid = got[got >= 0]
+    ex = ex_idx[r_i][ex_idx[r_i] >= 0]
+    hits += len(np.intersect1d(got_valid, ex))
+    total += len(ex)
+    v = vals[0, r][got >= 0]
+    ref_v = ex_sc[r_i][got_valid]
+    num += float(np.sum((v - ref_v) ** 2))
+    den += float(np.sum(ref_v**2))
+  return dict(written=ok_written, in_range=ok_range, no_nan=ok_nan,
+              recall=hits / max(total, 1), score_rel_err=(num / max(den, 1e-30)) ** 0.5)
+
+
+def scores_only_fn(quant, chunk, cfg):
+  """Jitted: the score kernel over all chunks on prepared operands (no top-k); returns a sliver."""
+  def f(qlp, w_eff, klp, kscale, qseg, kseg):
+    s = qlp.shape[1]
+    n_valid = klp.shape[1]
+
+    def one(c0):
+      sl = lambda x: jax.lax.dynamic_slice_in_dim(x, c0, chunk, axis=1)
+      sc = triton._scores_call(c0[None].astype(jnp.int32), sl(qlp), sl(w_eff), klp, kscale,
+                               sl(qseg), kseg, ratio=RATIO, n_valid=n_valid, interpret=INTERPRET, **cfg)
+      return sc[:, -1, :8]
+
+    return jax.lax.map(one, jnp.arange(0, s, chunk))
+  return jax.jit(f)
+
+
+def run_size(s, rates, results, cfgs, reps, quants):
+  n = s // RATIO
+  keys = jax.random.split(jax.random.PRNGKey(s), 3)
+  q = jax.random.normal(keys[0], (1, s, H, D), jnp.float32).astype(jnp.bfloat16)
+  k = jax.random.normal(keys[1], (1, n, D), jnp.float32).astype(jnp.bfloat16)
+  w = jax.random.normal(keys[2], (1, s, H), jnp.float32) * (H**-0.5) * (D**-0.5)
+  flops = 2.0 * s * n / 2 * H * D
+  rows = np.unique(np.concatenate([np.linspace(RATIO * 8, s - 1, 384).astype(int), np.arange(s - 64, s)]))
+  ref_reps = max(2, min(reps, int(20 * 8192 / s)))
+
+  xla = jax.jit(lambda q_, w_, k_: reference.indexer_topk(q_, w_, k_, TOPK, RATIO, chunk=2048,
+                                                           score_dtype=jnp.bfloat16))
+  row = dict(S=s, N=n, impl="xla bf16 ref", quant="-")
+  try:
+    row["ms"] = timed(xla, q, w, k, reps=ref_reps, warmup=1)
+    row["temp_MiB"] = temp_mb(xla, q, w, k)
+    row.update(check_and_recall(*xla(q, w, k), q, w, k, TOPK, RATIO, rows))
+  except Exception as e:  # noqa: BLE001
+    row["error"] = repr(e)[:300]
+    traceback.print_exc()
+  xla_ms = row.get("ms")
+  row["TFLOP/s"] = flops / row["ms"] / 1e9 if "ms" in row else None
+  results.append(row)
+  print(json.dumps(row), flush=True)
+
+  for quant in quants:
+    for ci, cfg in enumerate(cfgs):
+      chunk = min(4096 if s <= 32768 else 2048, s)
+      row = dict(S=s, N=n, impl="triton", quant=str(quant), cfg=str(cfg))
+      try:
+        ops = triton._prepare(q, w, k, RATIO, None, quant, cfg["block_k"])
+        so = scores_only_fn(quant, chunk, cfg)
+        row["scores_ms"] = timed(so, *ops, reps=reps)
+        row["scores_TFLOP/s"] = flops / row["scores_ms"] / 1e9
+        rate = rates["bf16" if quant is None else "fp8"]
+        row["scores_%peak"] = 100 * row["scores_TFLOP/s"] / rate
+        if ci == 0 or len(cfgs) == 1:
+          e2e = jax.jit(lambda q_, w_, k_: triton.indexer_topk(q_, w_, k_, TOPK, RATIO, quant=quant,
+                                                              chunk=chunk, interpret=INTERPRET, **cfg))
+          out = e2e(q, w, k)
+          row.update(check_and_recall(*out, q, w, k, TOPK, RATIO, rows))
+          row["ms"] = timed(e2e, q, w, k, reps=reps)
+          row["TFLOP/s"] = flops / row["ms"] / 1e9
+          row["speedup_vs_xla"] = xla_ms / row["ms"] if xla_ms else None
+          row["temp_MiB"] = temp_mb(e2e, q, w, k)
+      except Exception as e:  # noqa: BLE001
+        row["error"] = repr(e)[:600]
+        traceback.print_exc()
+      results.append(row)
+      print(json.dumps(row), flush=True)
+
+
+def table(results, rates) -> str:
+  cols = ["S", "impl", "quant", "cfg", "ms", "speedup_vs_xla", "scores_ms", "scores_TFLOP/s",
+          "scores_%peak", "recall", "score_rel_err", "temp_MiB", "written", "error"]
+  lines = [f"matmul ceilings measured in this run: bf16 {rates['bf16']:.0f} TFLOP/s, "
+           f"fp8 {rates['fp8']:.0f} TFLOP/s", "",
+           "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+  for r in results:
+    cells = []
+    for c in cols:
+      v = r.get(c, "")
+      cells.append(f"{v:.4g}" if isinstance(v, float) else str(v))
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--sizes", default="8192,32768,131072")
+  ap.add_argument("--sweep", action="store_true", help="also time other score-kernel block configs")
+  ap.add_argument("--quants", default="none,fp8,mxfp4")
+  ap.add_argument("--reps", type=int, default=10)
+  ap.add_argument("--out", default=os.environ.get("OUT", "."))
+  args = ap.parse_args()
+  cfgs = [dict(block_q=64, block_k=64, num_warps=4, num_stages=3)]
+  if args.sweep:
+    cfgs += [dict(block_q=64, block_k=128, num_warps=4, num_stages=3),
+             dict(block_q=128, block_k=64, num_warps=8, num_stages=3),
+             dict(block_q=128, block_k=128, num_warps=8, num_stages=2),
+             dict(block_q=64, block_k=128, num_warps=8, num_stages=3)]
+  quants = [None if x == "none" else x for x in args.quants.split(",")]
+  print("device:", jax.devices()[0].device_kind, "jax", jax.__version__, flush=True)
+  rates = matmul_rates()
+  print("rates", rates, flush=True)
+  results = []
+  for s in [int(x) for x in args.sizes.split(",")]:
+    run_size(s, rates, results, cfgs, args.reps, quants)
+    with open(os.path.join(args.out, "indexer.json"), "w") as f:
+      json.dump(dict(rates=rates, rows=results), f, indent=1)
+  md = table(results, rates)
+  header = (f"\n## Lightning indexer ({datetime.date.today()}, {jax.devices()[0].device_kind}, "
+            f"jax {jax.__version__})\n\nCommand: `python {' '.join(sys.argv)}`\n\n")
+  with open(os.path.join(args.out, "indexer_table.md"), "w") as f:
+    f.write(header + md + "\n")
+  print(header + md)
+
+
+if __name__ == "__main__":
+  main()

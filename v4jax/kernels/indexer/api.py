@@ -1,0 +1,71 @@
+"""Public entry point of the lightning indexer: dispatch to a backend, with an XLA fallback.
+
+    from v4jax.kernels import indexer
+    idx, scores = indexer.indexer_topk(q, w, k, topk, ratio)
+
+q [B,S,H,D], w [B,S,H], k [B,N,D] (compressed keys). score[t,s] = sum_h w[t,h] relu(q[t,h] . k[s]);
+entry s is visible to query t iff s < (t+1)//ratio and both share a segment. Returns idx [B,S,topk]
+int32 (-1 when fewer than topk entries are visible) and scores [B,S,topk] fp32 (-inf there).
+The order of the entries within a row depends on the backend (xla / mosaic_tpu: by decreasing
+score; triton: by increasing index): compare rows as sets; scores always belong to their idx.
+quant: None (QK in the input dtype, fp32 accumulation), "fp8" (E4M3, per-row scales) or "mxfp4"
+(Hadamard-rotated, MXFP4; on Hopper run on FP8 tensor cores). See `quantize`.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+from jaxtyping import Array, Float, Int
+
+from v4jax.kernels.indexer import quantize, reference
+
+IMPLEMENTATIONS = ("xla", "triton", "mosaic_gpu", "mosaic_tpu")
+
+
+def _pow2(x: int) -> bool:
+  return x > 0 and not x & (x - 1)
+
+
+def _pick(implementation: str | None, platform: str, interpret: bool, h: int, d: int) -> str:
+  """The backend to run: the requested one if it can run here, else the best for the platform."""
+  if implementation is not None and implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}")
+  triton_ok = _pow2(h) and _pow2(d) and d >= 16 and (platform == "gpu" or interpret)
+  if implementation is None:
+    if platform == "gpu" and triton_ok:
+      return "triton"
+    if platform == "tpu":
+      return "mosaic_tpu"
+    return "xla"
+  if implementation == "mosaic_gpu":
+    warnings.warn("indexer: no mosaic_gpu backend yet; falling back to 'xla' (use 'triton' on GPU)")
+    return "xla"
+  if implementation == "triton" and not triton_ok:
+    warnings.warn(f"indexer: triton needs a GPU (or interpret=True) and power-of-two H, D >= 16 "
+                  f"(got H={h}, D={d}, platform={platform}); falling back to 'xla'")
+    return "xla"
+  if implementation == "mosaic_tpu" and platform != "tpu" and not interpret:
+    warnings.warn(f"indexer: mosaic_tpu needs a TPU or interpret=True (platform={platform}); "
+                  "falling back to 'xla'")
+    return "xla"
+  return implementation
+
+
+def indexer_topk(q: Float[Array, "B S H D"], w: Float[Array, "B S H"], k: Float[Array, "B N D"],
+                 topk: int, ratio: int, segment_ids: reference.SegmentIds = None,
+                 quant: str | None = None, implementation: str | None = None,
+                 interpret: bool = False
+                 ) -> tuple[Int[Array, "B S topk"], Float[Array, "B S topk"]]:
+  """Top-k compressed entries per query by lightning-indexer score (module doc for semantics)."""
+  reference.check_inputs(q, w, k, topk, ratio)
+  quantize.check_quant(quant)
+  impl = _pick(implementation, jax.default_backend(), interpret, q.shape[2], q.shape[3])
+  if impl == "triton":
+    from v4jax.kernels.indexer import triton
+    return triton.indexer_topk(q, w, k, topk, ratio, segment_ids, quant, interpret=interpret)
+  if impl == "mosaic_tpu":
+    from v4jax.kernels.indexer import mosaic_tpu
+    return mosaic_tpu.indexer_topk(q, w, k, topk, ratio, segment_ids, quant, interpret=interpret)
+  return reference.indexer_topk(q, w, k, topk, ratio, segment_ids, quant)

@@ -1,0 +1,222 @@
+"""Pallas-Triton lightning indexer for NVIDIA GPUs (written for the H200), also runs in interpret mode.
+
+Design (why not a fully fused streaming top-k): a running top-512 per query does not fit a Triton
+program's registers next to a [bq, bk] score tile, and Triton-Pallas has no sort / heap primitives, so a
+merge per key tile would cost more than the QK itself. Instead, queries are processed in chunks of
+`chunk` rows (one chunk in flight, `lax.map`), each chunk in two kernels:
+
+  1. `_score_kernel`: tiles [bq queries, bk entries]; per tile a loop over the H heads, each a
+     [bq, D] x [D, bk] tensor-core dot (bf16, or FP8 for the quantized modes), relu, times the head
+     weight, accumulated in fp32 registers; causal / segment masking writes -inf. Tiles that no query of
+     the block can see are skipped (they hold garbage that the select kernel never reads).
+     Output: the chunk's fp32 score row-block [B, chunk, N] (the only O(chunk * N) buffer).
+  2. `_select_kernel`: one program per query row, the visible prefix of the row in registers. Exact
+     radix select on the order-preserving int32 image of the fp32 scores: 32 bisection steps over the
+     bits find the k-th largest key T; entries above T are taken, then ties at T by increasing entry
+     index until k are taken (deterministic); the picks are compacted with a prefix sum and scattered.
+
+Memory: O(S * topk) outputs plus one fp32 [B, chunk, N] row-block. FLOPs: one pass of QK (no
+recomputation). Output order within a row: increasing entry index (compare rows as sets); scores are
+those of the returned indices; unused slots hold idx -1 and score -inf.
+Quantized modes: q and k arrive as E4M3 with one positive fp32 scale per row (see `quantize`); the query
+scale is folded into the head weight and the key scale multiplies the score column after the head sum
+(relu commutes with positive scales).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+from jaxtyping import Array, Float, Int
+
+from v4jax.kernels.indexer import quantize, reference
+
+_INT_MIN = -(2**31)
+
+
+def _next_pow2(x: int) -> int:
+  return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def _round_up(x: int, m: int) -> int:
+  return -(-x // m) * m
+
+
+def _score_kernel(c0_ref, q_ref, w_ref, k_ref, ks_ref, qseg_ref, kseg_ref, o_ref, *, block_q: int,
+                  block_k: int, num_heads: int, ratio: int, n_valid: int, exact_fp32: bool):
+  """One [block_q, block_k] tile of masked scores: sum_h w[t,h] relu(q[t,h] . k[s]) * kscale[s]."""
+  t0 = c0_ref[0] + pl.program_id(1) * block_q
+  k0 = pl.program_id(2) * block_k
+  seen_by_block = jnp.minimum((t0 + block_q) // ratio, n_valid)  # entries < this are seen by a row
+
+  @pl.when(k0 < seen_by_block)
+  def _():
+    keys = k_ref[...]  # [bk, D]
+
+    def one_head(h, acc):
+      qh = q_ref[:, h, :]  # [bq, D]
+      logits = plgpu.dot(qh, keys, trans_b=True, allow_tf32=not exact_fp32)  # [bq, bk] fp32
+      return acc + jnp.maximum(logits, 0.0) * w_ref[:, h][:, None]
+
+    acc = jax.lax.fori_loop(0, num_heads, one_head, jnp.zeros((block_q, block_k), jnp.float32))
+    acc = acc * ks_ref[...][None, :]
+    t = t0 + jax.lax.broadcasted_iota(jnp.int32, (block_q, block_k), 0)
+    s = k0 + jax.lax.broadcasted_iota(jnp.int32, (block_q, block_k), 1)
+    vis = (s < (t + 1) // ratio) & (s < n_valid)
+    vis &= qseg_ref[...][:, None] == kseg_ref[...][None, :]
+    o_ref[...] = jnp.where(vis, acc, -jnp.inf)
+
+
+def _select_kernel(c0_ref, x_ref, idx_ref, val_ref, *, topk: int, ratio: int, n_valid: int,
+                   n_pad: int, topk_pad: int):
+  """Exact top-k of one row's visible prefix by radix (bit-bisection) select; see module doc."""
+  t = c0_ref[0] + pl.program_id(1)
+  count = jnp.minimum((t + 1) // ratio, n_valid)
+  cols = jax.lax.iota(jnp.int32, n_pad)
+  x = plgpu.load(x_ref, mask=cols < count, other=-jnp.inf)  # [n_pad]
+  valid = x > -jnp.inf
+  bits = jax.lax.bitcast_convert_type(x, jnp.int32)
+  key = jnp.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # int32 order == float order
+  key = jnp.where(valid, key, _INT_MIN)
+  k_eff = jnp.minimum(jnp.sum(valid.astype(jnp.int32)), topk)
+
+  def bisect(i, thr):
+    bit = jnp.left_shift(jnp.int32(1), 31 - i)
+    cand = ((thr ^ _INT_MIN) | bit) ^ _INT_MIN  # set bit (31 - i) of the offset-binary threshold
+    n_ge = jnp.sum(((key >= cand) & valid).astype(jnp.int32))
+    return jnp.where(n_ge >= k_eff, cand, thr)
+
+  thr = jax.lax.fori_loop(0, 32, bisect, jnp.int32(_INT_MIN))  # the k_eff-th largest key
+  above = valid & (key > thr)
+  tied = valid & (key == thr)
+  need = k_eff - jnp.sum(above.astype(jnp.int32))
+  take = above | (tied & (jnp.cumsum(tied.astype(jnp.int32)) <= need))
+  # Unselected entries point past the end: masked on the GPU, and dropped by interpret mode's scatter
+  # (which would otherwise write old values back through colliding indices).
+  pos = jnp.where(take, jnp.cumsum(take.astype(jnp.int32)) - 1, topk_pad)
+  plgpu.store(idx_ref.at[pos], cols, mask=take)
+  plgpu.store(val_ref.at[pos], x, mask=take)
+  slots = jax.lax.iota(jnp.int32, topk_pad)
+  plgpu.store(idx_ref, jnp.full((topk_pad,), -1, jnp.int32), mask=slots >= k_eff)
+  plgpu.store(val_ref, jnp.full((topk_pad,), -jnp.inf, jnp.float32), mask=slots >= k_eff)
+
+
+def _scores_call(c0, q, w, k, kscale, qseg, kseg, *, ratio, n_valid, block_q, block_k, num_warps,
+                 num_stages, interpret):
+  """Masked fp32 scores of one query chunk: [B, C, n_pad]."""
+  b, c, h, d = q.shape
+  n_pad = k.shape[1]
+  kernel = functools.partial(_score_kernel, block_q=block_q, block_k=block_k, num_heads=h,
+                             ratio=ratio, n_valid=n_valid, exact_fp32=q.dtype == jnp.float32)
+  return pl.pallas_call(
+      kernel,
+      grid=(b, c // block_q, n_pad // block_k),
+      in_specs=[
+          pl.BlockSpec((1,), lambda i, j, l: (0,)),
+          pl.BlockSpec((None, block_q, h, d), lambda i, j, l: (i, j, 0, 0)),
+          pl.BlockSpec((None, block_q, h), lambda i, j, l: (i, j, 0)),
+          pl.BlockSpec((None, block_k, d), lambda i, j, l: (i, l, 0)),
+          pl.BlockSpec((None, block_k), lambda i, j, l: (i, l)),
+          pl.BlockSpec((None, block_q), lambda i, j, l: (i, j)),
+          pl.BlockSpec((None, block_k), lambda i, j, l: (i, l)),
+      ],
+      out_specs=pl.BlockSpec((None, block_q, block_k), lambda i, j, l: (i, j, l)),
+      out_shape=jax.ShapeDtypeStruct((b, c, n_pad), jnp.float32),
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+      interpret=interpret,
+      name="indexer_scores",
+  )(c0, q, w, k, kscale, qseg, kseg)
+
+
+def _select_call(c0, scores, *, topk, ratio, n_valid, interpret):
+  """Top-k of each row of a chunk's score row-block: (idx [B, C, topk_pad], scores [B, C, topk_pad])."""
+  b, c, n_pad = scores.shape
+  topk_pad = _next_pow2(topk)
+  num_warps = int(min(16, max(4, n_pad // 1024)))
+  kernel = functools.partial(_select_kernel, topk=topk, ratio=ratio, n_valid=n_valid, n_pad=n_pad,
+                             topk_pad=topk_pad)
+  return pl.pallas_call(
+      kernel,
+      grid=(b, c),
+      in_specs=[pl.BlockSpec((1,), lambda i, r: (0,)),
+                pl.BlockSpec((None, None, n_pad), lambda i, r: (i, r, 0))],
+      out_specs=[pl.BlockSpec((None, None, topk_pad), lambda i, r: (i, r, 0))] * 2,
+      out_shape=[jax.ShapeDtypeStruct((b, c, topk_pad), jnp.int32),
+                 jax.ShapeDtypeStruct((b, c, topk_pad), jnp.float32)],
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
+      interpret=interpret,
+      name="indexer_select",
+  )(c0, scores)
+
+
+def chunk_scores(q, w, k, ratio, segment_ids=None, quant=None, *, c0: int = 0, chunk: int | None = None,
+                 block_q: int = 64, block_k: int = 64, num_warps: int = 4, num_stages: int = 3,
+                 interpret: bool = False) -> jax.Array:
+  """Masked scores of queries [c0, c0 + chunk) only ([B, chunk, n_pad] fp32; for tests and benchmarks).
+
+  Entries no query of a tile can see are left unwritten (garbage), as in the full pipeline.
+  """
+  ops = _prepare(q, w, k, ratio, segment_ids, quant, block_k)
+  qlp, w_eff, klp, kscale, qseg, kseg = ops
+  chunk = chunk or q.shape[1] - c0
+  sl = lambda x: jax.lax.slice_in_dim(x, c0, c0 + chunk, axis=1)
+  return _scores_call(jnp.array([c0], jnp.int32), sl(qlp), sl(w_eff), klp, kscale, sl(qseg), kseg,
+                      ratio=ratio, n_valid=k.shape[1], block_q=block_q, block_k=block_k,
+                      num_warps=num_warps, num_stages=num_stages, interpret=interpret)
+
+
+def _prepare(q, w, k, ratio, segment_ids, quant, block_k):
+  """Kernel operands: low-precision q/k, folded weights, key scales, segments; keys padded."""
+  b, s, h, d = q.shape
+  n = k.shape[1]
+  qlp, qscale, klp, kscale = quantize.kernel_operands(q, k, quant)
+  w_eff = w.astype(jnp.float32) * (1.0 if qscale is None else qscale)
+  if kscale is None:
+    kscale = jnp.ones((b, n), jnp.float32)
+  qseg, kseg = reference.split_segment_ids(segment_ids, b, s, n, ratio)
+  n_pad = max(_next_pow2(n), block_k)
+  pad_n = ((0, 0), (0, n_pad - n))
+  klp = jnp.pad(klp, pad_n + ((0, 0),))
+  return qlp, w_eff, klp, jnp.pad(kscale, pad_n), qseg, jnp.pad(kseg, pad_n, constant_values=-1)
+
+
+def indexer_topk(q: Float[Array, "B S H D"], w: Float[Array, "B S H"], k: Float[Array, "B N D"],
+                 topk: int, ratio: int, segment_ids: reference.SegmentIds = None,
+                 quant: str | None = None, *, interpret: bool = False, chunk: int = 4096,
+                 block_q: int = 64, block_k: int = 64, num_warps: int = 4, num_stages: int = 3
+                 ) -> tuple[Int[Array, "B S topk"], Float[Array, "B S topk"]]:
+  """Top-k visible entries per query by the two-kernel pipeline above; see `reference.indexer_topk`.
+
+  Within a row, indices come in increasing entry order (not score order); -1 / -inf pad the rest.
+  """
+  reference.check_inputs(q, w, k, topk, ratio)
+  quantize.check_quant(quant)
+  b, s, h, d = q.shape
+  n = k.shape[1]
+  for name, v in (("H", h), ("D", d), ("block_q", block_q), ("block_k", block_k)):
+    if v & (v - 1):
+      raise ValueError(f"triton indexer: {name}={v} must be a power of two")
+  qlp, w_eff, klp, kscale, qseg, kseg = _prepare(q, w, k, ratio, segment_ids, quant, block_k)
+  chunk = _round_up(min(chunk, _round_up(s, block_q)), block_q)
+  s_pad = _round_up(s, chunk)
+  pad_s = ((0, 0), (0, s_pad - s))
+  qlp = jnp.pad(qlp, pad_s + ((0, 0), (0, 0)))
+  w_eff = jnp.pad(w_eff, pad_s + ((0, 0),))
+  qseg = jnp.pad(qseg, pad_s, constant_values=-2)
+
+  def one_chunk(c0):
+    c0_arr = c0[None].astype(jnp.int32)
+    sl = lambda x: jax.lax.dynamic_slice_in_dim(x, c0, chunk, axis=1)
+    scores = _scores_call(c0_arr, sl(qlp), sl(w_eff), klp, kscale, sl(qseg), kseg, ratio=ratio,
+                          n_valid=n, block_q=block_q, block_k=block_k, num_warps=num_warps,
+                          num_stages=num_stages, interpret=interpret)  # [B, C, n_pad]
+    return _select_call(c0_arr, scores, topk=topk, ratio=ratio, n_valid=n, interpret=interpret)
+
+  idx, vals = jax.lax.map(one_chunk, jnp.arange(0, s_pad, chunk))  # [nC, B, C, topk_pad]
+  idx = jnp.moveaxis(idx, 0, 1).reshape(b, s_pad, -1)[:, :s, :topk]
+  vals = jnp.moveaxis(vals, 0, 1).reshape(b, s_pad, -1)[:, :s, :topk]
+  return idx, vals
