@@ -31,7 +31,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     cfg.max_files = 0  # 0 = all; otherwise a stable, spread-out subset of this many files
     cfg.add_eos = True  # append EOS to every document before packing
     cfg.shuffle = True  # train split: global shuffle of document order, reshuffled every epoch
-    # Train split: also shuffle packed rows in a window of this many rows (0 = off). Packing cuts a
+    # Train split, with shuffle: also shuffle packed rows in a window of this many rows (0 = off). Packing cuts a
     # long document into consecutive rows; the window mixes them with rows of other documents so a
     # batch is not one file. Restoring a state replays at most one window (cheap for in-memory data).
     cfg.shuffle_buffer = 1024

@@ -3,7 +3,7 @@
 Stages (all grain, so the state of the whole chain is grain's own checkpointable state):
 
     MapDataset.source(document indices of the split)
-      .shuffle(seed)            train only, global, reshuffled every epoch (index_shuffle: no buffer)
+      EpochShuffleMapDataset    train only, global, reshuffled every epoch (no buffer; see shuffle.py)
       .repeat(num_epochs)       None = forever
       .map(tokenize + EOS)      {"tokens": int32 [n]}
     .to_iter_dataset()
@@ -11,7 +11,7 @@ Stages (all grain, so the state of the whole chain is grain's own checkpointable
                                 does not fit is split and its remainder starts the next row as a
                                 new segment (positions restart at 0); no padding except at the end
       .map(next-token targets)  targets / loss_mask never cross a segment boundary
-    WindowShuffleIterDataset    train only, when shuffle_buffer > 0
+    WindowShuffleIterDataset    train only, when shuffle and shuffle_buffer > 0
       .batch(batch_size)        a final partial batch (finite epochs) is padded with empty rows
       .mp_prefetch(...)         only when num_workers > 0
 
@@ -36,6 +36,7 @@ import numpy as np
 from jaxtyping import Float, Int
 
 from v4jax.data.corpus import Corpus, load_corpus, split_indices
+from v4jax.data.shuffle import EpochShuffleMapDataset
 from v4jax.data.tokenizer import Tokenizer
 
 STATE_VERSION = 1
@@ -192,14 +193,14 @@ def build_pipeline(
 
     ds = grain.MapDataset.source(indices.tolist())
     if is_train and cfg.shuffle:
-        ds = ds.shuffle(seed=int(seed))
+        ds = EpochShuffleMapDataset(ds, seed=int(seed))
     ds = ds.repeat(num_epochs)
     ds = ds.map(_Tokenize(corpus, tokenizer, tokenizer.eos_id if cfg.add_eos else -1))
     # In-memory documents: no reader threads (the grain docs advise 0 to avoid GIL contention).
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
     it = grain.experimental.ConcatThenSplitIterDataset(it, length_struct={"tokens": seq_len})
     it = it.map(_make_row)
-    if is_train and cfg.shuffle_buffer > 0:
+    if is_train and cfg.shuffle and cfg.shuffle_buffer > 0:
         it = grain.experimental.WindowShuffleIterDataset(it, window_size=cfg.shuffle_buffer, seed=int(seed))
     it = it.batch(batch_size, drop_remainder=False)
     it = it.map(_PadBatch(batch_size))
