@@ -193,3 +193,22 @@ def test_eval_split_is_unshuffled_and_disjoint(tmp_path):
     assert eval_a == eval_b  # seed does not shuffle eval
     train = set(texts("train", 0))
     assert eval_a and train and train.isdisjoint(eval_a)
+
+
+@pytest.mark.slow
+def test_worker_processes_give_the_same_batches_and_resume(user_cfg):
+    tok = build_tokenizer(user_cfg)
+
+    def make(workers):
+        user_cfg.num_workers = workers
+        return build_pipeline(user_cfg, tokenizer=tok, split="train", seq_len=16, batch_size=2, seed=2)
+
+    with make(0) as it:
+        reference = [{k: v.copy() for k, v in b.items()} for b in _take(it, 8)]
+    with make(1) as it:
+        batches = [{k: v.copy() for k, v in b.items()} for b in _take(it, 5)]
+        state = json.loads(json.dumps(it.get_state()))
+    _assert_batches_equal(batches, reference[:5])
+    with make(1) as it:
+        it.set_state(state)
+        _assert_batches_equal([{k: v.copy() for k, v in b.items()} for b in _take(it, 3)], reference[5:8])

@@ -3,7 +3,7 @@
 import grain
 import numpy as np
 
-from v4jax.data.shuffle import EpochShuffleMapDataset, epoch_permutation
+from v4jax.data.shuffle import EpochShuffleMapDataset, WindowShuffleIterDataset, epoch_permutation
 
 M = (1 << 64) - 1
 
@@ -35,3 +35,22 @@ def test_dataset_reshuffles_each_epoch_when_repeated():
     assert all(sorted(e) == list(range(10)) for e in epochs)
     assert epochs[0] == epoch_permutation(10, 4, 0).tolist()
     assert epochs[0] != epochs[1] != epochs[2]
+
+
+def test_window_shuffle_permutes_each_window_and_resumes_everywhere():
+    ds = WindowShuffleIterDataset(grain.MapDataset.range(23).to_iter_dataset(), window_size=5, seed=9)
+    out = list(ds)
+    assert len(out) == 23
+    for start in range(0, 23, 5):
+        window = out[start : start + 5]
+        assert sorted(window) == list(range(start, min(start + 5, 23)))  # no element leaves its window
+    assert out[:5] == [int(i) for i in epoch_permutation(5, 9, 0)]
+    assert out[:5] != sorted(out[:5]) or out[5:10] != sorted(out[5:10])
+    it = iter(ds)
+    for step in range(24):
+        state = it.get_state()
+        fresh = iter(ds)
+        fresh.set_state(state)
+        assert list(fresh) == out[step:]
+        if step < 23:
+            next(it)

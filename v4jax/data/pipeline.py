@@ -11,7 +11,7 @@ Stages (all grain, so the state of the whole chain is grain's own checkpointable
                                 does not fit is split and its remainder starts the next row as a
                                 new segment (positions restart at 0); no padding except at the end
       .map(next-token targets)  targets / loss_mask never cross a segment boundary
-    WindowShuffleIterDataset    train only, when shuffle and shuffle_buffer > 0
+    WindowShuffleIterDataset    train only, when shuffle and shuffle_buffer > 0 (see shuffle.py)
       .batch(batch_size)        a final partial batch (finite epochs) is padded with empty rows
       .mp_prefetch(...)         only when num_workers > 0
 
@@ -31,12 +31,13 @@ import zlib
 from typing import Any
 
 import grain
+from absl import flags as absl_flags
 import ml_collections
 import numpy as np
 from jaxtyping import Float, Int
 
 from v4jax.data.corpus import Corpus, load_corpus, split_indices
-from v4jax.data.shuffle import EpochShuffleMapDataset
+from v4jax.data.shuffle import EpochShuffleMapDataset, WindowShuffleIterDataset
 from v4jax.data.tokenizer import Tokenizer
 
 STATE_VERSION = 1
@@ -118,6 +119,18 @@ class DataIterator:
 
     def __next__(self) -> dict[str, np.ndarray]:
         return next(self._iterator)
+
+    def close(self) -> None:
+        """Stops grain worker processes (num_workers > 0); call it when done with the iterator."""
+        close = getattr(self._iterator, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> DataIterator:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     def get_state(self) -> dict[str, Any]:
         """The position in the stream: plain JSON types only (dicts, lists, str, int)."""
@@ -201,10 +214,13 @@ def build_pipeline(
     it = grain.experimental.ConcatThenSplitIterDataset(it, length_struct={"tokens": seq_len})
     it = it.map(_make_row)
     if is_train and cfg.shuffle and cfg.shuffle_buffer > 0:
-        it = grain.experimental.WindowShuffleIterDataset(it, window_size=cfg.shuffle_buffer, seed=int(seed))
+        it = WindowShuffleIterDataset(it, window_size=cfg.shuffle_buffer, seed=int(seed))
     it = it.batch(batch_size, drop_remainder=False)
     it = it.map(_PadBatch(batch_size))
     if cfg.num_workers > 0:
+        # grain's workers read absl flags; outside an absl app (pytest, Colab) take their defaults.
+        if not absl_flags.FLAGS.is_parsed():
+            absl_flags.FLAGS.mark_as_parsed()
         it = it.mp_prefetch(grain.multiprocessing.MultiprocessingOptions(num_workers=cfg.num_workers))
     fingerprint = _fingerprint(
         cfg, corpus, tokenizer, split=split, seq_len=seq_len, batch_size=batch_size, seed=int(seed), epochs=num_epochs

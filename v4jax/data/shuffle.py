@@ -1,4 +1,4 @@
-"""A per-epoch global shuffle of a grain MapDataset that is fast for any dataset size.
+"""Shuffles that are fast for any size: a per-epoch global shuffle of documents, a window shuffle of rows.
 
 Why not `MapDataset.shuffle`: grain's `index_shuffle` cycle-walks a Feistel network, which costs
 ~10 ms per element when a dataset has only a handful of documents (a user's few text files), so a
@@ -9,6 +9,8 @@ access stays O(1), so grain's checkpointing (which records only the next index) 
 """
 
 from __future__ import annotations
+
+import copy
 
 import grain
 import numpy as np
@@ -60,3 +62,79 @@ class EpochShuffleMapDataset(grain.MapDataset):
             self._cached_perm = epoch_permutation(n, self._seed, epoch)
             self._cached_epoch = epoch
         return self._parent[epoch * n + int(self._cached_perm[index_in_epoch])]
+
+
+class WindowShuffleIterDataset(grain.IterDataset):
+    """Reads `window_size` elements, emits them in a shuffled order, repeats; checkpointable.
+
+    The same design as `grain.experimental.WindowShuffleIterDataset` (its state is the parent's
+    state at the window start plus the position in the window, and a restore refills that one
+    window), but the order comes from `epoch_permutation`: grain's version calls `index_shuffle`
+    per element, ~100 us each for a 1024-row window, which halved the pipeline's throughput.
+    """
+
+    def __init__(self, parent: grain.IterDataset, *, window_size: int, seed: int):
+        super().__init__(parent)
+        self._window_size = int(window_size)
+        self._seed = int(seed)
+
+    def __iter__(self) -> grain.DatasetIterator:
+        return _WindowShuffleIterator(self._parent.__iter__(), window_size=self._window_size, seed=self._seed)
+
+    def __str__(self) -> str:
+        return f"WindowShuffleIterDataset(window_size={self._window_size}, seed={self._seed})"
+
+
+class _WindowShuffleIterator(grain.DatasetIterator):
+    def __init__(self, parent: grain.DatasetIterator, *, window_size: int, seed: int):
+        super().__init__(parent)
+        self._window_size = window_size
+        self._seed = seed
+        self._window_index = 0
+        self._pos_in_window = 0
+        self._window: list = []
+        self._window_start_state = self._parent.get_state()
+        self._parent_exhausted = False
+
+    def _fill_window(self) -> None:
+        window = []
+        for _ in range(self._window_size):
+            try:
+                window.append(next(self._parent))
+            except StopIteration:
+                self._parent_exhausted = True
+                break
+        order = epoch_permutation(len(window), self._seed, self._window_index)
+        self._window = [window[i] for i in order]
+
+    def __next__(self):
+        if self._pos_in_window >= len(self._window):
+            if self._parent_exhausted:
+                raise StopIteration
+            if self._window:
+                self._window_index += 1
+            self._window_start_state = self._parent.get_state()
+            self._fill_window()
+            self._pos_in_window = 0
+            if not self._window:
+                raise StopIteration
+        element = self._window[self._pos_in_window]
+        self._pos_in_window += 1
+        return element
+
+    def get_state(self) -> dict:
+        return {
+            "window_start_state": copy.deepcopy(self._window_start_state),
+            "window_index": self._window_index,
+            "pos_in_window": self._pos_in_window,
+        }
+
+    def set_state(self, state: dict) -> None:
+        self._window_start_state = copy.deepcopy(state["window_start_state"])
+        self._parent.set_state(self._window_start_state)
+        self._window_index = state["window_index"]
+        self._parent_exhausted = False
+        self._window = []
+        if state["pos_in_window"] > 0:
+            self._fill_window()
+        self._pos_in_window = state["pos_in_window"]

@@ -9,6 +9,13 @@ from v4jax.data.corpus import Corpus, eval_mask, load_corpus
 from v4jax.data.tokenizer import ByteTokenizer, Tokenizer
 
 
+def count_tokens(tok: Tokenizer, documents: list[bytes]) -> int:
+    """Tokens in `documents` (without EOS), using a batched encoder when the tokenizer has one."""
+    if hasattr(tok, "count_tokens"):
+        return tok.count_tokens(documents)
+    return sum(len(tok.encode_bytes(d)) for d in documents)
+
+
 def corpus_stats(cfg: ml_collections.ConfigDict, tok: Tokenizer, corpus: Corpus | None = None) -> dict[str, dict[str, int]]:
     """{"train": {...}, "eval": {...}} with files, documents, bytes and tokens (EOS included).
 
@@ -24,7 +31,7 @@ def corpus_stats(cfg: ml_collections.ConfigDict, tok: Tokenizer, corpus: Corpus 
         if isinstance(tok, ByteTokenizer):
             tokens = int(lengths[docs].sum())
         else:
-            tokens = sum(len(tok.encode_bytes(corpus.document(int(i)))) for i in docs)
+            tokens = count_tokens(tok, [corpus.document(int(i)) for i in docs])
         if cfg.add_eos:
             tokens += len(docs)
         out[split] = {

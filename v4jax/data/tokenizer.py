@@ -91,6 +91,11 @@ class HFTokenizer:
     def encode_bytes(self, data: bytes) -> Int[np.ndarray, "n"]:
         return np.asarray(self.encode(data.decode("utf-8", errors="replace")), dtype=np.int32)
 
+    def count_tokens(self, documents: list[bytes]) -> int:
+        """Total tokens of many documents, encoded in parallel by the Rust library."""
+        texts = [d.decode("utf-8", errors="replace") for d in documents]
+        return sum(len(e.ids) for e in self._tok.encode_batch(texts, add_special_tokens=False))
+
 
 def build_tokenizer(cfg: ml_collections.ConfigDict) -> Tokenizer:
     """Builds the tokenizer named by `cfg.tokenizer` ("bytes" or a tokenizer.json path)."""
