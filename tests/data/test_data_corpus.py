@@ -88,3 +88,28 @@ def test_user_files_eval_split_by_file_and_by_document_for_one_file(tmp_path):
     evals = split_indices(single, "eval", 0.1)
     assert 5 <= len(evals) <= 40
     assert set(evals).isdisjoint(split_indices(single, "train", 0.1))
+
+
+def test_damaged_cache_is_rebuilt(tmp_path):
+    cache = str(tmp_path)
+    first = load_stdlib_corpus(cache, max_files=5)
+    with open(stdlib_cache_path(cache), "wb") as f:
+        f.write(b"not an npz")
+    again = load_stdlib_corpus(cache, max_files=5)
+    assert again.split_keys == first.split_keys and np.array_equal(again.data, first.data)
+
+
+def test_interrupted_build_leaves_no_cache(tmp_path, monkeypatch):
+    from v4jax.data import corpus as corpus_module
+
+    def savez_then_die(f, **arrays):
+        f.write(b"PK\x03\x04 half written")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(corpus_module.np, "savez", savez_then_die)
+    path = stdlib_cache_path(str(tmp_path))
+    try:
+        corpus_module.build_stdlib_cache(path)
+    except KeyboardInterrupt:
+        pass
+    assert os.listdir(tmp_path) == []  # neither the cache nor a temporary file

@@ -30,6 +30,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+import zipfile
 import zlib
 from collections.abc import Sequence
 
@@ -169,13 +170,22 @@ def _spread_subset(keys: Sequence[str], n: int) -> list[int]:
     return sorted(ranked[:n])
 
 
+def _read_stdlib_cache(path: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    with np.load(path, allow_pickle=False) as z:
+        return z["data"], z["offsets"], [str(p) for p in z["paths"]]
+
+
 def load_stdlib_corpus(cache_dir: str = "", max_files: int = 0) -> Corpus:
     """Loads (building at first use) the stdlib corpus; `max_files > 0` keeps a stable subset."""
     path = stdlib_cache_path(cache_dir)
     if not os.path.exists(path):
         build_stdlib_cache(path)
-    with np.load(path, allow_pickle=False) as z:
-        data, offsets, paths = z["data"], z["offsets"], [str(p) for p in z["paths"]]
+    try:
+        data, offsets, paths = _read_stdlib_cache(path)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        # Damaged by something other than our atomic writer (a disk error, a manual edit): rebuild.
+        build_stdlib_cache(path)
+        data, offsets, paths = _read_stdlib_cache(path)
     keep = _spread_subset(paths, max_files) if 0 < max_files < len(paths) else list(range(len(paths)))
     docs = [data[offsets[i] : offsets[i + 1]].tobytes() for i in keep]
     kept_paths = [paths[i] for i in keep]

@@ -36,6 +36,7 @@ import ml_collections
 import numpy as np
 from jaxtyping import Float, Int
 
+from v4jax.data.config import validate_data_config
 from v4jax.data.corpus import Corpus, load_corpus, split_indices
 from v4jax.data.shuffle import EpochShuffleMapDataset, WindowShuffleIterDataset
 from v4jax.data.tokenizer import Tokenizer
@@ -194,6 +195,7 @@ def build_pipeline(
     only. `num_epochs=None` repeats forever; with an int the iterator ends after that many passes
     and the final partial batch is padded. `corpus` may be passed to reuse a loaded corpus.
     """
+    validate_data_config(cfg)
     _check_positive("seq_len", seq_len)
     _check_positive("batch_size", batch_size)
     if num_epochs is not None:
