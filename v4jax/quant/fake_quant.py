@@ -107,6 +107,7 @@ def _fake_quant_bwd(fmt, axis, ste, grad_fmt, residuals, g):
 _fake_quant.defvjp(_fake_quant_fwd, _fake_quant_bwd)
 
 
+@functools.partial(jax.jit, static_argnames=("fmt", "axis", "ste", "grad_format"))
 def fake_quant(
     x: Float[Array, "..."],
     fmt: str | QuantFormat = "mxfp4",
@@ -116,7 +117,10 @@ def fake_quant(
     stochastic_rounding_key: jax.Array | None = None,
     grad_format: str | QuantFormat | None = None,
 ) -> Float[Array, "..."]:
-    """dequantize(quantize(x, fmt, axis)) with an STE backward; see the module docstring for the options."""
+    """dequantize(quantize(x, fmt, axis)) with an STE backward; see the module docstring for the options.
+
+    Jitted (everything but x and the key static), so eager calls compile once.
+    """
     fmt = get_format(fmt)
     if ste not in STE_MODES:
         raise ValueError(f"fake_quant: ste={ste!r} is not one of {STE_MODES}")

@@ -23,6 +23,7 @@ of being silently clipped. Dequantizing values within about 2x of the float32 ma
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -125,8 +126,12 @@ def scale_elements(xm: jax.Array, scales: BlockScales, fmt: QuantFormat) -> jax.
     return y.reshape(xm.shape)
 
 
+@functools.partial(jax.jit, static_argnames=("fmt", "axis"))
 def quantize(x: Float[Array, "..."], fmt: str | QuantFormat = "mxfp4", *, axis: int = -1) -> QArray:
-    """Quantizes `x` into a `QArray` in format `fmt` (a preset name or a QuantFormat), blocks along `axis`."""
+    """Quantizes `x` into a `QArray` in format `fmt` (a preset name or a QuantFormat), blocks along `axis`.
+
+    Jitted (fmt and axis static) so that eager calls compile once instead of dispatching op by op.
+    """
     fmt = get_format(fmt)
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
@@ -159,6 +164,7 @@ def effective_scales(q: QArray) -> jax.Array:
     return q.scales.astype(jnp.float32) * q.global_scale
 
 
+@jax.jit
 def dequantize(q: QArray) -> Float[Array, "..."]:
     """The QArray's values times their block scales, in its logical shape and dtype."""
     ndim = q.ndim
