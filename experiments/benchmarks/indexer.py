@@ -71,10 +71,10 @@ def matmul_rates() -> dict:
   return out
 
 
-def exact_rows(q, w, k, rows, topk, ratio):
-  """fp32 exact top-k sets (and full score rows) for a subset of query rows."""
-  qr = q[0, rows].astype(jnp.float32)  # [R, H, D]
-  logits = jnp.einsum("rhd,nd->rhn", qr, k[0].astype(jnp.float32),  # [R, H, N]
+def exact_rows(q, w, k, rows, topk, ratio, quant=None):
+  """fp32 exact top-k sets (and full score rows) for a subset of query rows (of fake-quant q, k)."""
+  qr, kr = quantize.fake_quant_qk(q[0, rows].astype(jnp.float32), k[0].astype(jnp.float32), quant)
+  logits = jnp.einsum("rhd,nd->rhn", qr, kr,  # [R, H, N]
                       precision=jax.lax.Precision.HIGHEST)
   sc = jnp.einsum("rhn,rh->rn", jax.nn.relu(logits), w[0, rows].astype(jnp.float32),  # [R, N]
                   precision=jax.lax.Precision.HIGHEST)
@@ -85,7 +85,7 @@ def exact_rows(q, w, k, rows, topk, ratio):
   return np.asarray(jnp.where(vals == -jnp.inf, -1, idx)), np.asarray(sc)
 
 
-def check_and_recall(idx, vals, q, w, k, topk, ratio, rows) -> dict:
+def check_and_recall(idx, vals, q, w, k, topk, ratio, rows, quant=None) -> dict:
   """Guards (all slots written, ranges, no NaN, scores match idx) and recall vs fp32 exact."""
   idx, vals = np.asarray(idx), np.asarray(vals)
   n = k.shape[1]
@@ -108,8 +108,17 @@ def check_and_recall(idx, vals, q, w, k, topk, ratio, rows) -> dict:
     ref_v = ex_sc[r_i][got_valid]
     num += float(np.sum((v - ref_v) ** 2))
     den += float(np.sum(ref_v**2))
-  return dict(written=ok_written, in_range=ok_range, no_nan=ok_nan,
-              recall=hits / max(total, 1), score_rel_err=(num / max(den, 1e-30)) ** 0.5)
+  out = dict(written=ok_written, in_range=ok_range, no_nan=ok_nan,
+             recall=hits / max(total, 1), score_rel_err=(num / max(den, 1e-30)) ** 0.5)
+  if quant is not None:  # fidelity of the kernel to its own quantized semantics
+    qx_idx, _ = exact_rows(q, w, k, jnp.asarray(rows), topk, ratio, quant)
+    hits = total = 0
+    for r_i, r in enumerate(rows):
+      ex = qx_idx[r_i][qx_idx[r_i] >= 0]
+      hits += len(np.intersect1d(idx[0, r][idx[0, r] >= 0], ex))
+      total += len(ex)
+    out["recall_vs_quant_ref"] = hits / max(total, 1)
+  return out
 
 
 def scores_only_fn(quant, chunk, cfg):
@@ -154,25 +163,30 @@ def run_size(s, rates, results, cfgs, reps, quants):
   print(json.dumps(row), flush=True)
 
   for quant in quants:
-    for ci, cfg in enumerate(cfgs):
-      chunk = min(4096 if s <= 32768 else 2048, s)
-      row = dict(S=s, N=n, impl="triton", quant=str(quant), cfg=str(cfg))
+    for vi, var in enumerate(cfgs):
+      if (quant is None) == bool(var.get("mma_bf16")) and var and quant is None:
+        continue  # mma_bf16 only matters for FP8 operands
+      if quant is not None and set(var) - {"mma_bf16"}:
+        continue  # block / select variants are swept on the bf16 path only
+      chunk = min(2048, s)
+      score_cfg = dict(block_q=64, block_k=128, num_warps=4, num_stages=3)
+      score_cfg.update({k_: v_ for k_, v_ in var.items() if k_ in (*score_cfg, "mma_bf16")})
+      row = dict(S=s, N=n, impl="triton", quant=str(quant), cfg=str(var))
       try:
-        ops = triton._prepare(q, w, k, RATIO, None, quant, cfg["block_k"])
-        so = scores_only_fn(quant, chunk, cfg)
+        ops = triton._prepare(q, w, k, RATIO, None, quant, var.get("block_k", 128))
+        so = scores_only_fn(quant, chunk, score_cfg)
         row["scores_ms"] = timed(so, *ops, reps=reps)
         row["scores_TFLOP/s"] = flops / row["scores_ms"] / 1e9
-        rate = rates["bf16" if quant is None else "fp8"]
+        rate = rates["bf16" if quant is None or var.get("mma_bf16") else "fp8"]
         row["scores_%peak"] = 100 * row["scores_TFLOP/s"] / rate
-        if ci == 0 or len(cfgs) == 1:
-          e2e = jax.jit(lambda q_, w_, k_: triton.indexer_topk(q_, w_, k_, TOPK, RATIO, quant=quant,
-                                                              chunk=chunk, interpret=INTERPRET, **cfg))
-          out = e2e(q, w, k)
-          row.update(check_and_recall(*out, q, w, k, TOPK, RATIO, rows))
-          row["ms"] = timed(e2e, q, w, k, reps=reps)
-          row["TFLOP/s"] = flops / row["ms"] / 1e9
-          row["speedup_vs_xla"] = xla_ms / row["ms"] if xla_ms else None
-          row["temp_MiB"] = temp_mb(e2e, q, w, k)
+        e2e = jax.jit(lambda q_, w_, k_: triton.indexer_topk(q_, w_, k_, TOPK, RATIO, quant=quant,
+                                                            chunk=chunk, interpret=INTERPRET, **var))
+        out = e2e(q, w, k)
+        row.update(check_and_recall(*out, q, w, k, TOPK, RATIO, rows, quant))
+        row["ms"] = timed(e2e, q, w, k, reps=reps)
+        row["TFLOP/s"] = flops / row["ms"] / 1e9
+        row["speedup_vs_xla"] = xla_ms / row["ms"] if xla_ms else None
+        row["temp_MiB"] = temp_mb(e2e, q, w, k)
       except Exception as e:  # noqa: BLE001
         row["error"] = repr(e)[:600]
         traceback.print_exc()
@@ -182,7 +196,8 @@ def run_size(s, rates, results, cfgs, reps, quants):
 
 def table(results, rates) -> str:
   cols = ["S", "impl", "quant", "cfg", "ms", "speedup_vs_xla", "scores_ms", "scores_TFLOP/s",
-          "scores_%peak", "recall", "score_rel_err", "temp_MiB", "written", "error"]
+          "scores_%peak", "recall", "recall_vs_quant_ref", "score_rel_err", "temp_MiB", "written",
+          "error"]
   lines = [f"matmul ceilings measured in this run: bf16 {rates['bf16']:.0f} TFLOP/s, "
            f"fp8 {rates['fp8']:.0f} TFLOP/s", "",
            "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -203,12 +218,11 @@ def main():
   ap.add_argument("--reps", type=int, default=10)
   ap.add_argument("--out", default=os.environ.get("OUT", "."))
   args = ap.parse_args()
-  cfgs = [dict(block_q=64, block_k=64, num_warps=4, num_stages=3)]
+  # Variants of the end-to-end pipeline (triton.indexer_topk keyword arguments); {} = defaults.
+  cfgs = [{}, dict(mma_bf16=True)]
   if args.sweep:
-    cfgs += [dict(block_q=64, block_k=128, num_warps=4, num_stages=3),
-             dict(block_q=128, block_k=64, num_warps=8, num_stages=3),
-             dict(block_q=128, block_k=128, num_warps=8, num_stages=2),
-             dict(block_q=64, block_k=128, num_warps=8, num_stages=3)]
+    cfgs += [dict(select_elems=16384, select_warps=8), dict(select_elems=65536, select_warps=16),
+             dict(block_k=64)]
   quants = [None if x == "none" else x for x in args.quants.split(",")]
   print("device:", jax.devices()[0].device_kind, "jax", jax.__version__, flush=True)
   rates = matmul_rates()

@@ -47,7 +47,8 @@ def _round_up(x: int, m: int) -> int:
 
 
 def _score_kernel(c0_ref, q_ref, w_ref, k_ref, ks_ref, qseg_ref, kseg_ref, o_ref, *, block_q: int,
-                  block_k: int, num_heads: int, ratio: int, n_valid: int, exact_fp32: bool):
+                  block_k: int, num_heads: int, ratio: int, n_valid: int, exact_fp32: bool,
+                  mma_bf16: bool):
   """One [block_q, block_k] tile of masked scores: sum_h w[t,h] relu(q[t,h] . k[s]) * kscale[s]."""
   t0 = c0_ref[0] + pl.program_id(1) * block_q
   k0 = pl.program_id(2) * block_k
@@ -56,9 +57,11 @@ def _score_kernel(c0_ref, q_ref, w_ref, k_ref, ks_ref, qseg_ref, kseg_ref, o_ref
   @pl.when(k0 < seen_by_block)
   def _():
     keys = k_ref[...]  # [bk, D]
+    keys = keys.astype(jnp.bfloat16) if mma_bf16 else keys
 
     def one_head(h, acc):
       qh = q_ref[:, h, :]  # [bq, D]
+      qh = qh.astype(jnp.bfloat16) if mma_bf16 else qh
       logits = plgpu.dot(qh, keys, trans_b=True, allow_tf32=not exact_fp32)  # [bq, bk] fp32
       return acc + jnp.maximum(logits, 0.0) * w_ref[:, h][:, None]
 
@@ -72,49 +75,57 @@ def _score_kernel(c0_ref, q_ref, w_ref, k_ref, ks_ref, qseg_ref, kseg_ref, o_ref
 
 
 def _select_kernel(c0_ref, x_ref, idx_ref, val_ref, *, topk: int, ratio: int, n_valid: int,
-                   n_pad: int, topk_pad: int):
-  """Exact top-k of one row's visible prefix by radix (bit-bisection) select; see module doc."""
-  t = c0_ref[0] + pl.program_id(1)
-  count = jnp.minimum((t + 1) // ratio, n_valid)
-  cols = jax.lax.iota(jnp.int32, n_pad)
-  x = plgpu.load(x_ref, mask=cols < count, other=-jnp.inf)  # [n_pad]
+                   width: int, rows: int, topk_pad: int):
+  """Exact top-k of `rows` rows' visible prefixes by radix (bit-bisection) select; see module doc.
+
+  Several rows per program let one cross-warp reduction serve all of them. Outputs are flat blocks
+  [rows * topk_pad] so the compaction is a 1-D scatter.
+  """
+  t = c0_ref[0] + pl.program_id(1) * rows + jax.lax.iota(jnp.int32, rows)  # [R]
+  count = jnp.minimum((t + 1) // ratio, n_valid)  # [R]
+  cols = jax.lax.broadcasted_iota(jnp.int32, (rows, width), 1)
+  x = plgpu.load(x_ref, mask=cols < count[:, None], other=-jnp.inf)  # [R, W]
   valid = x > -jnp.inf
   bits = jax.lax.bitcast_convert_type(x, jnp.int32)
   key = jnp.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # int32 order == float order
   key = jnp.where(valid, key, _INT_MIN)
-  k_eff = jnp.minimum(jnp.sum(valid.astype(jnp.int32)), topk)
+  k_eff = jnp.minimum(jnp.sum(valid.astype(jnp.int32), axis=1), topk)  # [R]
 
-  def bisect(i, thr):
+  def bisect(i, thr):  # thr [R]: offset-binary prefix of the k_eff-th largest key, MSB first
     bit = jnp.left_shift(jnp.int32(1), 31 - i)
-    cand = ((thr ^ _INT_MIN) | bit) ^ _INT_MIN  # set bit (31 - i) of the offset-binary threshold
-    n_ge = jnp.sum(((key >= cand) & valid).astype(jnp.int32))
+    cand = ((thr ^ _INT_MIN) | bit) ^ _INT_MIN  # > INT_MIN, so invalid keys never count
+    n_ge = jnp.sum((key >= cand[:, None]).astype(jnp.int32), axis=1)
     return jnp.where(n_ge >= k_eff, cand, thr)
 
-  thr = jax.lax.fori_loop(0, 32, bisect, jnp.int32(_INT_MIN))  # the k_eff-th largest key
-  above = valid & (key > thr)
-  tied = valid & (key == thr)
-  need = k_eff - jnp.sum(above.astype(jnp.int32))
-  take = above | (tied & (jnp.cumsum(tied.astype(jnp.int32)) <= need))
+  thr = jax.lax.fori_loop(0, 32, bisect, jnp.full((rows,), _INT_MIN, jnp.int32))
+  above = valid & (key > thr[:, None])
+  tied = valid & (key == thr[:, None])
+  need = k_eff - jnp.sum(above.astype(jnp.int32), axis=1)
+  take = above | (tied & (jnp.cumsum(tied.astype(jnp.int32), axis=1) <= need[:, None]))
   # Unselected entries point past the end: masked on the GPU, and dropped by interpret mode's scatter
   # (which would otherwise write old values back through colliding indices).
-  pos = jnp.where(take, jnp.cumsum(take.astype(jnp.int32)) - 1, topk_pad)
-  plgpu.store(idx_ref.at[pos], cols, mask=take)
-  plgpu.store(val_ref.at[pos], x, mask=take)
-  slots = jax.lax.iota(jnp.int32, topk_pad)
-  plgpu.store(idx_ref, jnp.full((topk_pad,), -1, jnp.int32), mask=slots >= k_eff)
-  plgpu.store(val_ref, jnp.full((topk_pad,), -jnp.inf, jnp.float32), mask=slots >= k_eff)
+  row = jax.lax.broadcasted_iota(jnp.int32, (rows, width), 0)
+  pos = jnp.where(take, row * topk_pad + jnp.cumsum(take.astype(jnp.int32), axis=1) - 1,
+                  rows * topk_pad)
+  plgpu.store(idx_ref.at[pos.reshape(-1)], cols.reshape(-1), mask=take.reshape(-1))
+  plgpu.store(val_ref.at[pos.reshape(-1)], x.reshape(-1), mask=take.reshape(-1))
+  slots = jax.lax.broadcasted_iota(jnp.int32, (rows, topk_pad), 1)
+  pad = (slots >= k_eff[:, None]).reshape(-1)
+  plgpu.store(idx_ref, jnp.full((rows * topk_pad,), -1, jnp.int32), mask=pad)
+  plgpu.store(val_ref, jnp.full((rows * topk_pad,), -jnp.inf, jnp.float32), mask=pad)
 
 
 def _scores_call(c0, q, w, k, kscale, qseg, kseg, *, ratio, n_valid, block_q, block_k, num_warps,
-                 num_stages, interpret):
-  """Masked fp32 scores of one query chunk: [B, C, n_pad]."""
+                 num_stages, interpret, width=None, mma_bf16=False):
+  """Masked fp32 scores of one query chunk against entries [0, width): [B, C, width]."""
   b, c, h, d = q.shape
-  n_pad = k.shape[1]
+  width = width or k.shape[1]
   kernel = functools.partial(_score_kernel, block_q=block_q, block_k=block_k, num_heads=h,
-                             ratio=ratio, n_valid=n_valid, exact_fp32=q.dtype == jnp.float32)
+                             ratio=ratio, n_valid=n_valid, exact_fp32=q.dtype == jnp.float32,
+                             mma_bf16=mma_bf16 and q.dtype.itemsize == 1)
   return pl.pallas_call(
       kernel,
-      grid=(b, c // block_q, n_pad // block_k),
+      grid=(b, c // block_q, width // block_k),
       in_specs=[
           pl.BlockSpec((1,), lambda i, j, l: (0,)),
           pl.BlockSpec((None, block_q, h, d), lambda i, j, l: (i, j, 0, 0)),
@@ -125,32 +136,43 @@ def _scores_call(c0, q, w, k, kscale, qseg, kseg, *, ratio, n_valid, block_q, bl
           pl.BlockSpec((None, block_k), lambda i, j, l: (i, l)),
       ],
       out_specs=pl.BlockSpec((None, block_q, block_k), lambda i, j, l: (i, j, l)),
-      out_shape=jax.ShapeDtypeStruct((b, c, n_pad), jnp.float32),
+      out_shape=jax.ShapeDtypeStruct((b, c, width), jnp.float32),
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
       name="indexer_scores",
   )(c0, q, w, k, kscale, qseg, kseg)
 
 
-def _select_call(c0, scores, *, topk, ratio, n_valid, interpret):
+def _select_rows(width: int, chunk: int, select_elems: int) -> int:
+  """Rows per select program: about select_elems elements, a power of two (<= 64) dividing chunk."""
+  rows = 1
+  while rows < 64 and 2 * rows * width <= select_elems and chunk % (2 * rows) == 0:
+    rows *= 2
+  return rows
+
+
+def _select_call(c0, scores, *, topk, ratio, n_valid, interpret, select_elems=32768,
+                 select_warps=16):
   """Top-k of each row of a chunk's score row-block: (idx [B, C, topk_pad], scores [B, C, topk_pad])."""
-  b, c, n_pad = scores.shape
+  b, c, width = scores.shape
   topk_pad = _next_pow2(topk)
-  num_warps = int(min(16, max(4, n_pad // 1024)))
-  kernel = functools.partial(_select_kernel, topk=topk, ratio=ratio, n_valid=n_valid, n_pad=n_pad,
-                             topk_pad=topk_pad)
-  return pl.pallas_call(
+  rows = _select_rows(width, c, select_elems)
+  num_warps = int(min(select_warps, max(4, rows * width // 1024)))
+  kernel = functools.partial(_select_kernel, topk=topk, ratio=ratio, n_valid=n_valid, width=width,
+                             rows=rows, topk_pad=topk_pad)
+  flat = jax.ShapeDtypeStruct((b, c * topk_pad), jnp.int32)
+  idx, vals = pl.pallas_call(
       kernel,
-      grid=(b, c),
+      grid=(b, c // rows),
       in_specs=[pl.BlockSpec((1,), lambda i, r: (0,)),
-                pl.BlockSpec((None, None, n_pad), lambda i, r: (i, r, 0))],
-      out_specs=[pl.BlockSpec((None, None, topk_pad), lambda i, r: (i, r, 0))] * 2,
-      out_shape=[jax.ShapeDtypeStruct((b, c, topk_pad), jnp.int32),
-                 jax.ShapeDtypeStruct((b, c, topk_pad), jnp.float32)],
+                pl.BlockSpec((None, rows, width), lambda i, r: (i, r, 0))],
+      out_specs=[pl.BlockSpec((None, rows * topk_pad), lambda i, r: (i, r))] * 2,
+      out_shape=[flat, flat.update(dtype=jnp.float32)],
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
       interpret=interpret,
       name="indexer_select",
   )(c0, scores)
+  return idx.reshape(b, c, topk_pad), vals.reshape(b, c, topk_pad)
 
 
 def chunk_scores(q, w, k, ratio, segment_ids=None, quant=None, *, c0: int = 0, chunk: int | None = None,
@@ -184,14 +206,24 @@ def _prepare(q, w, k, ratio, segment_ids, quant, block_k):
   return qlp, w_eff, klp, jnp.pad(kscale, pad_n), qseg, jnp.pad(kseg, pad_n, constant_values=-1)
 
 
+def chunk_width(c0: int, chunk: int, ratio: int, n: int, block_k: int) -> int:
+  """Static score-row width for queries [c0, c0 + chunk): the visible prefix rounded up to a power
+  of two (>= block_k), so early chunks neither compute nor scan entries that no row can see."""
+  return max(block_k, _next_pow2(max(1, min((c0 + chunk) // ratio, n))))
+
+
 def indexer_topk(q: Float[Array, "B S H D"], w: Float[Array, "B S H"], k: Float[Array, "B N D"],
                  topk: int, ratio: int, segment_ids: reference.SegmentIds = None,
-                 quant: str | None = None, *, interpret: bool = False, chunk: int = 4096,
-                 block_q: int = 64, block_k: int = 64, num_warps: int = 4, num_stages: int = 3
+                 quant: str | None = None, *, interpret: bool = False, chunk: int = 2048,
+                 block_q: int = 64, block_k: int = 128, num_warps: int = 4, num_stages: int = 3,
+                 mma_bf16: bool = False, select_elems: int = 32768, select_warps: int = 16
                  ) -> tuple[Int[Array, "B S topk"], Float[Array, "B S topk"]]:
   """Top-k visible entries per query by the two-kernel pipeline above; see `reference.indexer_topk`.
 
   Within a row, indices come in increasing entry order (not score order); -1 / -inf pad the rest.
+  Chunks are grouped by their static visible width (`chunk_width`); each group is one `lax.map`,
+  so one chunk's score row-block is in flight at a time. `mma_bf16` runs FP8 operands on bf16 tensor
+  cores (E4M3 is exact in bf16), for when Triton's FP8 dot is slower than its bf16 one.
   """
   reference.check_inputs(q, w, k, topk, ratio)
   quantize.check_quant(quant)
@@ -208,15 +240,23 @@ def indexer_topk(q: Float[Array, "B S H D"], w: Float[Array, "B S H"], k: Float[
   w_eff = jnp.pad(w_eff, pad_s + ((0, 0),))
   qseg = jnp.pad(qseg, pad_s, constant_values=-2)
 
-  def one_chunk(c0):
+  def one_chunk(width, c0):
     c0_arr = c0[None].astype(jnp.int32)
     sl = lambda x: jax.lax.dynamic_slice_in_dim(x, c0, chunk, axis=1)
     scores = _scores_call(c0_arr, sl(qlp), sl(w_eff), klp, kscale, sl(qseg), kseg, ratio=ratio,
                           n_valid=n, block_q=block_q, block_k=block_k, num_warps=num_warps,
-                          num_stages=num_stages, interpret=interpret)  # [B, C, n_pad]
-    return _select_call(c0_arr, scores, topk=topk, ratio=ratio, n_valid=n, interpret=interpret)
+                          num_stages=num_stages, interpret=interpret, width=width,
+                          mma_bf16=mma_bf16)  # [B, C, width]
+    return _select_call(c0_arr, scores, topk=topk, ratio=ratio, n_valid=n, interpret=interpret,
+                        select_elems=select_elems, select_warps=select_warps)
 
-  idx, vals = jax.lax.map(one_chunk, jnp.arange(0, s_pad, chunk))  # [nC, B, C, topk_pad]
+  groups: dict[int, list[int]] = {}
+  for c0 in range(0, s_pad, chunk):
+    groups.setdefault(chunk_width(c0, chunk, ratio, n, block_k), []).append(c0)
+  outs = [jax.lax.map(functools.partial(one_chunk, width), jnp.asarray(c0s, jnp.int32))
+          for width, c0s in groups.items()]  # each [nC_g, B, C, topk_pad]
+  idx = jnp.concatenate([o[0] for o in outs], axis=0)
+  vals = jnp.concatenate([o[1] for o in outs], axis=0)
   idx = jnp.moveaxis(idx, 0, 1).reshape(b, s_pad, -1)[:, :s, :topk]
   vals = jnp.moveaxis(vals, 0, 1).reshape(b, s_pad, -1)[:, :s, :topk]
   return idx, vals
