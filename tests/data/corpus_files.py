@@ -16,8 +16,8 @@ DOCS = {
 JSONL = ["first json document", "second one, a little longer than the first", "third"]
 
 
-def write_corpus(root: str) -> list[str]:
-    """Writes DOCS and a .jsonl file under `root`; returns the documents' texts in key order."""
+def write_corpus(root: str) -> None:
+    """Writes DOCS and a .jsonl file (JSONL, one document per line) under `root`."""
     for name, text in DOCS.items():
         path = os.path.join(root, name)
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -28,7 +28,6 @@ def write_corpus(root: str) -> list[str]:
             f.write(json.dumps({"id": i, "text": text}) + "\n")
             if i == 0:
                 f.write("\n")  # blank lines are skipped
-    return [DOCS[k] if k in DOCS else None for k in sorted(DOCS)]
 
 
 def files_config(paths: list[str], **overrides) -> ml_collections.ConfigDict:

@@ -5,7 +5,13 @@ import os
 import ml_collections
 import pytest
 
-from v4jax.data import build_pipeline, build_tokenizer, default_data_config, load_corpus, validate_data_config
+from v4jax.data import (
+    build_pipeline,
+    build_tokenizer,
+    default_data_config,
+    load_corpus,
+    validate_data_config,
+)
 
 from .corpus_files import files_config, write_corpus
 
@@ -23,12 +29,19 @@ def test_default_config_is_valid():
 
 def test_missing_path_is_one_line(tmp_path):
     missing = str(tmp_path / "nope.txt")
-    msg = _one_line_error(lambda: validate_data_config(files_config([missing])), "config.data.paths")
+    msg = _one_line_error(
+        lambda: validate_data_config(files_config([missing])), "config.data.paths"
+    )
     assert msg == f"config.data.paths: no such file or directory: {missing}"
     # The loader says the same when validation was skipped.
-    _one_line_error(lambda: load_corpus(files_config([missing])), "no such file or directory")
+    _one_line_error(
+        lambda: load_corpus(files_config([missing])), "no such file or directory"
+    )
     # A glob that matches nothing is missing too.
-    _one_line_error(lambda: validate_data_config(files_config([str(tmp_path / "*.txt")])), "config.data.paths")
+    _one_line_error(
+        lambda: validate_data_config(files_config([str(tmp_path / "*.txt")])),
+        "config.data.paths",
+    )
 
 
 @pytest.mark.parametrize(
@@ -41,7 +54,11 @@ def test_missing_path_is_one_line(tmp_path):
         ("max_files", -1, r"config.data.max_files"),
         ("shuffle", 1, r"config.data.shuffle: expected bool"),
         ("num_workers", True, r"config.data.num_workers: expected int, got bool"),
-        ("tokenizer", "/no/such/tokenizer.json", r"config.data.tokenizer: .*no such file"),
+        (
+            "tokenizer",
+            "/no/such/tokenizer.json",
+            r"config.data.tokenizer: .*no such file",
+        ),
         ("eos_id", 300, r"config.data.eos_id"),
         ("paths", "a.txt", r"config.data.paths: expected a list"),
     ],
@@ -56,14 +73,18 @@ def test_bad_fields_are_one_line(field, value, match):
 def test_unknown_and_missing_fields():
     cfg = default_data_config()
     cfg.shufle = True
-    _one_line_error(lambda: validate_data_config(cfg), r"config.data.shufle: unknown field")
+    _one_line_error(
+        lambda: validate_data_config(cfg), r"config.data.shufle: unknown field"
+    )
     cfg = default_data_config()
     del cfg["add_eos"]
     _one_line_error(lambda: validate_data_config(cfg), r"config.data.add_eos: missing")
 
 
 def test_files_source_needs_paths():
-    _one_line_error(lambda: validate_data_config(files_config([])), r"config.data.paths: is empty")
+    _one_line_error(
+        lambda: validate_data_config(files_config([])), r"config.data.paths: is empty"
+    )
 
 
 def test_empty_corpus_is_one_line(tmp_path):
@@ -74,14 +95,23 @@ def test_empty_corpus_is_one_line(tmp_path):
     _one_line_error(lambda: load_corpus(cfg), r"config.data.paths: the corpus is empty")
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "image.png").write_bytes(b"\x89PNG")
-    _one_line_error(lambda: load_corpus(files_config([str(tmp_path / "other")])), r"config.data.paths: no .* files")
+    _one_line_error(
+        lambda: load_corpus(files_config([str(tmp_path / "other")])),
+        r"config.data.paths: no .* files",
+    )
 
 
 def test_bad_jsonl_is_one_line(tmp_path):
     (tmp_path / "x.jsonl").write_text('{"text": "ok"}\n{"body": "no text field"}\n')
-    _one_line_error(lambda: load_corpus(files_config([str(tmp_path / "x.jsonl")])), r"config.data.jsonl_field: .*x.jsonl:2")
+    _one_line_error(
+        lambda: load_corpus(files_config([str(tmp_path / "x.jsonl")])),
+        r"config.data.jsonl_field: .*x.jsonl:2",
+    )
     (tmp_path / "y.jsonl").write_text('{"text": "ok"}\nnot json\n')
-    _one_line_error(lambda: load_corpus(files_config([str(tmp_path / "y.jsonl")])), r"config.data.paths: .*y.jsonl:2: invalid JSON")
+    _one_line_error(
+        lambda: load_corpus(files_config([str(tmp_path / "y.jsonl")])),
+        r"config.data.paths: .*y.jsonl:2: invalid JSON",
+    )
 
 
 def test_empty_eval_split_and_bad_pipeline_args(tmp_path):
@@ -89,8 +119,21 @@ def test_empty_eval_split_and_bad_pipeline_args(tmp_path):
     cfg = files_config([str(tmp_path)], eval_fraction=0.0)
     tok = build_tokenizer(cfg)
     _one_line_error(
-        lambda: build_pipeline(cfg, tokenizer=tok, split="eval", seq_len=8, batch_size=2), r"config.data.eval_fraction: the eval split is empty"
+        lambda: build_pipeline(
+            cfg, tokenizer=tok, split="eval", seq_len=8, batch_size=2
+        ),
+        r"config.data.eval_fraction: the eval split is empty",
     )
-    _one_line_error(lambda: build_pipeline(cfg, tokenizer=tok, split="test", seq_len=8, batch_size=2), r"split: must be")
-    _one_line_error(lambda: build_pipeline(cfg, tokenizer=tok, split="train", seq_len=0, batch_size=2), r"seq_len must be")
+    _one_line_error(
+        lambda: build_pipeline(
+            cfg, tokenizer=tok, split="test", seq_len=8, batch_size=2
+        ),
+        r"split: must be",
+    )
+    _one_line_error(
+        lambda: build_pipeline(
+            cfg, tokenizer=tok, split="train", seq_len=0, batch_size=2
+        ),
+        r"seq_len must be",
+    )
     assert os.path.isdir(tmp_path)

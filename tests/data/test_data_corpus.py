@@ -6,7 +6,12 @@ import zlib
 import numpy as np
 
 from v4jax.data import build_tokenizer, corpus_stats, default_data_config, load_corpus
-from v4jax.data.corpus import eval_mask, load_stdlib_corpus, split_indices, stdlib_cache_path
+from v4jax.data.corpus import (
+    eval_mask,
+    load_stdlib_corpus,
+    split_indices,
+    stdlib_cache_path,
+)
 
 from .corpus_files import DOCS, JSONL, files_config, write_corpus
 
@@ -15,15 +20,23 @@ def test_stdlib_corpus_builds_once_and_caches_atomically(tmp_path):
     cache = str(tmp_path / "cache")
     corpus = load_stdlib_corpus(cache, max_files=40)
     path = stdlib_cache_path(cache)
-    assert os.listdir(cache) == [os.path.basename(path)]  # no temporary file left behind
+    assert os.listdir(cache) == [
+        os.path.basename(path)
+    ]  # no temporary file left behind
     mtime = os.path.getmtime(path)
     again = load_stdlib_corpus(cache, max_files=40)
     assert os.path.getmtime(path) == mtime  # read from the cache, not rebuilt
     assert len(corpus) == 40
-    assert corpus.split_keys == again.split_keys and np.array_equal(corpus.data, again.data)
+    assert corpus.split_keys == again.split_keys and np.array_equal(
+        corpus.data, again.data
+    )
     keys = list(corpus.split_keys)
     assert keys == sorted(keys)
-    assert not any(part in ("test", "tests", "idlelib", "lib2to3", "site-packages") for k in keys for part in k.split("/")[:-1])
+    assert not any(
+        part in ("test", "tests", "idlelib", "lib2to3", "site-packages")
+        for k in keys
+        for part in k.split("/")[:-1]
+    )
     # Each document is the file's bytes.
     import sysconfig
 
@@ -48,11 +61,17 @@ def test_stdlib_split_is_by_file_and_disjoint(tmp_path):
     eval_files = {corpus.split_keys[i] for i in evals}
     assert train_files.isdisjoint(eval_files) and len(train) + len(evals) == len(corpus)
     # The rule is the documented stable hash, independent of anything but the path.
-    assert eval_files == {k for k in corpus.split_keys if zlib.crc32(k.encode()) % 1000 < 100}
+    assert eval_files == {
+        k for k in corpus.split_keys if zlib.crc32(k.encode()) % 1000 < 100
+    }
     assert 0.03 < len(evals) / len(corpus) < 0.2
     stats = corpus_stats(cfg, build_tokenizer(cfg), corpus)
-    assert stats["train"]["files"] == len(train) and stats["eval"]["files"] == len(evals)
-    assert stats["train"]["tokens"] == stats["train"]["bytes"] + len(train)  # bytes + one EOS each
+    assert stats["train"]["files"] == len(train) and stats["eval"]["files"] == len(
+        evals
+    )
+    assert stats["train"]["tokens"] == stats["train"]["bytes"] + len(
+        train
+    )  # bytes + one EOS each
 
 
 def test_user_files_txt_md_py_jsonl_dirs_and_globs(tmp_path):
@@ -60,11 +79,24 @@ def test_user_files_txt_md_py_jsonl_dirs_and_globs(tmp_path):
     corpus = load_corpus(files_config([str(tmp_path)]))
     texts = [corpus.document(i).decode() for i in range(len(corpus))]
     # Sorted by relative path: a.txt, d.py, e.jsonl (3 lines), notes/b.md, notes/deep/c.txt.
-    assert texts == [DOCS["a.txt"], DOCS["d.py"], *JSONL, DOCS["notes/b.md"], DOCS["notes/deep/c.txt"]]
-    assert corpus.split_keys[2:5] == ("e.jsonl",) * 3  # a jsonl file's lines split together
+    assert texts == [
+        DOCS["a.txt"],
+        DOCS["d.py"],
+        *JSONL,
+        DOCS["notes/b.md"],
+        DOCS["notes/deep/c.txt"],
+    ]
+    assert (
+        corpus.split_keys[2:5] == ("e.jsonl",) * 3
+    )  # a jsonl file's lines split together
     # Globs, explicit files and overlapping inputs are deduplicated.
-    glob_corpus = load_corpus(files_config([str(tmp_path / "**" / "*.txt"), str(tmp_path / "a.txt")]))
-    assert [glob_corpus.document(i).decode() for i in range(len(glob_corpus))] == [DOCS["a.txt"], DOCS["notes/deep/c.txt"]]
+    glob_corpus = load_corpus(
+        files_config([str(tmp_path / "**" / "*.txt"), str(tmp_path / "a.txt")])
+    )
+    assert [glob_corpus.document(i).decode() for i in range(len(glob_corpus))] == [
+        DOCS["a.txt"],
+        DOCS["notes/deep/c.txt"],
+    ]
     assert glob_corpus.split_keys == ("a.txt", "notes/deep/c.txt")
     # Another field name for jsonl.
     (tmp_path / "f.jsonl").write_text('{"body": "b1"}\n{"body": "b2"}\n')
@@ -96,7 +128,9 @@ def test_damaged_cache_is_rebuilt(tmp_path):
     with open(stdlib_cache_path(cache), "wb") as f:
         f.write(b"not an npz")
     again = load_stdlib_corpus(cache, max_files=5)
-    assert again.split_keys == first.split_keys and np.array_equal(again.data, first.data)
+    assert again.split_keys == first.split_keys and np.array_equal(
+        again.data, first.data
+    )
 
 
 def test_interrupted_build_leaves_no_cache(tmp_path, monkeypatch):

@@ -61,7 +61,14 @@ def test_packing_matches_brute_force(user_cfg, seq_len):
     docs = [list(corpus.document(i)) + [tok.eos_id] for i in range(len(corpus))]
     expected = _brute_force_rows(docs, seq_len)
     batch_size = 3
-    it = build_pipeline(user_cfg, tokenizer=tok, split="train", seq_len=seq_len, batch_size=batch_size, num_epochs=1)
+    it = build_pipeline(
+        user_cfg,
+        tokenizer=tok,
+        split="train",
+        seq_len=seq_len,
+        batch_size=batch_size,
+        num_epochs=1,
+    )
     batches = list(it)
     assert len(batches) == -(-len(expected) // batch_size)
     for b in batches:
@@ -73,7 +80,9 @@ def test_packing_matches_brute_force(user_cfg, seq_len):
     for i, row in enumerate(rows):
         if i < len(expected):
             for k in KEYS:
-                np.testing.assert_array_equal(row[k], expected[i][k], err_msg=f"row {i} {k}")
+                np.testing.assert_array_equal(
+                    row[k], expected[i][k], err_msg=f"row {i} {k}"
+                )
         else:  # the final partial batch is padded with empty rows
             assert not row["segment_ids"].any() and not row["loss_mask"].any()
 
@@ -82,11 +91,15 @@ def test_invariants_on_stdlib_with_shuffle(tmp_path):
     cfg = default_data_config()
     cfg.cache_dir, cfg.max_files, cfg.shuffle_buffer = str(tmp_path), 30, 16
     tok = build_tokenizer(cfg)
-    it = build_pipeline(cfg, tokenizer=tok, split="train", seq_len=96, batch_size=4, seed=3)
+    it = build_pipeline(
+        cfg, tokenizer=tok, split="train", seq_len=96, batch_size=4, seed=3
+    )
     for b in _take(it, 20):
         for r in range(4):
             seg, pos, tokens = b["segment_ids"][r], b["positions"][r], b["tokens"][r]
-            assert seg[0] == 1 and np.all(np.diff(seg) >= 0) and np.all(np.diff(seg) <= 1)
+            assert (
+                seg[0] == 1 and np.all(np.diff(seg) >= 0) and np.all(np.diff(seg) <= 1)
+            )
             starts = np.flatnonzero(np.diff(seg, prepend=0) != 0)
             assert np.all(pos[starts] == 0)
             within = np.diff(seg) == 0
@@ -106,11 +119,23 @@ def test_epoch_covers_every_document_once_and_reshuffles(user_cfg):
     def documents(batches):
         # Without the row shuffle, the rows in order are the token stream cut into pieces:
         # glue the non-padding tokens back together and cut at EOS.
-        stream = b"".join(bytes(b["tokens"][r][b["segment_ids"][r] > 0].astype(np.uint8)) for b in batches for r in range(2))
+        stream = b"".join(
+            bytes(b["tokens"][r][b["segment_ids"][r] > 0].astype(np.uint8))
+            for b in batches
+            for r in range(2)
+        )
         assert stream.endswith(b"\0")
         return [d + b"\0" for d in stream[:-1].split(b"\0")]
 
-    it = build_pipeline(user_cfg, tokenizer=tok, split="train", seq_len=16, batch_size=2, seed=1, num_epochs=2)
+    it = build_pipeline(
+        user_cfg,
+        tokenizer=tok,
+        split="train",
+        seq_len=16,
+        batch_size=2,
+        seed=1,
+        num_epochs=2,
+    )
     docs = documents(list(it))
     want = sorted(corpus.document(i) + b"\0" for i in range(len(corpus)))
     n = len(corpus)
@@ -123,10 +148,22 @@ def test_same_seed_same_batches_other_seed_differs(user_cfg):
     tok = build_tokenizer(user_cfg)
 
     def run(seed):
-        return _take(build_pipeline(user_cfg, tokenizer=tok, split="train", seq_len=16, batch_size=2, seed=seed), 12)
+        return _take(
+            build_pipeline(
+                user_cfg,
+                tokenizer=tok,
+                split="train",
+                seq_len=16,
+                batch_size=2,
+                seed=seed,
+            ),
+            12,
+        )
 
     _assert_batches_equal(run(5), run(5))
-    assert any(not np.array_equal(a["tokens"], b["tokens"]) for a, b in zip(run(5), run(6)))
+    assert any(
+        not np.array_equal(a["tokens"], b["tokens"]) for a, b in zip(run(5), run(6))
+    )
 
 
 @pytest.mark.parametrize("shuffle_buffer", [0, 8])
@@ -135,7 +172,9 @@ def test_resume_from_json_state_is_exact(user_cfg, shuffle_buffer):
     tok = build_tokenizer(user_cfg)
 
     def fresh():
-        return build_pipeline(user_cfg, tokenizer=tok, split="train", seq_len=16, batch_size=2, seed=7)
+        return build_pipeline(
+            user_cfg, tokenizer=tok, split="train", seq_len=16, batch_size=2, seed=7
+        )
 
     it = fresh()
     _take(it, 5)
@@ -159,22 +198,32 @@ def test_resume_through_orbax_json(user_cfg, tmp_path_factory):
     import orbax.checkpoint as ocp
 
     tok = build_tokenizer(user_cfg)
-    it = build_pipeline(user_cfg, tokenizer=tok, split="train", seq_len=16, batch_size=2, seed=0)
+    it = build_pipeline(
+        user_cfg, tokenizer=tok, split="train", seq_len=16, batch_size=2, seed=0
+    )
     _take(it, 4)
-    path = tmp_path_factory.mktemp("ckpt") / "data_state"  # not inside the corpus directory
+    path = (
+        tmp_path_factory.mktemp("ckpt") / "data_state"
+    )  # not inside the corpus directory
     with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as ckpt:
         ckpt.save(path, args=ocp.args.JsonSave(it.get_state()))
         state = ckpt.restore(path, args=ocp.args.JsonRestore())
     after = _take(it, 2)
-    restored = build_pipeline(user_cfg, tokenizer=tok, split="train", seq_len=16, batch_size=2, seed=0)
+    restored = build_pipeline(
+        user_cfg, tokenizer=tok, split="train", seq_len=16, batch_size=2, seed=0
+    )
     restored.set_state(state)
     _assert_batches_equal(_take(restored, 2), after)
 
 
 def test_state_from_another_pipeline_is_refused(user_cfg):
     tok = build_tokenizer(user_cfg)
-    it = build_pipeline(user_cfg, tokenizer=tok, split="train", seq_len=16, batch_size=2, seed=0)
-    other = build_pipeline(user_cfg, tokenizer=tok, split="train", seq_len=32, batch_size=2, seed=0)
+    it = build_pipeline(
+        user_cfg, tokenizer=tok, split="train", seq_len=16, batch_size=2, seed=0
+    )
+    other = build_pipeline(
+        user_cfg, tokenizer=tok, split="train", seq_len=32, batch_size=2, seed=0
+    )
     with pytest.raises(ValueError, match="^data state: saved by a different pipeline"):
         other.set_state(it.get_state())
 
@@ -186,8 +235,21 @@ def test_eval_split_is_unshuffled_and_disjoint(tmp_path):
     corpus = load_corpus(cfg)
 
     def texts(split, seed):
-        it = build_pipeline(cfg, tokenizer=tok, split=split, seq_len=4096, batch_size=1, seed=seed, num_epochs=1, corpus=corpus)
-        return [tok.decode(b["tokens"][0][b["segment_ids"][0] == 1][:-1]) for b in it if b["segment_ids"][0, 0] == 1]
+        it = build_pipeline(
+            cfg,
+            tokenizer=tok,
+            split=split,
+            seq_len=4096,
+            batch_size=1,
+            seed=seed,
+            num_epochs=1,
+            corpus=corpus,
+        )
+        return [
+            tok.decode(b["tokens"][0][b["segment_ids"][0] == 1][:-1])
+            for b in it
+            if b["segment_ids"][0, 0] == 1
+        ]
 
     eval_a, eval_b = texts("eval", 0), texts("eval", 1)
     assert eval_a == eval_b  # seed does not shuffle eval
@@ -201,7 +263,9 @@ def test_worker_processes_give_the_same_batches_and_resume(user_cfg):
 
     def make(workers):
         user_cfg.num_workers = workers
-        return build_pipeline(user_cfg, tokenizer=tok, split="train", seq_len=16, batch_size=2, seed=2)
+        return build_pipeline(
+            user_cfg, tokenizer=tok, split="train", seq_len=16, batch_size=2, seed=2
+        )
 
     with make(0) as it:
         reference = [{k: v.copy() for k, v in b.items()} for b in _take(it, 8)]
@@ -211,4 +275,6 @@ def test_worker_processes_give_the_same_batches_and_resume(user_cfg):
     _assert_batches_equal(batches, reference[:5])
     with make(1) as it:
         it.set_state(state)
-        _assert_batches_equal([{k: v.copy() for k, v in b.items()} for b in _take(it, 3)], reference[5:8])
+        _assert_batches_equal(
+            [{k: v.copy() for k, v in b.items()} for b in _take(it, 3)], reference[5:8]
+        )

@@ -3,7 +3,11 @@
 import grain
 import numpy as np
 
-from v4jax.data.shuffle import EpochShuffleMapDataset, WindowShuffleIterDataset, epoch_permutation
+from v4jax.data.shuffle import (
+    EpochShuffleMapDataset,
+    WindowShuffleIterDataset,
+    epoch_permutation,
+)
 
 M = (1 << 64) - 1
 
@@ -38,12 +42,16 @@ def test_dataset_reshuffles_each_epoch_when_repeated():
 
 
 def test_window_shuffle_permutes_each_window_and_resumes_everywhere():
-    ds = WindowShuffleIterDataset(grain.MapDataset.range(23).to_iter_dataset(), window_size=5, seed=9)
+    ds = WindowShuffleIterDataset(
+        grain.MapDataset.range(23).to_iter_dataset(), window_size=5, seed=9
+    )
     out = list(ds)
     assert len(out) == 23
     for start in range(0, 23, 5):
         window = out[start : start + 5]
-        assert sorted(window) == list(range(start, min(start + 5, 23)))  # no element leaves its window
+        assert sorted(window) == list(
+            range(start, min(start + 5, 23))
+        )  # no element leaves its window
     assert out[:5] == [int(i) for i in epoch_permutation(5, 9, 0)]
     assert out[:5] != sorted(out[:5]) or out[5:10] != sorted(out[5:10])
     it = iter(ds)

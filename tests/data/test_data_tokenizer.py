@@ -18,12 +18,14 @@ def test_byte_tokenizer_round_trip():
 
 
 def test_byte_tokenizer_decodes_cut_characters():
-    ids = "漢".encode("utf-8")[:2]  # a character cut by the packer
+    ids = "漢".encode()[:2]  # a character cut by the packer
     assert build_tokenizer(default_data_config()).decode(list(ids)) == "\ufffd"
 
 
 def _save_word_level(tmp_path, with_eos: bool) -> str:
-    tokenizers = pytest.importorskip("tokenizers", reason="HF tokenizers is not installed (pip install tokenizers)")
+    tokenizers = pytest.importorskip(
+        "tokenizers", reason="HF tokenizers is not installed (pip install tokenizers)"
+    )
     words = ["hello", "world", "the", "cat"]
     vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}}
     if with_eos:
@@ -52,7 +54,10 @@ def test_tokenizer_json_via_hf_tokenizers(tmp_path):
 def test_tokenizer_json_without_eos(tmp_path):
     cfg = default_data_config()
     cfg.tokenizer = _save_word_level(tmp_path, with_eos=False)
-    with pytest.raises(ValueError, match=r"^config.data.eos_id: tokenizer tokenizer.json has no EOS token") as info:
+    with pytest.raises(
+        ValueError,
+        match=r"^config.data.eos_id: tokenizer tokenizer.json has no EOS token",
+    ) as info:
         build_tokenizer(cfg)
     assert "\n" not in str(info.value)
     cfg.eos_id = 0  # a configured id works

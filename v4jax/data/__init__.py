@@ -1,10 +1,10 @@
 """v4jax.data: the embedded default corpus, tokenizers and a resumable grain packing pipeline.
 
-    cfg = default_data_config(); validate_data_config(cfg)
-    tok = build_tokenizer(cfg)
-    it = build_pipeline(cfg, tokenizer=tok, split="train", seq_len=256, batch_size=8, seed=0)
-    batch = next(it)              # tokens, segment_ids, positions, targets, loss_mask: [B, S]
-    state = it.get_state()        # JSON; it.set_state(state) resumes exactly
+cfg = default_data_config(); validate_data_config(cfg)
+tok = build_tokenizer(cfg)
+it = build_pipeline(cfg, tokenizer=tok, split="train", seq_len=256, batch_size=8, seed=0)
+batch = next(it)              # tokens, segment_ids, positions, targets, loss_mask: [B, S]
+state = it.get_state()        # JSON; it.set_state(state) resumes exactly
 """
 
 from v4jax.data.config import default_data_config, validate_data_config

@@ -40,7 +40,9 @@ from jaxtyping import Bool, Int, UInt8
 
 from v4jax.data.config import TEXT_SUFFIXES, path_exists
 
-STDLIB_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3"})
+STDLIB_SKIP_DIRS = frozenset(
+    {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3"}
+)
 STDLIB_MAX_FILE_BYTES = 200_000
 # Bump when the stdlib filter or the cache layout changes: old caches are then ignored.
 STDLIB_FORMAT_VERSION = 1
@@ -50,11 +52,13 @@ STDLIB_FORMAT_VERSION = 1
 class Corpus:
     """Documents stored as one byte buffer: document i is `data[offsets[i]:offsets[i+1]]`."""
 
-    data: UInt8[np.ndarray, "nbytes"]
-    offsets: Int[np.ndarray, "ndocs_plus_1"]
+    data: UInt8[np.ndarray, " nbytes"]
+    offsets: Int[np.ndarray, " ndocs_plus_1"]
     split_keys: tuple[str, ...]  # per document: what the train/eval split hashes
-    file_of_doc: Int[np.ndarray, "ndocs"]  # index into `files`
-    files: tuple[str, ...]  # file names (relative where possible), for stats and messages
+    file_of_doc: Int[np.ndarray, " ndocs"]  # index into `files`
+    files: tuple[
+        str, ...
+    ]  # file names (relative where possible), for stats and messages
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -64,14 +68,18 @@ class Corpus:
 
 
 def default_cache_dir() -> str:
-    return os.environ.get("V4JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "v4jax")
+    return os.environ.get("V4JAX_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "v4jax"
+    )
 
 
 def _stable_hash(key: str) -> int:
     return zlib.crc32(key.encode("utf-8"))
 
 
-def eval_mask(split_keys: Sequence[str], eval_fraction: float) -> Bool[np.ndarray, "ndocs"]:
+def eval_mask(
+    split_keys: Sequence[str], eval_fraction: float
+) -> Bool[np.ndarray, " ndocs"]:
     """True for documents in the eval split (by key; see the module docstring for the rule)."""
     if eval_fraction <= 0:
         return np.zeros(len(split_keys), dtype=bool)
@@ -83,12 +91,20 @@ def eval_mask(split_keys: Sequence[str], eval_fraction: float) -> Bool[np.ndarra
     return np.array([k in eval_keys for k in split_keys], dtype=bool)
 
 
-def _from_documents(docs: list[bytes], split_keys: list[str], file_of_doc: list[int], files: list[str]) -> Corpus:
+def _from_documents(
+    docs: list[bytes], split_keys: list[str], file_of_doc: list[int], files: list[str]
+) -> Corpus:
     lengths = np.fromiter((len(d) for d in docs), dtype=np.int64, count=len(docs))
     offsets = np.zeros(len(docs) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     data = np.frombuffer(b"".join(docs), dtype=np.uint8)
-    return Corpus(data, offsets, tuple(split_keys), np.asarray(file_of_doc, dtype=np.int64), tuple(files))
+    return Corpus(
+        data,
+        offsets,
+        tuple(split_keys),
+        np.asarray(file_of_doc, dtype=np.int64),
+        tuple(files),
+    )
 
 
 # ----------------------------------------------------------------------------- stdlib
@@ -98,7 +114,9 @@ def _stdlib_files(root: str) -> list[tuple[str, bytes]]:
     """(relative posix path, bytes) of the stdlib `.py` files that pass the filter, sorted by path."""
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if d not in STDLIB_SKIP_DIRS and d != "__pycache__"]
+        dirnames[:] = [
+            d for d in dirnames if d not in STDLIB_SKIP_DIRS and d != "__pycache__"
+        ]
         for name in filenames:
             if name.endswith(".py"):
                 full = os.path.join(dirpath, name)
@@ -133,7 +151,10 @@ def stdlib_cache_path(cache_dir: str) -> str:
         sort_keys=True,
     )
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-    return os.path.join(cache_dir or default_cache_dir(), f"stdlib-py{sys.version.split()[0]}-{digest}.npz")
+    return os.path.join(
+        cache_dir or default_cache_dir(),
+        f"stdlib-py{sys.version.split()[0]}-{digest}.npz",
+    )
 
 
 def build_stdlib_cache(path: str) -> float:
@@ -141,7 +162,9 @@ def build_stdlib_cache(path: str) -> float:
     start = time.perf_counter()
     files = _stdlib_files(sysconfig.get_paths()["stdlib"])
     if not files:
-        raise ValueError(f"config.data.source: no stdlib .py files found under {sysconfig.get_paths()['stdlib']}")
+        raise ValueError(
+            f"config.data.source: no stdlib .py files found under {sysconfig.get_paths()['stdlib']}"
+        )
     lengths = np.array([len(d) for _, d in files], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     data = np.frombuffer(b"".join(d for _, d in files), dtype=np.uint8)
@@ -166,7 +189,10 @@ def _spread_subset(keys: Sequence[str], n: int) -> list[int]:
 
     Uses sha1 with a prefix so the choice is independent of the crc32 used for the split.
     """
-    ranked = sorted(range(len(keys)), key=lambda i: hashlib.sha1(b"select:" + keys[i].encode()).digest())
+    ranked = sorted(
+        range(len(keys)),
+        key=lambda i: hashlib.sha1(b"select:" + keys[i].encode()).digest(),
+    )
     return sorted(ranked[:n])
 
 
@@ -186,7 +212,11 @@ def load_stdlib_corpus(cache_dir: str = "", max_files: int = 0) -> Corpus:
         # Damaged by something other than our atomic writer (a disk error, a manual edit): rebuild.
         build_stdlib_cache(path)
         data, offsets, paths = _read_stdlib_cache(path)
-    keep = _spread_subset(paths, max_files) if 0 < max_files < len(paths) else list(range(len(paths)))
+    keep = (
+        _spread_subset(paths, max_files)
+        if 0 < max_files < len(paths)
+        else list(range(len(paths)))
+    )
     docs = [data[offsets[i] : offsets[i + 1]].tobytes() for i in keep]
     kept_paths = [paths[i] for i in keep]
     return _from_documents(docs, kept_paths, list(range(len(kept_paths))), kept_paths)
@@ -200,7 +230,10 @@ def _expand_path(path: str) -> list[tuple[str, str]]:
     path = os.path.expanduser(path)
     if glob.has_magic(path):
         parts = path.replace(os.sep, "/").split("/")
-        static = [p for p in parts[: next(i for i, p in enumerate(parts) if glob.has_magic(p))]]
+        static = [
+            p
+            for p in parts[: next(i for i, p in enumerate(parts) if glob.has_magic(p))]
+        ]
         root = "/".join(static) or "."
         matches = [m for m in glob.glob(path, recursive=True) if os.path.isfile(m)]
         return [(m, os.path.relpath(m, root).replace(os.sep, "/")) for m in matches]
@@ -225,11 +258,17 @@ def _read_jsonl(path: str, field: str) -> list[str]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"config.data.paths: {path}:{line_no}: invalid JSON ({e.msg})") from None
+                raise ValueError(
+                    f"config.data.paths: {path}:{line_no}: invalid JSON ({e.msg})"
+                ) from None
             if not isinstance(record, dict) or field not in record:
-                raise ValueError(f"config.data.jsonl_field: {path}:{line_no}: no field {field!r}")
+                raise ValueError(
+                    f"config.data.jsonl_field: {path}:{line_no}: no field {field!r}"
+                )
             if not isinstance(record[field], str):
-                raise ValueError(f"config.data.jsonl_field: {path}:{line_no}: field {field!r} is not a string")
+                raise ValueError(  # noqa: TRY004 (bad data in a file, not a bad argument)
+                    f"config.data.jsonl_field: {path}:{line_no}: field {field!r} is not a string"
+                )
             docs.append(record[field])
     return docs
 
@@ -243,7 +282,9 @@ def load_file_corpus(paths: Sequence[str], jsonl_field: str = "text") -> Corpus:
         for full, key in _expand_path(path):
             entries.setdefault(os.path.abspath(full), key)
     if not entries:
-        raise ValueError(f"config.data.paths: no {'/'.join(TEXT_SUFFIXES)} files found in {list(paths)}")
+        raise ValueError(
+            f"config.data.paths: no {'/'.join(TEXT_SUFFIXES)} files found in {list(paths)}"
+        )
     ordered = sorted(entries.items(), key=lambda kv: (kv[1], kv[0]))
     single_file = len(ordered) == 1
     docs: list[bytes] = []
@@ -258,7 +299,9 @@ def load_file_corpus(paths: Sequence[str], jsonl_field: str = "text") -> Corpus:
                 with open(full, encoding="utf-8") as f:
                     texts = [f.read()]
             except UnicodeDecodeError:
-                raise ValueError(f"config.data.paths: {full} is not UTF-8 text") from None
+                raise ValueError(
+                    f"config.data.paths: {full} is not UTF-8 text"
+                ) from None
         for text in texts:
             if not text:
                 continue
@@ -267,7 +310,9 @@ def load_file_corpus(paths: Sequence[str], jsonl_field: str = "text") -> Corpus:
             keys.append(f"{key}#{len(docs) - 1}" if single_file else key)
             file_of_doc.append(file_index)
     if not docs:
-        raise ValueError(f"config.data.paths: the corpus is empty (no non-empty documents in {list(paths)})")
+        raise ValueError(
+            f"config.data.paths: the corpus is empty (no non-empty documents in {list(paths)})"
+        )
     return _from_documents(docs, keys, file_of_doc, files)
 
 
@@ -277,10 +322,14 @@ def load_corpus(cfg: ml_collections.ConfigDict) -> Corpus:
         return load_stdlib_corpus(cfg.cache_dir, cfg.max_files)
     if cfg.source == "files":
         return load_file_corpus(list(cfg.paths), cfg.jsonl_field)
-    raise ValueError(f"config.data.source: must be one of ('stdlib', 'files'), got {cfg.source!r}")
+    raise ValueError(
+        f"config.data.source: must be one of ('stdlib', 'files'), got {cfg.source!r}"
+    )
 
 
-def split_indices(corpus: Corpus, split: str, eval_fraction: float) -> Int[np.ndarray, "n"]:
+def split_indices(
+    corpus: Corpus, split: str, eval_fraction: float
+) -> Int[np.ndarray, " n"]:
     """Document indices of `split` ("train" or "eval"), in corpus order; empty splits are errors."""
     if split not in ("train", "eval"):
         raise ValueError(f"split: must be 'train' or 'eval', got {split!r}")
@@ -292,5 +341,7 @@ def split_indices(corpus: Corpus, split: str, eval_fraction: float) -> Int[np.nd
                 f"config.data.eval_fraction: the eval split is empty (eval_fraction={eval_fraction}, "
                 f"{len(set(corpus.split_keys))} split units); raise it or add files"
             )
-        raise ValueError(f"config.data.eval_fraction: the train split is empty (eval_fraction={eval_fraction})")
+        raise ValueError(
+            f"config.data.eval_fraction: the train split is empty (eval_fraction={eval_fraction})"
+        )
     return indices

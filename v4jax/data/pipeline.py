@@ -28,12 +28,12 @@ from __future__ import annotations
 import hashlib
 import json
 import zlib
-from typing import Any
+from typing import Any, Self
 
 import grain
-from absl import flags as absl_flags
 import ml_collections
 import numpy as np
+from absl import flags as absl_flags
 from jaxtyping import Float, Int
 
 from v4jax.data.config import validate_data_config
@@ -44,9 +44,9 @@ from v4jax.data.tokenizer import Tokenizer
 STATE_VERSION = 1
 
 
-def next_token_targets(tokens: Int[np.ndarray, "S"], segment_ids: Int[np.ndarray, "S"]) -> tuple[
-    Int[np.ndarray, "S"], Float[np.ndarray, "S"]
-]:
+def next_token_targets(
+    tokens: Int[np.ndarray, " S"], segment_ids: Int[np.ndarray, " S"]
+) -> tuple[Int[np.ndarray, " S"], Float[np.ndarray, " S"]]:
     """targets[t] = tokens[t+1] where t+1 is in the same (non-padding) segment, else 0 (masked).
 
     The last position of a row has no next token in the row, so it is always masked.
@@ -62,9 +62,17 @@ def next_token_targets(tokens: Int[np.ndarray, "S"], segment_ids: Int[np.ndarray
 def _make_row(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     tokens = packed["tokens"].astype(np.int32)
     segment_ids = packed["tokens_segment_ids"].astype(np.int32)
-    positions = np.where(segment_ids > 0, packed["tokens_positions"], 0).astype(np.int32)
+    positions = np.where(segment_ids > 0, packed["tokens_positions"], 0).astype(
+        np.int32
+    )
     targets, loss_mask = next_token_targets(tokens, segment_ids)
-    return dict(tokens=tokens, segment_ids=segment_ids, positions=positions, targets=targets, loss_mask=loss_mask)
+    return {
+        "tokens": tokens,
+        "segment_ids": segment_ids,
+        "positions": positions,
+        "targets": targets,
+        "loss_mask": loss_mask,
+    }
 
 
 class _Tokenize(grain.transforms.Map):
@@ -92,14 +100,21 @@ class _PadBatch(grain.transforms.Map):
         missing = self._batch_size - batch["tokens"].shape[0]
         if missing == 0:
             return batch
-        return {k: np.concatenate([v, np.zeros((missing, *v.shape[1:]), v.dtype)]) for k, v in batch.items()}
+        return {
+            k: np.concatenate([v, np.zeros((missing, *v.shape[1:]), v.dtype)])
+            for k, v in batch.items()
+        }
 
 
 def _restore_tuples(state: Any) -> Any:
     """Undoes JSON's tuple -> list: grain's packer compares its slices to the tuple (-1, -1)."""
     if isinstance(state, dict):
         return {
-            k: ({f: tuple(s) for f, s in v.items()} if k == "remainder_slices" else _restore_tuples(v))
+            k: (
+                {f: tuple(s) for f, s in v.items()}
+                if k == "remainder_slices"
+                else _restore_tuples(v)
+            )
             for k, v in state.items()
         }
     if isinstance(state, list):
@@ -127,21 +142,31 @@ class DataIterator:
         if close is not None:
             close()
 
-    def __enter__(self) -> DataIterator:
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def get_state(self) -> dict[str, Any]:
         """The position in the stream: plain JSON types only (dicts, lists, str, int)."""
         grain_state = json.loads(json.dumps(self._iterator.get_state()))
-        return {"version": STATE_VERSION, "fingerprint": self.fingerprint, "grain": grain_state}
+        return {
+            "version": STATE_VERSION,
+            "fingerprint": self.fingerprint,
+            "grain": grain_state,
+        }
 
     def set_state(self, state: dict[str, Any]) -> None:
         """Restores a state from `get_state` (possibly JSON round-tripped) of the same pipeline."""
-        if not isinstance(state, dict) or state.get("version") != STATE_VERSION or "grain" not in state:
-            raise ValueError(f"data state: not a v4jax data state (version {STATE_VERSION}): keys {list(state)}")
+        if (
+            not isinstance(state, dict)
+            or state.get("version") != STATE_VERSION
+            or "grain" not in state
+        ):
+            raise ValueError(
+                f"data state: not a v4jax data state (version {STATE_VERSION}): keys {list(state)}"
+            )
         if state.get("fingerprint") != self.fingerprint:
             raise ValueError(
                 "data state: saved by a different pipeline (data config, split, seq_len, batch_size, seed "
@@ -150,14 +175,22 @@ class DataIterator:
         self._iterator.set_state(_restore_tuples(state["grain"]))
 
 
-def _fingerprint(cfg: ml_collections.ConfigDict, corpus: Corpus, tokenizer: Tokenizer, **kwargs: Any) -> str:
+def _fingerprint(
+    cfg: ml_collections.ConfigDict, corpus: Corpus, tokenizer: Tokenizer, **kwargs: Any
+) -> str:
     what = {
-        "data": {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in cfg.items() if k != "cache_dir"},
+        "data": {
+            k: (list(v) if isinstance(v, (list, tuple)) else v)
+            for k, v in cfg.items()
+            if k != "cache_dir"
+        },
         "tokenizer": [tokenizer.name, tokenizer.vocab_size, tokenizer.eos_id],
         "corpus": [len(corpus), int(corpus.offsets[-1]), _corpus_checksum(corpus)],
         **kwargs,
     }
-    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return hashlib.sha256(
+        json.dumps(what, sort_keys=True, default=str).encode()
+    ).hexdigest()[:16]
 
 
 def _corpus_checksum(corpus: Corpus) -> int:
@@ -167,8 +200,14 @@ def _corpus_checksum(corpus: Corpus) -> int:
 
 
 def _check_positive(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise ValueError(f"build_pipeline: {name} must be a positive int, got {value!r}")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, np.integer))
+        or value <= 0
+    ):
+        raise ValueError(
+            f"build_pipeline: {name} must be a positive int, got {value!r}"
+        )
 
 
 def build_pipeline(
@@ -200,8 +239,14 @@ def build_pipeline(
     _check_positive("batch_size", batch_size)
     if num_epochs is not None:
         _check_positive("num_epochs", num_epochs)
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
-        raise ValueError(f"build_pipeline: seed must be an int in [0, 2**32), got {seed!r}")
+    if (
+        isinstance(seed, bool)
+        or not isinstance(seed, (int, np.integer))
+        or not 0 <= seed < 2**32
+    ):
+        raise ValueError(
+            f"build_pipeline: seed must be an int in [0, 2**32), got {seed!r}"
+        )
     corpus = load_corpus(cfg) if corpus is None else corpus
     indices = split_indices(corpus, split, cfg.eval_fraction)
     is_train = split == "train"
@@ -213,18 +258,31 @@ def build_pipeline(
     ds = ds.map(_Tokenize(corpus, tokenizer, tokenizer.eos_id if cfg.add_eos else -1))
     # In-memory documents: no reader threads (the grain docs advise 0 to avoid GIL contention).
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
-    it = grain.experimental.ConcatThenSplitIterDataset(it, length_struct={"tokens": seq_len})
+    it = grain.experimental.ConcatThenSplitIterDataset(
+        it, length_struct={"tokens": seq_len}
+    )
     it = it.map(_make_row)
     if is_train and cfg.shuffle and cfg.shuffle_buffer > 0:
-        it = WindowShuffleIterDataset(it, window_size=cfg.shuffle_buffer, seed=int(seed))
+        it = WindowShuffleIterDataset(
+            it, window_size=cfg.shuffle_buffer, seed=int(seed)
+        )
     it = it.batch(batch_size, drop_remainder=False)
     it = it.map(_PadBatch(batch_size))
     if cfg.num_workers > 0:
         # grain's workers read absl flags; outside an absl app (pytest, Colab) take their defaults.
         if not absl_flags.FLAGS.is_parsed():
             absl_flags.FLAGS.mark_as_parsed()
-        it = it.mp_prefetch(grain.multiprocessing.MultiprocessingOptions(num_workers=cfg.num_workers))
+        it = it.mp_prefetch(
+            grain.multiprocessing.MultiprocessingOptions(num_workers=cfg.num_workers)
+        )
     fingerprint = _fingerprint(
-        cfg, corpus, tokenizer, split=split, seq_len=seq_len, batch_size=batch_size, seed=int(seed), epochs=num_epochs
+        cfg,
+        corpus,
+        tokenizer,
+        split=split,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        seed=int(seed),
+        epochs=num_epochs,
     )
     return DataIterator(it, fingerprint, num_docs=len(indices))

@@ -26,9 +26,11 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
-def epoch_permutation(n: int, seed: int, epoch: int) -> Int[np.ndarray, "n"]:
+def epoch_permutation(n: int, seed: int, epoch: int) -> Int[np.ndarray, " n"]:
     """A permutation of range(n) determined only by (seed, epoch)."""
-    base = _splitmix64(np.array([(seed * 0x100000001B3 + epoch) & _MASK64], dtype=np.uint64))[0]
+    base = _splitmix64(
+        np.array([(seed * 0x100000001B3 + epoch) & _MASK64], dtype=np.uint64)
+    )[0]
     with np.errstate(over="ignore"):
         keys = _splitmix64(np.arange(n, dtype=np.uint64) ^ base)
     return np.argsort(keys, kind="stable")
@@ -79,7 +81,9 @@ class WindowShuffleIterDataset(grain.IterDataset):
         self._seed = int(seed)
 
     def __iter__(self) -> grain.DatasetIterator:
-        return _WindowShuffleIterator(self._parent.__iter__(), window_size=self._window_size, seed=self._seed)
+        return _WindowShuffleIterator(
+            self._parent.__iter__(), window_size=self._window_size, seed=self._seed
+        )
 
     def __str__(self) -> str:
         return f"WindowShuffleIterDataset(window_size={self._window_size}, seed={self._seed})"

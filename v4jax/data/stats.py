@@ -16,7 +16,9 @@ def count_tokens(tok: Tokenizer, documents: list[bytes]) -> int:
     return sum(len(tok.encode_bytes(d)) for d in documents)
 
 
-def corpus_stats(cfg: ml_collections.ConfigDict, tok: Tokenizer, corpus: Corpus | None = None) -> dict[str, dict[str, int]]:
+def corpus_stats(
+    cfg: ml_collections.ConfigDict, tok: Tokenizer, corpus: Corpus | None = None
+) -> dict[str, dict[str, int]]:
     """{"train": {...}, "eval": {...}} with files, documents, bytes and tokens (EOS included).
 
     The byte tokenizer's token count is the byte count; other tokenizers encode every document

@@ -15,7 +15,14 @@ import numpy as np
 from jaxtyping import Int
 
 # Tried in this order when a tokenizer.json does not say which token ends a document.
-EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|end▁of▁sentence|>", "[EOS]")
+EOS_CANDIDATES = (
+    "<|endoftext|>",
+    "</s>",
+    "<eos>",
+    "<|end_of_text|>",
+    "<|end▁of▁sentence|>",
+    "[EOS]",
+)
 
 
 class Tokenizer(Protocol):
@@ -27,7 +34,7 @@ class Tokenizer(Protocol):
 
     def decode(self, ids: list[int]) -> str: ...
 
-    def encode_bytes(self, data: bytes) -> Int[np.ndarray, "n"]: ...
+    def encode_bytes(self, data: bytes) -> Int[np.ndarray, " n"]: ...
 
 
 class ByteTokenizer:
@@ -50,7 +57,7 @@ class ByteTokenizer:
     def decode(self, ids: list[int]) -> str:
         return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
 
-    def encode_bytes(self, data: bytes) -> Int[np.ndarray, "n"]:
+    def encode_bytes(self, data: bytes) -> Int[np.ndarray, " n"]:
         return np.frombuffer(data, dtype=np.uint8).astype(np.int32)
 
 
@@ -63,7 +70,7 @@ class HFTokenizer:
 
     def __init__(self, path: str, eos_id: int = -1):
         try:
-            import tokenizers  # noqa: PLC0415  (lazy: optional dependency)
+            import tokenizers
         except ImportError as e:
             raise ImportError(
                 "config.data.tokenizer: a tokenizer.json needs the `tokenizers` package "
@@ -74,7 +81,9 @@ class HFTokenizer:
         self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
         if eos_id >= 0:
             if eos_id >= self.vocab_size:
-                raise ValueError(f"config.data.eos_id: {eos_id} >= vocab size {self.vocab_size} of {path}")
+                raise ValueError(
+                    f"config.data.eos_id: {eos_id} >= vocab size {self.vocab_size} of {path}"
+                )
             self.eos_id = eos_id
         else:
             found = [self._tok.token_to_id(t) for t in EOS_CANDIDATES]
@@ -88,19 +97,23 @@ class HFTokenizer:
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
-    def encode_bytes(self, data: bytes) -> Int[np.ndarray, "n"]:
-        return np.asarray(self.encode(data.decode("utf-8", errors="replace")), dtype=np.int32)
+    def encode_bytes(self, data: bytes) -> Int[np.ndarray, " n"]:
+        return np.asarray(
+            self.encode(data.decode("utf-8", errors="replace")), dtype=np.int32
+        )
 
     def count_tokens(self, documents: list[bytes]) -> int:
         """Total tokens of many documents, encoded in parallel by the Rust library."""
         texts = [d.decode("utf-8", errors="replace") for d in documents]
-        return sum(len(e.ids) for e in self._tok.encode_batch(texts, add_special_tokens=False))
+        return sum(
+            len(e.ids) for e in self._tok.encode_batch(texts, add_special_tokens=False)
+        )
 
 
 def build_tokenizer(cfg: ml_collections.ConfigDict) -> Tokenizer:
     """Builds the tokenizer named by `cfg.tokenizer` ("bytes" or a tokenizer.json path)."""
     if cfg.tokenizer == "bytes":
-        tok: Tokenizer = ByteTokenizer(eos_id=cfg.eos_id if cfg.eos_id >= 0 else 0)
+        tok: Tokenizer = ByteTokenizer(eos_id=max(cfg.eos_id, 0))
     else:
         if not os.path.isfile(os.path.expanduser(cfg.tokenizer)):
             raise ValueError(f"config.data.tokenizer: no such file: {cfg.tokenizer}")
