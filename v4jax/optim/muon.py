@@ -47,10 +47,15 @@ def hybrid_newton_schulz(
     x32 = x.astype(jnp.float32)
     norm = jnp.sqrt(jnp.sum(jnp.square(x32), axis=(-2, -1), keepdims=True))  # [*batch, 1, 1]
     x = (x32 / (norm + eps)).astype(compute_dtype)
-    for a, b, c in coeffs:  # 10 fixed iterations: unrolled on purpose (small, and XLA fuses them)
+    def iteration(x, abc):
+        a, b, c = abc[0], abc[1], abc[2]
         gram = jnp.einsum("...ij,...kj->...ik", x, x)  # [*batch, n, n]  (n = smaller side)
         poly = b * gram + c * jnp.einsum("...ij,...jk->...ik", gram, gram)  # [*batch, n, n]
-        x = a * x + jnp.einsum("...ij,...jk->...ik", poly, x)  # [*batch, n, k]
+        return (a * x + jnp.einsum("...ij,...jk->...ik", poly, x)).astype(compute_dtype), None  # [*batch, n, k]
+
+    # A scan over the coefficient rows, not a Python loop: one loop body per leaf keeps compile time
+    # small when a model has dozens of Muon leaves.
+    x, _ = jax.lax.scan(iteration, x, jnp.asarray(coeffs, compute_dtype))
     if transpose:
         x = jnp.swapaxes(x, -1, -2)
     return x.astype(m.dtype)
