@@ -182,7 +182,8 @@ def _fingerprint(
         "data": {
             k: (list(v) if isinstance(v, (list, tuple)) else v)
             for k, v in cfg.items()
-            if k != "cache_dir"
+            # Where the data lives may change (a moved directory); its content is checked below.
+            if k not in ("cache_dir", "paths")
         },
         "tokenizer": [tokenizer.name, tokenizer.vocab_size, tokenizer.eos_id],
         "corpus": [len(corpus), int(corpus.offsets[-1]), _corpus_checksum(corpus)],
