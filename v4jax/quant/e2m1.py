@@ -16,6 +16,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jaxtyping import Array, Float, UInt8
 
+from v4jax.quant.e8m0 import pow2
+
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 E2M1_LUT = E2M1_VALUES + tuple(-v for v in E2M1_VALUES)
 
@@ -35,8 +37,17 @@ def encode_e2m1(y: Float[Array, "..."]) -> UInt8[Array, "..."]:
 
 
 def decode_e2m1(codes: UInt8[Array, "..."]) -> Float[Array, "..."]:
-    """Nibble codes (0..15) to float32 through the LUT."""
-    return jnp.asarray(E2M1_LUT, jnp.float32)[codes.astype(jnp.int32) & 0xF]
+    """Nibble codes (0..15) to float32, the values of E2M1_LUT.
+
+    Decoded arithmetically (exponent e = bits 1-2, mantissa m = bit 0: m/2 if e == 0 else
+    2**(e-1) * (1 + m/2)) rather than by a table gather, which stays elementwise, so it keeps any
+    sharding of `codes` (a gather from an unsharded table does not under explicit sharding).
+    """
+    c = codes.astype(jnp.int32)
+    e, m = (c >> 1) & 3, (c & 1).astype(jnp.float32)
+    normal = pow2(e - 1) * (1.0 + 0.5 * m)  # exact powers of two from the bit pattern
+    mag = jnp.where(e == 0, 0.5 * m, normal)
+    return jnp.where((c & 8) != 0, -mag, mag)
 
 
 def pack_nibbles(codes: UInt8[Array, "... k"]) -> UInt8[Array, "... k_half"]:
