@@ -24,7 +24,9 @@ def test_zipfian_load_is_balanced_up_to_the_heaviest_token(exponent):
     n_experts, k = 32, 4
     table = build_hash_table(counts, n_experts, k, unseen_weight=0.0)
     mean = counts.sum() * k / n_experts
-    lower_bound = max(1.0, counts.max() / mean)  # one token's load on each of its experts
+    lower_bound = max(
+        1.0, counts.max() / mean
+    )  # one token's load on each of its experts
     ratio = load_imbalance(table, counts, n_experts)
     assert ratio <= lower_bound * 1.02 + 0.01, (ratio, lower_bound)
     # a seeded random table is far worse

@@ -7,12 +7,21 @@ import numpy as np
 import pytest
 
 from tests.optim.fake_params import fake_params
-from v4jax.optim import LABEL_RULES, LABELS, default_optim_config, param_labels, path_to_str
+from v4jax.optim import (
+    LABEL_RULES,
+    LABELS,
+    default_optim_config,
+    param_labels,
+    path_to_str,
+)
 
 
 def _flat_labels(params, cfg):
     labels = param_labels(params, cfg)
-    return {path_to_str(p): label for p, label in jax.tree_util.tree_leaves_with_path(labels)}
+    return {
+        path_to_str(p): label
+        for p, label in jax.tree_util.tree_leaves_with_path(labels)
+    }
 
 
 def test_every_leaf_has_exactly_one_label():
@@ -23,27 +32,48 @@ def test_every_leaf_has_exactly_one_label():
     assert all(label in LABELS for label in flat)
     counts = {label: flat.count(label) for label in LABELS}
     assert sum(counts.values()) == len(jax.tree.leaves(params))
-    assert counts["router"] == 2 and counts["frozen"] == 0 and counts["muon"] > 0 and counts["adamw"] > 0
+    assert (
+        counts["router"] == 2
+        and counts["frozen"] == 0
+        and counts["muon"] > 0
+        and counts["adamw"] > 0
+    )
 
 
 def test_exactly_one_rule_matches_each_leaf():
     for path, leaf in jax.tree_util.tree_leaves_with_path(fake_params()):
         name = path_to_str(path)
-        matched = [label for label, pattern, _ in LABEL_RULES if re.search(pattern, name)]
+        matched = [
+            label for label, pattern, _ in LABEL_RULES if re.search(pattern, name)
+        ]
         assert len(matched) == 1, (name, matched)
 
 
-@pytest.mark.parametrize("path, expected", [
-    ("embed/embedding", "adamw"), ("head/kernel", "adamw"), ("norm/scale", "adamw"),
-    ("hc_head/fn", "muon"), ("hc_head/base", "adamw"), ("hc_head/scale", "adamw"),
-    ("seg0/layer0/attn/sink", "adamw"), ("seg0/layer0/attn/compressor/ape", "adamw"),
-    ("seg0/layer0/attn/compressor/norm/scale", "adamw"), ("seg0/layer0/attn/q_norm/scale", "adamw"),
-    ("seg0/layer0/attn/wo_a/kernel", "muon"), ("seg0/layer0/attn/indexer/weights_proj/kernel", "muon"),
-    ("seg0/layer0/ffn_hc/fn", "muon"), ("seg0/layer0/ffn_hc/base", "adamw"),
-    ("seg0/layer0/moe/router/kernel", "router"), ("seg0/layer0/moe/experts/w2", "muon"),
-    ("seg0/layer0/moe/shared/w1/kernel", "muon"), ("mtp0/enorm/scale", "adamw"), ("mtp0/e_proj/kernel", "muon"),
-    ("mtp0/block/moe/router/kernel", "router"),
-])
+@pytest.mark.parametrize(
+    "path, expected",
+    [
+        ("embed/embedding", "adamw"),
+        ("head/kernel", "adamw"),
+        ("norm/scale", "adamw"),
+        ("hc_head/fn", "muon"),
+        ("hc_head/base", "adamw"),
+        ("hc_head/scale", "adamw"),
+        ("seg0/layer0/attn/sink", "adamw"),
+        ("seg0/layer0/attn/compressor/ape", "adamw"),
+        ("seg0/layer0/attn/compressor/norm/scale", "adamw"),
+        ("seg0/layer0/attn/q_norm/scale", "adamw"),
+        ("seg0/layer0/attn/wo_a/kernel", "muon"),
+        ("seg0/layer0/attn/indexer/weights_proj/kernel", "muon"),
+        ("seg0/layer0/ffn_hc/fn", "muon"),
+        ("seg0/layer0/ffn_hc/base", "adamw"),
+        ("seg0/layer0/moe/router/kernel", "router"),
+        ("seg0/layer0/moe/experts/w2", "muon"),
+        ("seg0/layer0/moe/shared/w1/kernel", "muon"),
+        ("mtp0/enorm/scale", "adamw"),
+        ("mtp0/e_proj/kernel", "muon"),
+        ("mtp0/block/moe/router/kernel", "router"),
+    ],
+)
 def test_paper_partition(path, expected):
     assert _flat_labels(fake_params(), default_optim_config())[path] == expected
 
@@ -53,7 +83,10 @@ def test_frozen_takes_precedence():
     cfg.frozen = [r"/indexer/", r"^embed/"]
     flat = _flat_labels(fake_params(), cfg)
     frozen = {path for path, label in flat.items() if label == "frozen"}
-    assert "embed/embedding" in frozen and "seg0/layer0/attn/indexer/compressor/ape" in frozen
+    assert (
+        "embed/embedding" in frozen
+        and "seg0/layer0/attn/indexer/compressor/ape" in frozen
+    )
     assert all(("/indexer/" in path) or path.startswith("embed/") for path in frozen)
     assert flat["seg0/layer0/attn/compressor/ape"] == "adamw"
 

@@ -4,7 +4,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from v4jax.optim import HYBRID_NS_COEFFS, hybrid_muon, hybrid_newton_schulz, scale_by_hybrid_muon
+from v4jax.optim import (
+    HYBRID_NS_COEFFS,
+    hybrid_muon,
+    hybrid_newton_schulz,
+    scale_by_hybrid_muon,
+)
 
 
 def _reference_ns(m):
@@ -35,7 +40,9 @@ def test_matches_float64_reference(shape):
 def test_singular_values_near_one():
     rng = np.random.default_rng(1)
     for shape in [(32, 48), (48, 32), (24, 24)]:
-        out = np.asarray(hybrid_newton_schulz(jnp.asarray(rng.standard_normal(shape), jnp.float32)))
+        out = np.asarray(
+            hybrid_newton_schulz(jnp.asarray(rng.standard_normal(shape), jnp.float32))
+        )
         s = np.linalg.svd(out, compute_uv=False)
         assert 0.9 < s.min() and s.max() < 1.1, (shape, s.min(), s.max())
 
@@ -49,11 +56,15 @@ def test_polar_factor_direction():
 
 def test_every_matrix_in_a_batch_is_orthogonalised_on_its_own():
     m = np.random.default_rng(3).standard_normal((2, 3, 5, 7)).astype(np.float32)
-    m[0, 1] *= 100.0  # a scaled expert must not change the others (per-matrix Frobenius norm)
+    m[0, 1] *= (
+        100.0  # a scaled expert must not change the others (per-matrix Frobenius norm)
+    )
     batched = np.asarray(hybrid_newton_schulz(jnp.asarray(m)))
     for i in range(2):
         for j in range(3):
-            np.testing.assert_allclose(batched[i, j], _reference_ns(m[i, j]), rtol=2e-4, atol=2e-5)
+            np.testing.assert_allclose(
+                batched[i, j], _reference_ns(m[i, j]), rtol=2e-4, atol=2e-5
+            )
 
 
 def test_bfloat16_iterations_stay_close():
@@ -73,11 +84,17 @@ def test_muon_direction_follows_algorithm_1():
     u1, state = tx.update({"w": g1}, state)
     u2, state = tx.update({"w": g2}, state)
     scale = np.sqrt(10) * rms
-    np.testing.assert_allclose(np.asarray(u1["w"]), _reference_ns((1 + mu) * g1) * scale, rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(u1["w"]), _reference_ns((1 + mu) * g1) * scale, rtol=1e-3, atol=1e-5
+    )
     momentum = mu * np.asarray(g1) + np.asarray(g2)  # M_2 = mu M_1 + G_2
     np.testing.assert_allclose(np.asarray(state.momentum["w"]), momentum, rtol=1e-6)
-    np.testing.assert_allclose(np.asarray(u2["w"]), _reference_ns(mu * momentum + np.asarray(g2)) * scale,
-                               rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(u2["w"]),
+        _reference_ns(mu * momentum + np.asarray(g2)) * scale,
+        rtol=1e-3,
+        atol=1e-5,
+    )
 
 
 def test_update_rms_is_rescaled_to_0_18():
@@ -92,9 +109,16 @@ def test_weight_decay_and_learning_rate():
     w = jnp.asarray(np.random.default_rng(7).standard_normal((4, 6)), jnp.float32)
     g = jnp.asarray(np.random.default_rng(8).standard_normal((4, 6)), jnp.float32)
     lr, wd = 0.01, 0.1
-    u, _ = hybrid_muon(lr, weight_decay=wd).update(g, hybrid_muon(lr, weight_decay=wd).init(w), w)
+    u, _ = hybrid_muon(lr, weight_decay=wd).update(
+        g, hybrid_muon(lr, weight_decay=wd).init(w), w
+    )
     direction, _ = scale_by_hybrid_muon().update(g, scale_by_hybrid_muon().init(w))
-    np.testing.assert_allclose(np.asarray(w + u), np.asarray(w * (1 - lr * wd) - lr * direction), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(
+        np.asarray(w + u),
+        np.asarray(w * (1 - lr * wd) - lr * direction),
+        rtol=1e-5,
+        atol=1e-7,
+    )
 
 
 def test_rejects_vectors():

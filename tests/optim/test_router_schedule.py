@@ -15,15 +15,27 @@ def _params():
     rng = np.random.default_rng(0)
     return {
         "embed": {"embedding": jnp.asarray(rng.standard_normal((12, 6)), jnp.float32)},
-        "seg0": {"moe": {"router": {"kernel": jnp.asarray(rng.standard_normal((2, 6, 4)), jnp.float32)},
-                         "experts": {"w1": jnp.asarray(rng.standard_normal((2, 4, 6, 5)), jnp.float32)}}},
+        "seg0": {
+            "moe": {
+                "router": {
+                    "kernel": jnp.asarray(rng.standard_normal((2, 6, 4)), jnp.float32)
+                },
+                "experts": {
+                    "w1": jnp.asarray(rng.standard_normal((2, 4, 6, 5)), jnp.float32)
+                },
+            }
+        },
     }
 
 
 def _grads(n, seed=1):
     rng = np.random.default_rng(seed)
-    return [jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), jnp.float32), _params())
-            for _ in range(n)]
+    return [
+        jax.tree.map(
+            lambda p: jnp.asarray(rng.standard_normal(p.shape), jnp.float32), _params()
+        )
+        for _ in range(n)
+    ]
 
 
 def _cfg(**overrides):
@@ -60,8 +72,10 @@ def test_delay_applies_the_update_computed_delta_steps_earlier(optimizer):
         expected = np.zeros_like(_leaf(base[0])) if t < 2 else _leaf(base[t - 2])
         np.testing.assert_array_equal(_leaf(delayed[t]), expected)
         # the other partitions are not delayed
-        np.testing.assert_array_equal(_leaf(delayed[t], ("seg0", "moe", "experts", "w1")),
-                                      _leaf(base[t], ("seg0", "moe", "experts", "w1")))
+        np.testing.assert_array_equal(
+            _leaf(delayed[t], ("seg0", "moe", "experts", "w1")),
+            _leaf(base[t], ("seg0", "moe", "experts", "w1")),
+        )
     assert np.abs(_leaf(base[0])).max() > 0
 
 
@@ -107,9 +121,13 @@ def test_router_learning_rate_follows_the_global_step():
     cfg = _cfg(schedule="cosine", router_every=2, router_every_mode="skip")
     grads = _grads(1) * 4
     run = _run(cfg, grads)  # router direction computed at steps 1 and 3
-    plain = _run(_cfg(schedule="cosine"), grads[:2])  # the same two directions at steps 0 and 1
+    plain = _run(
+        _cfg(schedule="cosine"), grads[:2]
+    )  # the same two directions at steps 0 and 1
     lr = lambda step: 0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * step / 100))
-    np.testing.assert_allclose(_leaf(run[3]), _leaf(plain[1]) * lr(3) / lr(1), rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(
+        _leaf(run[3]), _leaf(plain[1]) * lr(3) / lr(1), rtol=1e-5, atol=1e-8
+    )
 
 
 def test_router_lr_multiplier():
@@ -117,7 +135,9 @@ def test_router_lr_multiplier():
     base = _run(_cfg(), grads)[0]
     scaled = _run(_cfg(router_lr_mult=0.25), grads)[0]
     np.testing.assert_allclose(_leaf(scaled), 0.25 * _leaf(base), rtol=1e-6)
-    np.testing.assert_array_equal(_leaf(scaled, ("embed", "embedding")), _leaf(base, ("embed", "embedding")))
+    np.testing.assert_array_equal(
+        _leaf(scaled, ("embed", "embedding")), _leaf(base, ("embed", "embedding"))
+    )
 
 
 def test_bad_arguments():

@@ -7,8 +7,12 @@ import numpy as np
 import pytest
 
 from v4jax.model.config import ConfigError
-from v4jax.train.stability import (AnticipationController, SpikeDetector, default_stability_config,
-                                   validate_stability_config)
+from v4jax.train.stability import (
+    AnticipationController,
+    SpikeDetector,
+    default_stability_config,
+    validate_stability_config,
+)
 
 
 def _cfg(**overrides):
@@ -24,17 +28,31 @@ def _curve(n, seed=0, noise=0.02):
 
 
 def _events(detector, losses):
-    return [e for t, loss in enumerate(losses) if (e := detector.observe(t, float(loss))) is not None]
+    return [
+        e
+        for t, loss in enumerate(losses)
+        if (e := detector.observe(t, float(loss))) is not None
+    ]
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_flat_noisy_curve_has_no_events(seed):
     detector = SpikeDetector(_cfg())
     assert _events(detector, _curve(1500, seed)) == []
-    assert detector.metrics() == {"stability/nonfinite_steps": 0.0, "stability/spikes": 0.0, "stability/rollbacks": 0.0}
+    assert detector.metrics() == {
+        "stability/nonfinite_steps": 0.0,
+        "stability/spikes": 0.0,
+        "stability/rollbacks": 0.0,
+    }
 
 
-@pytest.mark.parametrize("mode", [dict(spike_threshold=4.0, spike_ratio=0.0), dict(spike_threshold=0.0, spike_ratio=1.5)])
+@pytest.mark.parametrize(
+    "mode",
+    [
+        {"spike_threshold": 4.0, "spike_ratio": 0.0},
+        {"spike_threshold": 0.0, "spike_ratio": 1.5},
+    ],
+)
 def test_injected_spike_detected_once(mode):
     losses = _curve(400)
     losses[300] *= 2.5
@@ -43,7 +61,9 @@ def test_injected_spike_detected_once(mode):
     assert [(e.kind, e.step, e.rollback) for e in events] == [("spike", 300, True)]
     assert events[0].metrics()["stability/spike"] == 1.0
     assert detector.metrics()["stability/rollbacks"] == 1.0
-    assert 300 not in [s for s, _ in detector.history]  # the spike does not pollute the window
+    assert 300 not in [
+        s for s, _ in detector.history
+    ]  # the spike does not pollute the window
 
 
 def test_no_verdict_before_min_history():
@@ -59,10 +79,15 @@ def test_nonfinite_counted_and_skipped():
     detector = SpikeDetector(_cfg())
     events = _events(detector, losses)
     assert [(e.kind, e.step, e.skip_update) for e in events] == [
-        ("nonfinite", 40, True), ("nonfinite", 41, True), ("nonfinite", 70, True)]
+        ("nonfinite", 40, True),
+        ("nonfinite", 41, True),
+        ("nonfinite", 70, True),
+    ]
     assert detector.metrics()["stability/nonfinite_steps"] == 3.0
     assert all(math.isfinite(v) for _, v in detector.history)
-    no_skip = SpikeDetector(_cfg(skip_nonfinite=False, spike_detection=False)).observe(0, float("nan"))
+    no_skip = SpikeDetector(_cfg(skip_nonfinite=False, spike_detection=False)).observe(
+        0, float("nan")
+    )
     assert no_skip.kind == "nonfinite" and not no_skip.skip_update
 
 
@@ -93,7 +118,11 @@ def test_state_round_trip_continues_identically():
     state = json.loads(json.dumps(first.state_dict()))  # must be plain JSON
     resumed = SpikeDetector(_cfg())
     resumed.load_state_dict(state)
-    got = [e for t in range(200, 300) if (e := resumed.observe(t, float(losses[t]))) is not None]
+    got = [
+        e
+        for t in range(200, 300)
+        if (e := resumed.observe(t, float(losses[t]))) is not None
+    ]
     assert got == [e for e in expected if e.step >= 200] and len(got) == 1
     assert resumed.metrics() == whole.metrics()
 
@@ -117,15 +146,25 @@ def test_anticipation_after_spike_then_back():
 
 
 def test_anticipation_always_on_from_config():
-    controller = AnticipationController(_cfg(anticipatory_routing=True, anticipation_delta=2))
+    controller = AnticipationController(
+        _cfg(anticipatory_routing=True, anticipation_delta=2)
+    )
     assert controller.delta == 2
     assert all(controller.is_active(step) for step in range(50))
 
 
-@pytest.mark.parametrize("field, value", [
-    ("spike_window", 1), ("min_history", 100), ("spike_threshold", -1.0), ("spike_ratio", 0.9),
-    ("anticipation_delta", 0), ("max_rollbacks", -1), ("spike_detection", 1),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("spike_window", 1),
+        ("min_history", 100),
+        ("spike_threshold", -1.0),
+        ("spike_ratio", 0.9),
+        ("anticipation_delta", 0),
+        ("max_rollbacks", -1),
+        ("spike_detection", 1),
+    ],
+)
 def test_bad_config_is_a_one_line_error(field, value):
     cfg = default_stability_config()
     cfg.spike_detection = True

@@ -34,7 +34,9 @@ def trainable_global_norm(grads: Any, labels: Any) -> jax.Array:
     return jnp.sqrt(sum(squares)) if squares else jnp.zeros([], jnp.float32)
 
 
-def _direction(cfg: ml_collections.ConfigDict, kind: str) -> optax.GradientTransformation:
+def _direction(
+    cfg: ml_collections.ConfigDict, kind: str
+) -> optax.GradientTransformation:
     """The learning-rate-free part of an optimizer: its direction plus decoupled weight decay.
 
     Both AdamW and Muon end in `- lr * (direction + wd * W)`, so the learning rate is applied
@@ -45,11 +47,16 @@ def _direction(cfg: ml_collections.ConfigDict, kind: str) -> optax.GradientTrans
         direction = optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
     else:
         direction = scale_by_hybrid_muon(
-            momentum=cfg.muon_momentum, update_rms=cfg.muon_update_rms, ns_dtype=jnp.dtype(cfg.muon_ns_dtype))
+            momentum=cfg.muon_momentum,
+            update_rms=cfg.muon_update_rms,
+            ns_dtype=jnp.dtype(cfg.muon_ns_dtype),
+        )
     return optax.chain(direction, optax.add_decayed_weights(cfg.weight_decay))
 
 
-def build_optimizer(cfg: ml_collections.ConfigDict, params: Any, total_steps: int) -> optax.GradientTransformation:
+def build_optimizer(
+    cfg: ml_collections.ConfigDict, params: Any, total_steps: int
+) -> optax.GradientTransformation:
     """The optimizer for `params` (used for labels and shapes only) under `config.optim` `cfg`."""
     validate_optim_config(cfg)
     labels = param_labels(params, cfg)
@@ -60,14 +67,21 @@ def build_optimizer(cfg: ml_collections.ConfigDict, params: Any, total_steps: in
     # applied to the update when it is computed; the delay line then holds it back `router_delay` steps.
     router = delay_updates(
         optax.chain(
-            every_k(_direction(cfg, "muon"), int(cfg.router_every), cfg.router_every_mode),
+            every_k(
+                _direction(cfg, "muon"), int(cfg.router_every), cfg.router_every_mode
+            ),
             optax.scale_by_learning_rate(router_schedule),
         ),
-        int(cfg.router_delay))
+        int(cfg.router_delay),
+    )
     partitions = optax.partition(
         {
-            "adamw": optax.chain(_direction(cfg, "adamw"), optax.scale_by_learning_rate(schedule)),
-            "muon": optax.chain(_direction(cfg, "muon"), optax.scale_by_learning_rate(schedule)),
+            "adamw": optax.chain(
+                _direction(cfg, "adamw"), optax.scale_by_learning_rate(schedule)
+            ),
+            "muon": optax.chain(
+                _direction(cfg, "muon"), optax.scale_by_learning_rate(schedule)
+            ),
             "router": router,
             "frozen": optax.set_to_zero(),
         },

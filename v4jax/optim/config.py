@@ -26,7 +26,9 @@ def default_optim_config() -> ml_collections.ConfigDict:
     c.warmup_steps = 100
     c.schedule = "wsd"  # "constant" | "cosine" | "wsd" (warm-up, constant, cosine decay: the paper's)
     c.final_lr_fraction = 0.1
-    c.decay_start_fraction = 0.8  # wsd only: cosine decay starts at this fraction of training
+    c.decay_start_fraction = (
+        0.8  # wsd only: cosine decay starts at this fraction of training
+    )
     # optimizer
     c.optimizer = "muon"  # "muon": Muon for matrices + AdamW for the rest | "adamw": AdamW everywhere
     c.weight_decay = 0.1
@@ -35,7 +37,9 @@ def default_optim_config() -> ml_collections.ConfigDict:
     c.eps = 1e-20
     c.muon_momentum = 0.95
     c.muon_update_rms = 0.18
-    c.muon_ns_dtype = "float32"  # "float32" | "bfloat16": dtype of the Newton-Schulz iterations
+    c.muon_ns_dtype = (
+        "float32"  # "float32" | "bfloat16": dtype of the Newton-Schulz iterations
+    )
     c.grad_clip = 1.0  # global-norm clip over trainable parameters; 0 = off
     c.frozen = []  # regexes on '/'-joined parameter paths; matching leaves get no update and no state
     # the router (gate weights) as its own partition
@@ -53,7 +57,7 @@ def _fail(field: str, message: str) -> None:
 def validate_optim_config(cfg: ml_collections.ConfigDict) -> None:
     """Raise a one-line `ConfigError` naming `config.optim.<field>` for the first bad value."""
     known = set(default_optim_config().keys())
-    for key in cfg.keys():
+    for key in cfg:
         if key not in known:
             _fail(key, f"unknown field (known: {', '.join(sorted(known))})")
     for key in known:
@@ -74,7 +78,11 @@ def validate_optim_config(cfg: ml_collections.ConfigDict) -> None:
 
     def fraction(field, low_open=False):
         value = cfg[field]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not 0 <= value <= 1
+        ):
             _fail(field, f"must be in [0, 1], got {value!r}")
         if low_open and value == 0:
             _fail(field, f"must be in (0, 1], got {value!r}")
@@ -92,7 +100,11 @@ def validate_optim_config(cfg: ml_collections.ConfigDict) -> None:
     positive("weight_decay", allow_zero=True)
     for field in ("b1", "b2", "muon_momentum"):
         value = cfg[field]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not 0 <= value < 1
+        ):
             _fail(field, f"must be in [0, 1), got {value!r}")
     positive("eps")
     positive("muon_update_rms")

@@ -28,7 +28,9 @@ def build_hash_table(
     """
     counts = np.asarray(token_counts, dtype=np.float64)
     if counts.ndim != 1 or counts.size == 0:
-        raise ValueError(f"token_counts must be a non-empty [V] vector, got shape {counts.shape}")
+        raise ValueError(
+            f"token_counts must be a non-empty [V] vector, got shape {counts.shape}"
+        )
     if np.any(counts < 0) or not np.all(np.isfinite(counts)):
         raise ValueError("token_counts must be finite and >= 0")
     if not 1 <= k <= n_experts:
@@ -41,7 +43,9 @@ def build_hash_table(
     heapq.heapify(heap)
     table = np.empty((counts.size, k), dtype=np.int32)
     for token in np.argsort(-weights, kind="stable"):
-        chosen = [heapq.heappop(heap) for _ in range(k)]  # K least loaded, distinct by construction
+        chosen = [
+            heapq.heappop(heap) for _ in range(k)
+        ]  # K least loaded, distinct by construction
         w = float(weights[token])
         for slot, (load, rank, expert) in enumerate(chosen):
             table[token, slot] = expert
@@ -49,13 +53,21 @@ def build_hash_table(
     return table
 
 
-def expert_loads(table: Int[np.ndarray, "V K"], token_counts: Num[np.ndarray, " V"], n_experts: int) -> np.ndarray:
+def expert_loads(
+    table: Int[np.ndarray, "V K"], token_counts: Num[np.ndarray, " V"], n_experts: int
+) -> np.ndarray:
     """float64 [E]: expected tokens routed to each expert under `table` for these counts."""
     counts = np.asarray(token_counts, dtype=np.float64)
-    return np.bincount(table.reshape(-1), weights=np.repeat(counts, table.shape[1]), minlength=n_experts)
+    return np.bincount(
+        table.reshape(-1),
+        weights=np.repeat(counts, table.shape[1]),
+        minlength=n_experts,
+    )
 
 
-def load_imbalance(table: Int[np.ndarray, "V K"], token_counts: Num[np.ndarray, " V"], n_experts: int) -> float:
+def load_imbalance(
+    table: Int[np.ndarray, "V K"], token_counts: Num[np.ndarray, " V"], n_experts: int
+) -> float:
     """max / mean expert load of `table` on `token_counts` (1.0 = perfectly balanced)."""
     loads = expert_loads(table, token_counts, n_experts)
     return float(loads.max() / loads.mean())

@@ -51,23 +51,33 @@ def label_for_path(path: str, ndim: int, frozen_patterns: tuple[str, ...] = ()) 
     """The label of one leaf; ValueError naming the path when no rule matches."""
     if any(re.search(pattern, path) for pattern in frozen_patterns):
         return "frozen"
-    matches = [(label, min_rank) for label, pattern, min_rank in LABEL_RULES if re.search(pattern, path)]
+    matches = [
+        (label, min_rank)
+        for label, pattern, min_rank in LABEL_RULES
+        if re.search(pattern, path)
+    ]
     if len(matches) > 1:
-        raise ValueError(f"parameter {path!r} matches several optimizer rules: {[label for label, _ in matches]}")
+        raise ValueError(
+            f"parameter {path!r} matches several optimizer rules: {[label for label, _ in matches]}"
+        )
     for label, min_rank in matches:
         if ndim < min_rank:
-            raise ValueError(f"parameter {path!r} matches the {label!r} rule but has rank {ndim} < {min_rank}")
+            raise ValueError(
+                f"parameter {path!r} matches the {label!r} rule but has rank {ndim} < {min_rank}"
+            )
         return label
     raise ValueError(
         f"parameter {path!r} (rank {ndim}) matches no optimizer rule (see v4jax.optim.labels.LABEL_RULES)"
-        " or freeze it with config.optim.frozen")
+        " or freeze it with config.optim.frozen"
+    )
 
 
 def param_labels(params: Any, cfg: ml_collections.ConfigDict) -> Any:
     """A pytree like `params` holding one label in `LABELS` per leaf (see `LABEL_RULES`)."""
     frozen = tuple(cfg.frozen)
     return jax.tree_util.tree_map_with_path(
-        lambda path, leaf: label_for_path(path_to_str(path), leaf.ndim, frozen), params)
+        lambda path, leaf: label_for_path(path_to_str(path), leaf.ndim, frozen), params
+    )
 
 
 def trainable_mask(labels: Any) -> Any:

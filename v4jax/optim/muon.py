@@ -25,8 +25,8 @@ import optax
 from jaxtyping import Array, Float
 
 HYBRID_NS_COEFFS: tuple[tuple[float, float, float], ...] = (
-    ((3.4445, -4.7750, 2.0315),) * 8 + ((2.0, -1.5, 0.5),) * 2
-)
+    (3.4445, -4.7750, 2.0315),
+) * 8 + ((2.0, -1.5, 0.5),) * 2
 
 
 def hybrid_newton_schulz(
@@ -41,17 +41,26 @@ def hybrid_newton_schulz(
     Gram matrix. Output has `m`'s shape and dtype.
     """
     if m.ndim < 2:
-        raise ValueError(f"Newton-Schulz needs a matrix (rank >= 2), got shape {m.shape}")
+        raise ValueError(
+            f"Newton-Schulz needs a matrix (rank >= 2), got shape {m.shape}"
+        )
     transpose = m.shape[-2] > m.shape[-1]
     x = jnp.swapaxes(m, -1, -2) if transpose else m
     x32 = x.astype(jnp.float32)
-    norm = jnp.sqrt(jnp.sum(jnp.square(x32), axis=(-2, -1), keepdims=True))  # [*batch, 1, 1]
+    norm = jnp.sqrt(
+        jnp.sum(jnp.square(x32), axis=(-2, -1), keepdims=True)
+    )  # [*batch, 1, 1]
     x = (x32 / (norm + eps)).astype(compute_dtype)
+
     def iteration(x, abc):
         a, b, c = abc[0], abc[1], abc[2]
-        gram = jnp.einsum("...ij,...kj->...ik", x, x)  # [*batch, n, n]  (n = smaller side)
-        poly = b * gram + c * jnp.einsum("...ij,...jk->...ik", gram, gram)  # [*batch, n, n]
-        return (a * x + jnp.einsum("...ij,...jk->...ik", poly, x)).astype(compute_dtype), None  # [*batch, n, k]
+        # n = the smaller side (x was transposed so that the Gram matrix is the small one)
+        gram = jnp.einsum("...ij,...kj->...ik", x, x)  # [*batch, n, n]
+        gram2 = jnp.einsum("...ij,...jk->...ik", gram, gram)  # [*batch, n, n]
+        mixed = jnp.einsum(
+            "...ij,...jk->...ik", b * gram + c * gram2, x
+        )  # [*batch, n, k]
+        return (a * x + mixed).astype(compute_dtype), None
 
     # A scan over the coefficient rows, not a Python loop: one loop body per leaf keeps compile time
     # small when a model has dozens of Muon leaves.
@@ -63,6 +72,7 @@ def hybrid_newton_schulz(
 
 class HybridMuonState(NamedTuple):
     """Muon's state: the momentum buffer M (float32, one per Muon leaf)."""
+
     momentum: Any
 
 
@@ -78,12 +88,15 @@ def scale_by_hybrid_muon(
         for leaf in jax.tree.leaves(params):
             if leaf.ndim < 2:
                 raise ValueError(f"Muon needs rank >= 2 leaves, got shape {leaf.shape}")
-        return HybridMuonState(momentum=jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
+        return HybridMuonState(
+            momentum=jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        )
 
     def update_fn(updates, state, params=None):
         del params
         new_momentum = jax.tree.map(
-            lambda m, g: momentum * m + g.astype(jnp.float32), state.momentum, updates)
+            lambda m, g: momentum * m + g.astype(jnp.float32), state.momentum, updates
+        )
 
         def direction(m, g):
             nesterov = momentum * m + g.astype(jnp.float32)
@@ -91,7 +104,9 @@ def scale_by_hybrid_muon(
             scale = jnp.sqrt(float(max(g.shape[-2], g.shape[-1]))) * update_rms
             return (ortho * scale).astype(g.dtype)
 
-        return jax.tree.map(direction, new_momentum, updates), HybridMuonState(momentum=new_momentum)
+        return jax.tree.map(direction, new_momentum, updates), HybridMuonState(
+            momentum=new_momentum
+        )
 
     return optax.GradientTransformation(init_fn, update_fn)
 

@@ -29,7 +29,9 @@ def update_router_bias(
     batch (all tokens, all devices). Rows where `learned_mask` is False (hash layers) are unchanged.
     """
     if bias.shape != load.shape or bias.ndim != 2:
-        raise ValueError(f"bias and load must both be [L, E], got {bias.shape} and {load.shape}")
+        raise ValueError(
+            f"bias and load must both be [L, E], got {bias.shape} and {load.shape}"
+        )
     load = load.astype(jnp.float32)
     mean_load = jnp.mean(load, axis=-1, keepdims=True)  # [L, 1]
     stepped = bias.astype(jnp.float32) + speed * jnp.sign(mean_load - load)  # [L, E]
@@ -37,8 +39,12 @@ def update_router_bias(
     if learned_mask is None:
         return centred.astype(bias.dtype)
     if learned_mask.shape != bias.shape[:1]:
-        raise ValueError(f"learned_mask must be [L] = {bias.shape[:1]}, got {learned_mask.shape}")
-    return jnp.where(learned_mask[:, None], centred, bias.astype(jnp.float32)).astype(bias.dtype)
+        raise ValueError(
+            f"learned_mask must be [L] = {bias.shape[:1]}, got {learned_mask.shape}"
+        )
+    return jnp.where(learned_mask[:, None], centred, bias.astype(jnp.float32)).astype(
+        bias.dtype
+    )
 
 
 def sequence_balance_loss(
@@ -53,12 +59,18 @@ def sequence_balance_loss(
     (without the balancing bias). Perfect balance with uniform scores gives 1.
     """
     n_experts, top_k = scores.shape[-1], indices.shape[-1]
-    valid = (jnp.ones(scores.shape[:2]) if mask is None else mask).astype(jnp.float32)  # [B, S]
+    valid = (jnp.ones(scores.shape[:2]) if mask is None else mask).astype(
+        jnp.float32
+    )  # [B, S]
     tokens = jnp.sum(valid, axis=-1)  # [B]
     safe_tokens = jnp.maximum(tokens, 1.0)
     scores = scores.astype(jnp.float32)
-    normalised = scores / jnp.maximum(jnp.sum(scores, axis=-1, keepdims=True), 1e-20)  # [B, S, E]
-    selected = jnp.sum(jax.nn.one_hot(indices, n_experts, dtype=jnp.float32), axis=-2)  # [B, S, E]
+    normalised = scores / jnp.maximum(
+        jnp.sum(scores, axis=-1, keepdims=True), 1e-20
+    )  # [B, S, E]
+    selected = jnp.sum(
+        jax.nn.one_hot(indices, n_experts, dtype=jnp.float32), axis=-2
+    )  # [B, S, E]
     counts = jnp.einsum("bse,bs->be", selected, valid)  # [B, E]
     f = counts * (n_experts / top_k) / safe_tokens[:, None]  # [B, E]
     p = jnp.einsum("bse,bs->be", normalised, valid) / safe_tokens[:, None]  # [B, E]

@@ -20,12 +20,15 @@ import optax
 
 class DelayLineState(NamedTuple):
     """`buffer`: every leaf with a leading [delay] axis; `slot`: where the next update goes."""
+
     inner: Any
     buffer: Any
     slot: jax.Array
 
 
-def delay_updates(inner: optax.GradientTransformation, delay: int) -> optax.GradientTransformation:
+def delay_updates(
+    inner: optax.GradientTransformation, delay: int
+) -> optax.GradientTransformation:
     """Apply `inner`'s update `delay` steps after it is computed (zeros until then)."""
     if isinstance(delay, bool) or not isinstance(delay, int) or delay < 0:
         raise ValueError(f"delay must be an integer >= 0, got {delay!r}")
@@ -34,14 +37,19 @@ def delay_updates(inner: optax.GradientTransformation, delay: int) -> optax.Grad
 
     def init_fn(params):
         buffer = jax.tree.map(lambda p: jnp.zeros((delay,) + p.shape, p.dtype), params)
-        return DelayLineState(inner=inner.init(params), buffer=buffer, slot=jnp.zeros([], jnp.int32))
+        return DelayLineState(
+            inner=inner.init(params), buffer=buffer, slot=jnp.zeros([], jnp.int32)
+        )
 
     def update_fn(updates, state, params=None):
         fresh, inner_state = inner.update(updates, state.inner, params)
         # The slot about to be overwritten holds the update computed `delay` steps ago.
         delayed = jax.tree.map(lambda buf: buf[state.slot], state.buffer)
         buffer = jax.tree.map(
-            lambda buf, new: buf.at[state.slot].set(new.astype(buf.dtype)), state.buffer, fresh)
+            lambda buf, new: buf.at[state.slot].set(new.astype(buf.dtype)),
+            state.buffer,
+            fresh,
+        )
         slot = (state.slot + 1) % delay
         delayed = jax.tree.map(lambda d, u: d.astype(u.dtype), delayed, updates)
         return delayed, DelayLineState(inner=inner_state, buffer=buffer, slot=slot)
@@ -49,14 +57,20 @@ def delay_updates(inner: optax.GradientTransformation, delay: int) -> optax.Grad
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def every_k(inner: optax.GradientTransformation, k: int, mode: str = "accumulate") -> optax.GradientTransformation:
+def every_k(
+    inner: optax.GradientTransformation, k: int, mode: str = "accumulate"
+) -> optax.GradientTransformation:
     """Run `inner` every k-th step (steps k-1, 2k-1, ...); zero updates in between."""
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be an integer >= 1, got {k!r}")
     if k == 1:
         return inner
     if mode == "accumulate":
-        return optax.MultiSteps(inner, every_k_schedule=k, use_grad_mean=True).gradient_transformation()
+        return optax.MultiSteps(
+            inner, every_k_schedule=k, use_grad_mean=True
+        ).gradient_transformation()
     if mode == "skip":
-        return optax.transforms.conditionally_mask(inner, lambda count: (count + 1) % k == 0)
+        return optax.transforms.conditionally_mask(
+            inner, lambda count: (count + 1) % k == 0
+        )
     raise ValueError(f"mode must be 'accumulate' or 'skip', got {mode!r}")
