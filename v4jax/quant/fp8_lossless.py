@@ -14,6 +14,7 @@ it was exact, which the rule must imply.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -62,6 +63,7 @@ def _sub_block_exponents(q: QArray) -> tuple[jax.Array, jax.Array, jax.Array]:
     return exps, finite, nonzero
 
 
+@functools.partial(jax.jit, static_argnames=("allow_subnormals",))
 def lossless_blocks(q: QArray, *, allow_subnormals: bool = True) -> Bool[Array, "... nb kb"]:
     """Per 128x128 block: do the 1x32 scales satisfy s_max / s_min <= 2**14 (2**11 without FP8 subnormals)?"""
     _check(q)
@@ -72,11 +74,13 @@ def lossless_blocks(q: QArray, *, allow_subnormals: bool = True) -> Bool[Array, 
     return all_finite & (e_max - e_min <= MAX_EXPONENT_GAP[allow_subnormals])
 
 
+@functools.partial(jax.jit, static_argnames=("allow_subnormals",))
 def lossless_fraction(q: QArray, *, allow_subnormals: bool = True) -> Float[Array, ""]:
     """Fraction of the 128x128 blocks of an MXFP4 weight that convert to FP8 losslessly (spec 7.3 rule)."""
     return jnp.mean(lossless_blocks(q, allow_subnormals=allow_subnormals).astype(jnp.float32))
 
 
+@jax.jit
 def mxfp4_to_fp8(q: QArray) -> Fp8Blocks:
     """Converts an MXFP4 weight to FP8 E4M3 values with 128x128 power-of-two block scales S = s_max * 2**-6.
 
