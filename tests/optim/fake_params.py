@@ -24,7 +24,9 @@ def _block(rng, repeat=None):
             "wq_b": {"kernel": r(4, h * 6)},
             "wkv": {"kernel": r(d, 6)},
             "kv_norm": {"scale": r(6)},
-            "wo_a": {"kernel": r(2, h * 6 // 2, 4)},
+            "wo_a": r(
+                2, h * 6 // 2, 4
+            ),  # grouped output projection: a raw param, as in the model
             "wo_b": {"kernel": r(8, d)},
             "sink": r(h),
             "compressor": compressor,

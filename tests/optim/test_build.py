@@ -225,3 +225,15 @@ def test_unknown_field_and_short_training():
         validate_optim_config(cfg)
     with pytest.raises(ConfigError, match=r"config\.optim\.warmup_steps"):
         learning_rate_schedule(default_optim_config(), 50)
+
+
+def test_real_model_optimizer_traces():
+    """init and update trace on the real tiny model's (abstract) tree, with every option on."""
+    from tests.optim.test_labels import _tiny_model_params
+
+    params = _tiny_model_params()
+    cfg = _cfg(frozen=["/indexer/"], router_delay=1, router_every=2)
+    tx = build_optimizer(cfg, params, 10)
+    state = jax.eval_shape(tx.init, params)
+    updates, _ = jax.eval_shape(tx.update, params, state, params)
+    assert jax.tree.structure(updates) == jax.tree.structure(params)

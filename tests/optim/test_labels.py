@@ -62,7 +62,7 @@ def test_exactly_one_rule_matches_each_leaf():
         ("seg0/layer0/attn/compressor/ape", "adamw"),
         ("seg0/layer0/attn/compressor/norm/scale", "adamw"),
         ("seg0/layer0/attn/q_norm/scale", "adamw"),
-        ("seg0/layer0/attn/wo_a/kernel", "muon"),
+        ("seg0/layer0/attn/wo_a", "muon"),
         ("seg0/layer0/attn/indexer/weights_proj/kernel", "muon"),
         ("seg0/layer0/ffn_hc/fn", "muon"),
         ("seg0/layer0/ffn_hc/base", "adamw"),
@@ -105,3 +105,34 @@ def test_vector_where_a_matrix_is_expected_is_an_error():
     params["head"]["kernel"] = np.zeros(4)
     with pytest.raises(ValueError, match="head/kernel"):
         param_labels(params, default_optim_config())
+
+
+def _tiny_model_params():
+    """Abstract (shape-only) parameters of the real tiny model."""
+    import jax.numpy as jnp
+
+    from v4jax.model import ModelConfig, Transformer, presets
+
+    model = Transformer(ModelConfig.from_config(presets.tiny()))
+    tokens = jnp.zeros((1, 16), jnp.int32)
+    variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), tokens))
+    return variables["params"]
+
+
+def test_real_model_tree_is_fully_labelled():
+    params = _tiny_model_params()
+    flat = {
+        path_to_str(p): label
+        for p, label in jax.tree_util.tree_leaves_with_path(
+            param_labels(params, default_optim_config())
+        )
+    }
+    for name in flat:
+        matched = [lab for lab, pattern, _ in LABEL_RULES if re.search(pattern, name)]
+        assert len(matched) == 1, (name, matched)
+    routers = [name for name, label in flat.items() if label == "router"]
+    assert routers and all(name.endswith("moe/router/kernel") for name in routers)
+    assert flat["embed/embedding"] == "adamw" and flat["head/kernel"] == "adamw"
+    assert all(
+        label == "muon" for name, label in flat.items() if name.endswith("/wo_a")
+    )

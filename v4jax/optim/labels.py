@@ -28,16 +28,27 @@ LABEL_RULES: tuple[tuple[str, str, int], ...] = (
     ("adamw", r"(^|/)(attn_hc|ffn_hc|hc_head)/(base|scale)$", 1),
     ("adamw", r"(^|/)sink$", 1),
     ("adamw", r"(^|/)ape$", 1),
-    # Matrices: projections (…/kernel), mHC `fn`, experts' w1/w2/w3. Named explicitly rather than
+    # Matrices: projections (…/kernel), the grouped output projection `wo_a` [g, in, out], mHC `fn`,
+    # experts' w1/w2/w3 [E, in, out]. Named explicitly rather than
     # "any >= 2-D leaf" because a scanned per-layer vector is 2-D too and must not be orthogonalised.
-    ("muon", r"^(?!(.*/)?(head|moe/router)/kernel$).*(^|/)(kernel|fn|w1|w2|w3)$", 2),
+    (
+        "muon",
+        r"^(?!(.*/)?(head|moe/router)/kernel$).*(^|/)(kernel|fn|w1|w2|w3|wo_a)$",
+        2,
+    ),
 )
 
 
 def path_to_str(path: tuple[Any, ...]) -> str:
-    """'/'-join a jax key path (dict keys, attributes, sequence indices)."""
+    """'/'-join a jax key path (dict keys, attributes, sequence indices).
+
+    The `.value` attribute through which flax's boxed parameters (`nn.Partitioned`,
+    `nn.LogicallyPartitioned`) flatten is skipped, so boxed and unboxed trees get the same paths.
+    """
     parts = []
     for key in path:
+        if isinstance(key, jax.tree_util.GetAttrKey) and key.name == "value":
+            continue
         for attr in ("key", "name", "idx"):
             if hasattr(key, attr):
                 parts.append(str(getattr(key, attr)))
