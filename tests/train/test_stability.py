@@ -177,3 +177,23 @@ def test_bad_config_is_a_one_line_error(field, value):
 def test_detection_needs_a_criterion():
     with pytest.raises(ConfigError, match="spike_threshold"):
         validate_stability_config(_cfg(spike_threshold=0.0, spike_ratio=0.0))
+
+
+def test_reloading_an_older_state_on_rollback_keeps_the_cap():
+    """The loop may reload the checkpoint's detector state on a rollback: counters must not reset."""
+    losses = _curve(400)
+    for t in (150, 250, 350):
+        losses[t] *= 3
+    detector = SpikeDetector(_cfg(max_rollbacks=1))
+    saved = None
+    rollbacks = []
+    for t, loss in enumerate(losses):
+        if t == 100:
+            saved = json.loads(json.dumps(detector.state_dict()))
+        event = detector.observe(t, float(loss))
+        if event is not None and event.kind == "spike":
+            rollbacks.append(event.rollback)
+            detector.load_state_dict(saved)  # what a restore of step 100 brings back
+            detector.rolled_back_to(100)
+    assert rollbacks == [True, False, False]
+    assert detector.metrics()["stability/spikes"] == 3.0

@@ -216,7 +216,12 @@ class SpikeDetector:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what `state_dict` returned."""
+        """Restore what `state_dict` returned.
+
+        The counters only grow, so they keep the larger of the stored and the in-memory value:
+        reloading an older checkpoint's state on a rollback must not reset the rollback count
+        (and with it the `max_rollbacks` cap), while a fresh process simply takes the stored one.
+        """
         steps, losses = list(state["history_steps"]), list(state["history_losses"])
         if len(steps) != len(losses):
             raise ValueError(
@@ -225,9 +230,9 @@ class SpikeDetector:
         self.history = [(int(s), float(v)) for s, v in zip(steps, losses)][
             -self.cfg.spike_window :
         ]
-        self.nonfinite_count = int(state["nonfinite_count"])
-        self.spike_count = int(state["spike_count"])
-        self.rollback_count = int(state["rollback_count"])
+        self.nonfinite_count = max(self.nonfinite_count, int(state["nonfinite_count"]))
+        self.spike_count = max(self.spike_count, int(state["spike_count"]))
+        self.rollback_count = max(self.rollback_count, int(state["rollback_count"]))
 
 
 class AnticipationController:
@@ -279,8 +284,8 @@ class AnticipationController:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what `state_dict` returned."""
-        self.active_until = int(state["active_until"])
+        """Restore what `state_dict` returned (a pending post-spike window is never shortened)."""
+        self.active_until = max(self.active_until, int(state["active_until"]))
         self.last_state = (
             None if state["last_state"] is None else bool(state["last_state"])
         )
