@@ -92,6 +92,8 @@ def test_apply_qat_blends_forward_and_keeps_the_straight_through_gradient():
         y, pull = jax.vjp(lambda v: quant.apply_qat(v, "experts", p, a), x)
         np.testing.assert_allclose(np.asarray(y), np.asarray(x + a * (fq - x)), rtol=1e-6, atol=1e-7)
         np.testing.assert_allclose(np.asarray(pull(g)[0]), np.asarray(g), rtol=1e-6)
+        if a in (0.0, 1.0):
+            np.testing.assert_array_equal(np.asarray(y), np.asarray(fq if a else x))
 
 
 def test_apply_qat_with_stochastic_rounding_needs_a_key():

@@ -21,7 +21,8 @@ hashable `QATPolicy` that jitted code can close over. Fields:
 
 Ramp: `qat_active(step, total_steps, policy)` returns a float32 blend factor a in [0, 1]:
 a = 0 before the start, then min(1, (step - start + 1) / ramp_steps) (1 at once when ramp_steps == 0).
-`apply_qat` uses it as x + a * (fake_quant(x) - x): the forward moves from x to its quantized value,
+`apply_qat` uses it as x + a * (fake_quant(x) - x) (exactly x at a = 0, exactly fake_quant(x) at a = 1):
+the forward moves from x to its quantized value,
 and with the plain STE the gradient stays exactly g at every a.
 """
 
@@ -176,7 +177,9 @@ def apply_qat(
         grad_format=policy.grad_format,
     )
     factor = jnp.asarray(factor, jnp.float32).astype(x.dtype)
-    return x + factor * (fq - x)
+    # exactly x before the start and exactly fake_quant(x) after the ramp; the gradient is g either way
+    blend = x + factor * (fq - x)
+    return jnp.where(factor >= 1, fq, jnp.where(factor <= 0, x, blend))
 
 
 def cast_index_scores(scores: Float[Array, "..."], policy: QATPolicy) -> Float[Array, "..."]:
