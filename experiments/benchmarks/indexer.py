@@ -73,7 +73,12 @@ def matmul_rates() -> dict:
 
 def exact_rows(q, w, k, rows, topk, ratio, quant=None):
   """fp32 exact top-k sets (and full score rows) for a subset of query rows (of fake-quant q, k)."""
-  qr, kr = quantize.fake_quant_qk(q[0, rows].astype(jnp.float32), k[0].astype(jnp.float32), quant)
+  # Fake-quantise on the CPU: XLA:GPU's default xla_allow_excess_precision may drop an
+  # f32 -> e4m3 -> f32 round trip, which would make the "quantized" reference unquantized.
+  with jax.default_device(jax.devices("cpu")[0]):
+    qr, kr = quantize.fake_quant_qk(jnp.asarray(np.asarray(q[0, rows], np.float32)),
+                                    jnp.asarray(np.asarray(k[0], np.float32)), quant)
+  qr, kr = jax.device_put(qr, jax.devices()[0]), jax.device_put(kr, jax.devices()[0])
   logits = jnp.einsum("rhd,nd->rhn", qr, kr,  # [R, H, N]
                       precision=jax.lax.Precision.HIGHEST)
   sc = jnp.einsum("rhn,rh->rn", jax.nn.relu(logits), w[0, rows].astype(jnp.float32),  # [R, N]
@@ -137,7 +142,7 @@ def scores_only_fn(quant, chunk, cfg):
   return jax.jit(f)
 
 
-def run_size(s, rates, results, cfgs, reps, quants):
+def run_size(s, rates, results, variants, reps, quants):
   n = s // RATIO
   keys = jax.random.split(jax.random.PRNGKey(s), 3)
   q = jax.random.normal(keys[0], (1, s, H, D), jnp.float32).astype(jnp.bfloat16)
@@ -162,36 +167,34 @@ def run_size(s, rates, results, cfgs, reps, quants):
   results.append(row)
   print(json.dumps(row), flush=True)
 
-  for quant in quants:
-    for vi, var in enumerate(cfgs):
-      if (quant is None) == bool(var.get("mma_bf16")) and var and quant is None:
-        continue  # mma_bf16 only matters for FP8 operands
-      if quant is not None and set(var) - {"mma_bf16"}:
-        continue  # block / select variants are swept on the bf16 path only
-      chunk = min(2048, s)
-      score_cfg = dict(block_q=64, block_k=128, num_warps=4, num_stages=3)
-      score_cfg.update({k_: v_ for k_, v_ in var.items() if k_ in (*score_cfg, "mma_bf16")})
-      row = dict(S=s, N=n, impl="triton", quant=str(quant), cfg=str(var))
-      try:
-        ops = triton._prepare(q, w, k, RATIO, None, quant, var.get("block_k", 128))
-        so = scores_only_fn(quant, chunk, score_cfg)
-        row["scores_ms"] = timed(so, *ops, reps=reps)
-        row["scores_TFLOP/s"] = flops / row["scores_ms"] / 1e9
-        rate = rates["bf16" if quant is None or var.get("mma_bf16") else "fp8"]
-        row["scores_%peak"] = 100 * row["scores_TFLOP/s"] / rate
-        e2e = jax.jit(lambda q_, w_, k_: triton.indexer_topk(q_, w_, k_, TOPK, RATIO, quant=quant,
-                                                            chunk=chunk, interpret=INTERPRET, **var))
-        out = e2e(q, w, k)
-        row.update(check_and_recall(*out, q, w, k, TOPK, RATIO, rows, quant))
-        row["ms"] = timed(e2e, q, w, k, reps=reps)
-        row["TFLOP/s"] = flops / row["ms"] / 1e9
-        row["speedup_vs_xla"] = xla_ms / row["ms"] if xla_ms else None
-        row["temp_MiB"] = temp_mb(e2e, q, w, k)
-      except Exception as e:  # noqa: BLE001
-        row["error"] = repr(e)[:600]
-        traceback.print_exc()
-      results.append(row)
-      print(json.dumps(row), flush=True)
+  for quant, var in variants:
+    if quant not in quants:
+      continue
+    row = dict(S=s, N=n, impl="triton", quant=str(quant), cfg=str(var))
+    var = dict(var)
+    chunk = min(var.pop("chunk", 2048), s)
+    score_cfg = dict(block_q=64, block_k=128, num_warps=4, num_stages=3, mma_bf16=True)
+    score_cfg.update({k_: v_ for k_, v_ in var.items() if k_ in score_cfg})
+    try:
+      ops = triton._prepare(q, w, k, RATIO, None, quant, var.get("block_k", 128))
+      so = scores_only_fn(quant, chunk, score_cfg)
+      row["scores_ms"] = timed(so, *ops, reps=reps)
+      row["scores_TFLOP/s"] = flops / row["scores_ms"] / 1e9
+      rate = rates["bf16" if quant is None or var.get("mma_bf16", True) else "fp8"]
+      row["scores_%peak"] = 100 * row["scores_TFLOP/s"] / rate
+      e2e = jax.jit(lambda q_, w_, k_: triton.indexer_topk(q_, w_, k_, TOPK, RATIO, quant=quant,
+                                                          chunk=chunk, interpret=INTERPRET, **var))
+      out = e2e(q, w, k)
+      row.update(check_and_recall(*out, q, w, k, TOPK, RATIO, rows, quant))
+      row["ms"] = timed(e2e, q, w, k, reps=reps)
+      row["TFLOP/s"] = flops / row["ms"] / 1e9
+      row["speedup_vs_xla"] = xla_ms / row["ms"] if xla_ms else None
+      row["temp_MiB"] = temp_mb(e2e, q, w, k)
+    except Exception as e:  # noqa: BLE001
+      row["error"] = repr(e)[:600]
+      traceback.print_exc()
+    results.append(row)
+    print(json.dumps(row), flush=True)
 
 
 def table(results, rates) -> str:
@@ -218,18 +221,19 @@ def main():
   ap.add_argument("--reps", type=int, default=10)
   ap.add_argument("--out", default=os.environ.get("OUT", "."))
   args = ap.parse_args()
-  # Variants of the end-to-end pipeline (triton.indexer_topk keyword arguments); {} = defaults.
-  cfgs = [{}, dict(mma_bf16=True)]
+  # Variants of the end-to-end pipeline: (quant, triton.indexer_topk keyword arguments); {} = defaults.
+  variants = [(None, {}), (None, dict(chunk=8192)), ("fp8", {}), ("fp8", dict(mma_bf16=False)),
+              ("mxfp4", {}), ("mxfp4", dict(mma_bf16=False))]
   if args.sweep:
-    cfgs += [dict(select_elems=16384, select_warps=8), dict(select_elems=65536, select_warps=16),
-             dict(block_k=64)]
+    variants += [(None, dict(select_elems=32768)), (None, dict(block_k=64)),
+                 (None, dict(block_q=128, num_warps=8))]
   quants = [None if x == "none" else x for x in args.quants.split(",")]
   print("device:", jax.devices()[0].device_kind, "jax", jax.__version__, flush=True)
   rates = matmul_rates()
   print("rates", rates, flush=True)
   results = []
   for s in [int(x) for x in args.sizes.split(",")]:
-    run_size(s, rates, results, cfgs, args.reps, quants)
+    run_size(s, rates, results, variants, args.reps, quants)
     with open(os.path.join(args.out, "indexer.json"), "w") as f:
       json.dump(dict(rates=rates, rows=results), f, indent=1)
   md = table(results, rates)
