@@ -57,7 +57,6 @@ def default_config() -> ml_collections.ConfigDict:
     from v4jax.data import default_data_config
     from v4jax.model import presets
     from v4jax.optim import default_optim_config
-    from v4jax.quant import default_qat_config
     from v4jax.train.stability import default_stability_config
 
     config = ml_collections.ConfigDict()
@@ -66,9 +65,18 @@ def default_config() -> ml_collections.ConfigDict:
     config.optim = default_optim_config()
     config.data = default_data_config()
     config.stability = default_stability_config()
-    config.qat = default_qat_config()
+    config.qat = _qat_block()
     config.mesh = default_mesh_config()
     return config
+
+
+def _qat_block() -> ml_collections.ConfigDict:
+    """`v4jax.quant.default_qat_config()`; an empty block while the quant package does not provide one."""
+    try:
+        from v4jax.quant import default_qat_config
+    except ImportError:
+        return ml_collections.ConfigDict()
+    return default_qat_config()
 
 
 def _err(field: str, msg: str) -> ConfigError:
@@ -141,7 +149,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         from v4jax.quant import validate_qat_config
     except ImportError:  # the quant package may only expose defaults
         validate_qat_config = None
-    if validate_qat_config is not None:
+    if validate_qat_config is not None and len(config.qat):
         validate_qat_config(config.qat)
     validate_mesh_config(config.mesh)
     _validate_cross_block(config)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import flax.linen
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -29,10 +30,15 @@ class TrainState:
         return {"params": self.params, "buffers": self.buffers}
 
 
+def init_variables(model: Any, rng: jax.Array, sample_tokens: jax.Array) -> dict[str, Any]:
+    """`model.init` with logical-axis metadata boxes removed (plain arrays: what optax and orbax expect)."""
+    return flax.linen.meta.unbox(model.init(rng, sample_tokens))
+
+
 def create_train_state(model: Any, tx: Any, sample_tokens: jax.Array, seed: int) -> TrainState:
     """Initialises the model from `seed` on `sample_tokens` [B, S] and the optimizer state for its params."""
     init_rng, state_rng = jax.random.split(jax.random.PRNGKey(seed))
-    variables = model.init(init_rng, sample_tokens)
+    variables = init_variables(model, init_rng, sample_tokens)
     params = variables["params"]
     buffers = variables.get("buffers", {})
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, buffers=buffers,

@@ -84,9 +84,11 @@ def routing_stats(aux: dict[str, Any], bias: jax.Array | None) -> dict[str, jax.
     if bias is not None:
         stats["router_bias_abs_mean"] = jnp.mean(jnp.abs(bias), -1)  # [L]
         stats["router_bias_abs_max"] = jnp.max(jnp.abs(bias))
-    for key, value in aux.items():
-        if key not in KNOWN_AUX and jnp.size(value) <= 64:
-            stats[f"aux/{key}"] = jnp.asarray(value, jnp.float32)
+    flat = {k: v for k, v in aux.items() if k not in KNOWN_AUX}
+    for path, value in jax.tree_util.tree_flatten_with_path(flat)[0]:  # indexer stats etc., maybe nested
+        if jnp.size(value) <= 64:
+            name = "/".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)
+            stats[f"aux/{name}"] = jnp.asarray(value, jnp.float32)
     return stats
 
 
@@ -94,12 +96,14 @@ def make_train_step(model: Any, tx: optax.GradientTransformation, *, lr_schedule
                     balance_loss_weight: float, router_bias_speed: float,
                     learned_layers: jax.Array | None,
                     router_bias: Callable | None, with_router_bias: Callable | None,
-                    update_router_bias: Callable | None) -> Callable:
+                    update_router_bias: Callable | None, skip_nonfinite: bool = True) -> Callable:
     """Builds `train_step(state, batch, routed_indices=None) -> (state, metrics)` (jit it with donation).
 
     `learned_layers` bool [L] marks layers whose bias is updated (hash layers keep zeros); the three
     bias callables are `v4jax.model.router_bias`, `.with_router_bias` and
     `v4jax.optim.router_bias.update_router_bias` (None skips the bias update, e.g. dense models).
+    With `skip_nonfinite`, a step whose loss or gradient norm is NaN/Inf leaves params, buffers and
+    optimizer state unchanged (the step counter still advances; metric `skipped_update` is 1).
     """
 
     def loss_fn(params, buffers, batch, routed_indices):
@@ -129,8 +133,15 @@ def make_train_step(model: Any, tx: optax.GradientTransformation, *, lr_schedule
                                       learned_layers)
             buffers = with_router_bias(state.buffers, bias)
 
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
+        if skip_nonfinite:
+            keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
+            params, buffers = keep(params, state.params), keep(buffers, state.buffers)
+            opt_state = keep(opt_state, state.opt_state)
         metrics = {"loss": total, "lm_loss": lm, "mtp_loss": mtp, "balance_loss": balance,
-                   "mtp_weight": w_mtp, "grad_norm": optax.global_norm(grads),
+                   "mtp_weight": w_mtp, "grad_norm": grad_norm,
+                   "skipped_update": (~finite).astype(jnp.float32) if skip_nonfinite else jnp.zeros(()),
                    "learning_rate": jnp.asarray(lr_schedule(state.step), jnp.float32)}
         metrics.update(routing_stats(aux, bias))
         new_state = state.replace(step=state.step + 1, params=params, buffers=buffers, opt_state=opt_state)
