@@ -83,14 +83,14 @@ class MTP(nn.Module):
     capture: bool = False
 
     @nn.compact
-    def __call__(self, X_prev, next_embedding, ctx: Context):
+    def __call__(self, X_prev, next_embedding, ctx: Context, override=None):
         cfg = self.cfg
         dtype, pdt, d = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype), cfg.hidden_size
         e = RMSNorm(cfg.rms_norm_eps, pdt, name="enorm")(next_embedding)
         h = RMSNorm(cfg.rms_norm_eps, pdt, name="hnorm")(X_prev)  # per stream over d
         X = (Dense(d, ("embed", "embed_out"), cfg.init_std, dtype, pdt, name="e_proj")(e)[:, :, None, :]
              + Dense(d, ("embed", "embed_out"), cfg.init_std, dtype, pdt, name="h_proj")(h))  # [B, S, n, d]
-        X, aux = Block(cfg, cfg.mtp_layer_kind, False, self.capture, name="block")(X, ctx)
+        X, aux = Block(cfg, cfg.mtp_layer_kind, False, self.capture, name="block")(X, ctx, override)
         y = HyperHead(cfg.hc_mult, cfg.hc_eps, cfg.rms_norm_eps, cfg.init_std, cfg.hc_init_alpha, name="hc_head")(X)
         return X, RMSNorm(cfg.rms_norm_eps, pdt, name="norm")(y), aux
 
@@ -158,7 +158,8 @@ class Transformer(nn.Module):
         Xm = X
         for k in range(cfg.mtp_depth):
             shifted = jnp.concatenate([tokens[:, k + 1:], jnp.zeros((B, min(k + 1, S)), tokens.dtype)], 1)[:, :S]
-            Xm, hidden, aux = MTP(cfg, self.capture, name=f"mtp{k}")(Xm, embed(shifted), ctx)
+            override = None if routed_indices is None else routed_indices[cfg.num_layers + k]
+            Xm, hidden, aux = MTP(cfg, self.capture, name=f"mtp{k}")(Xm, embed(shifted), ctx, override)
             mtp_logits.append(head(hidden))
             per_layer[cfg.num_layers + k] = aux
 

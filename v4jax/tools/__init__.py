@@ -1,1 +1,1 @@
-"""v4jax.tools."""
+"""Command-line tools."""
