@@ -18,11 +18,11 @@ def get_config(arg=None):
         raise ConfigError(f"configs/tiny.py:{arg}: unknown variant (known: {', '.join(v or '<none>' for v in VARIANTS)})")
     config = default_config()
     t = config.train
-    t.steps = 600
+    t.steps = 300
     t.batch_size = 8
     t.seq_len = 128
-    t.checkpoint_every = 100
-    t.eval_every = 200
+    t.checkpoint_every = 50
+    t.eval_every = 100
     t.eval_batches = 8
     t.log_every = 10
     t.sample_tokens = 120
