@@ -12,10 +12,12 @@ returns x's dtype.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 
+@jax.jit
 def hadamard(x: Float[Array, "... n"]) -> Float[Array, "... n"]:
     """Orthonormal Walsh-Hadamard transform of the last axis; its size must be a power of two."""
     n = x.shape[-1]
