@@ -42,7 +42,7 @@ def reference_quantize(x: np.ndarray, fmt: str):
     x = np.asarray(x, np.float32)
     bm, bk = BLOCKS[fmt]
     m, k = x.shape
-    fp4 = fmt.startswith("mx") or fmt.startswith("nv")
+    fp4 = fmt.startswith(("mx", "nv"))
     g = None
     if fmt.startswith("nv"):
         gamax = np.abs(x).max()

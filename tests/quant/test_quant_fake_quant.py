@@ -40,7 +40,6 @@ def test_forward_is_quant_dequant_and_plain_gradient_is_identity(fmt, dtype):
 
 def _clip_mask(x: np.ndarray, fmt: str) -> np.ndarray:
     """|x| <= qmax * s per block, with s from the independent reference."""
-    m, k = x.shape
     bk = {"mxfp4_ocp": 32, "nvfp4": 16, "mxfp4": 32}[fmt]
     _, scales, g, _ = reference_quantize(x, fmt)
     if fmt == "nvfp4":

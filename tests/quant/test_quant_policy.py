@@ -89,7 +89,7 @@ def test_apply_qat_blends_forward_and_keeps_the_straight_through_gradient():
     g = jax.random.normal(jax.random.key(1), (4, 64))
     fq = quant.fake_quant(x, "mxfp4")
     for a in (0.0, 0.25, 1.0):
-        y, pull = jax.vjp(lambda v: quant.apply_qat(v, "experts", p, a), x)
+        y, pull = jax.vjp(lambda v, a=a: quant.apply_qat(v, "experts", p, a), x)
         np.testing.assert_allclose(np.asarray(y), np.asarray(x + a * (fq - x)), rtol=1e-6, atol=1e-7)
         np.testing.assert_allclose(np.asarray(pull(g)[0]), np.asarray(g), rtol=1e-6)
         if a in (0.0, 1.0):

@@ -87,5 +87,5 @@ SHARDING_SCRIPT = textwrap.dedent(
 
 def test_sharded_qarray_on_8_cpu_devices():
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    out = subprocess.run([sys.executable, "-c", SHARDING_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
+    out = subprocess.run([sys.executable, "-c", SHARDING_SCRIPT], capture_output=True, text=True, env=env, timeout=300, check=False)
     assert "SHARDING_OK" in out.stdout, out.stderr[-3000:]

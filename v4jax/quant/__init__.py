@@ -13,7 +13,12 @@ fp8_lossless (MXFP4 -> FP8 128x128 conversion and its lossless rule), policy (QA
 
 from v4jax.quant.fake_quant import fake_quant, round_to_dtype, stochastic_round_bf16
 from v4jax.quant.formats import FORMATS, QuantFormat, get_format
-from v4jax.quant.fp8_lossless import Fp8Blocks, lossless_blocks, lossless_fraction, mxfp4_to_fp8
+from v4jax.quant.fp8_lossless import (
+    Fp8Blocks,
+    lossless_blocks,
+    lossless_fraction,
+    mxfp4_to_fp8,
+)
 from v4jax.quant.hadamard import hadamard
 from v4jax.quant.policy import (
     TENSORS,
@@ -25,15 +30,20 @@ from v4jax.quant.policy import (
     validate_qat_config,
 )
 from v4jax.quant.qarray import QArray, abstract_like
-from v4jax.quant.quantize import dequantize, effective_scales, qarray_from_mxfp4_checkpoint, quantize
+from v4jax.quant.quantize import (
+    dequantize,
+    effective_scales,
+    qarray_from_mxfp4_checkpoint,
+    quantize,
+)
 
 __all__ = [
     "FORMATS",
-    "Fp8Blocks",
-    "QArray",
-    "QATPolicy",
-    "QuantFormat",
     "TENSORS",
+    "Fp8Blocks",
+    "QATPolicy",
+    "QArray",
+    "QuantFormat",
     "abstract_like",
     "apply_qat",
     "cast_index_scores",

@@ -28,7 +28,12 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from v4jax.quant import e8m0
-from v4jax.quant.formats import ELEMENT_EMIN, ELEMENT_MANTISSA_BITS, QuantFormat, get_format
+from v4jax.quant.formats import (
+    ELEMENT_EMIN,
+    ELEMENT_MANTISSA_BITS,
+    QuantFormat,
+    get_format,
+)
 from v4jax.quant.quantize import (
     block_view,
     compute_block_scales,

@@ -29,7 +29,8 @@ and with the plain STE the gradient stays exactly g at every a.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
