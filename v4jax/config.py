@@ -67,6 +67,17 @@ def default_config() -> ml_collections.ConfigDict:
     config.stability = default_stability_config()
     config.qat = _qat_block()
     config.mesh = default_mesh_config()
+    return lists_to_tuples(config)
+
+
+def lists_to_tuples(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Turns list fields into tuples: ml_collections' command-line overrides support tuples, not lists."""
+    for key, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            lists_to_tuples(value)
+        elif isinstance(value, list):
+            del config[key]  # re-created: assigning a tuple over a list field keeps the list type
+            config[key] = tuple(value)
     return config
 
 
@@ -140,19 +151,24 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for block in expected:
         if block not in config:
             raise _err(block, "missing block")
-    validate_model_config(config.model.to_dict())
-    validate_train_config(config.train)
-    validate_optim_config(config.optim)
-    validate_data_config(config.data)
-    validate_stability_config(config.stability)
     try:
         from v4jax.quant import validate_qat_config
     except ImportError:  # the quant package may only expose defaults
         validate_qat_config = None
-    if validate_qat_config is not None and len(config.qat):
-        validate_qat_config(config.qat)
-    validate_mesh_config(config.mesh)
-    _validate_cross_block(config)
+    try:
+        validate_model_config(config.model.to_dict())
+        validate_train_config(config.train)
+        validate_optim_config(config.optim)
+        validate_data_config(config.data)
+        validate_stability_config(config.stability)
+        if validate_qat_config is not None and len(config.qat):
+            validate_qat_config(config.qat)
+        validate_mesh_config(config.mesh)
+        _validate_cross_block(config)
+    except ConfigError:
+        raise
+    except ValueError as err:  # some block validators raise plain ValueError; same one-line contract
+        raise ConfigError(str(err)) from None
 
 
 def _validate_cross_block(config: ml_collections.ConfigDict) -> None:

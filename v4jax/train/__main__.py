@@ -7,7 +7,7 @@ line `error: ...` on stderr with exit status 2, before anything is written to th
 
 from __future__ import annotations
 
-import difflib
+import os
 import re
 import sys
 
@@ -22,8 +22,18 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metr
 EXIT_USAGE = 2
 
 
+def one_line(message: str) -> str:
+    """The informative line of a possibly multi-line message (the cause, for an embedded traceback)."""
+    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+    if not lines:
+        return "unknown error"
+    if len(lines) == 1:
+        return lines[0]
+    return re.sub(r"^[\w.]+(Error|Exception): ", "", lines[-1])
+
+
 def _fail(message: str) -> None:
-    print(f"error: {message.splitlines()[0] if message else 'unknown error'}", file=sys.stderr, flush=True)
+    print(f"error: {one_line(message)}", file=sys.stderr, flush=True)
     sys.exit(EXIT_USAGE)
 
 
@@ -56,10 +66,21 @@ def parse(argv: list[str]):
         config = FLAGS.config
         config.to_dict()  # a config file that failed to load raises here
     except Exception as err:  # noqa: BLE001
-        _fail(f"--config={FLAGS['config'].serialize().split('=', 1)[-1]}: {str(err).splitlines()[0]}")
+        _fail(f"--config: {one_line(str(err))}")
     if not _WORKDIR.value:
         _fail("--workdir is required")
     return config, _WORKDIR.value
+
+
+def enable_compilation_cache() -> None:
+    """Caches compiled steps on disk ($V4JAX_CACHE/jax, default ~/.cache/v4jax/jax): reruns and resumes
+    skip most of the compile. An explicit JAX_COMPILATION_CACHE_DIR wins."""
+    import jax
+
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return
+    root = os.path.expanduser(os.environ.get("V4JAX_CACHE") or "~/.cache/v4jax")
+    jax.config.update("jax_compilation_cache_dir", os.path.join(root, "jax"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     config, workdir = parse(argv)
     absl_logging.set_verbosity(absl_logging.WARNING)
     absl_logging.use_python_logging()
+    enable_compilation_cache()
     from v4jax.train.loop import train
 
     try:
