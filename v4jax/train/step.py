@@ -133,7 +133,7 @@ def make_train_step(model: Any, tx: optax.GradientTransformation, *, lr_schedule
                                       learned_layers)
             buffers = with_router_bias(state.buffers, bias)
 
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
         if skip_nonfinite:
             keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
