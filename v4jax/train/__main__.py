@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = list(sys.argv if argv is None else argv)
     config, workdir = parse(argv)
-    absl_logging.set_verbosity(absl_logging.WARNING)
+    absl_logging.set_verbosity(absl_logging.ERROR)  # orbax reports routine events as absl warnings
     absl_logging.use_python_logging()
     enable_compilation_cache()
     from v4jax.train.loop import train
