@@ -174,7 +174,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
         source = "current" if routed is None else "anticipated"
         step += 1
         window_steps += 1
-        is_log = step % t.log_every == 0 or step == t.steps
+        # while anticipatory routing is on (or its routes are still arriving) every step is logged, so that
+        # metrics.jsonl shows the routing source of each step
+        is_log = step % t.log_every == 0 or step == t.steps or anticipating or routed is not None
         is_eval = step % t.eval_every == 0 or step == t.steps
         event = None
         if is_log or is_eval or detector.cfg.spike_detection or transition is not None:
