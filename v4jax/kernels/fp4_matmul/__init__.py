@@ -1,0 +1,8 @@
+"""FP4 (MXFP4) weight x bf16 activation matmuls: dense and grouped, with Pallas backends and an XLA fallback.
+
+See api.py for the interface and block_sizes.py for the stored tuned tiles.
+"""
+
+from v4jax.kernels.fp4_matmul.api import IMPLEMENTATIONS, fp4_grouped_matmul, fp4_matmul
+
+__all__ = ["IMPLEMENTATIONS", "fp4_grouped_matmul", "fp4_matmul"]

@@ -1,0 +1,164 @@
+"""`fp4_matmul` and `fp4_grouped_matmul`: bf16 activations times packed MXFP4 weights, backend by platform.
+
+    from v4jax.kernels import fp4_matmul
+    y = fp4_matmul.fp4_matmul(x, w)                           # x [M, K]; w = quant.quantize(W, "mxfp4"), W [N, K]
+    y = fp4_matmul.fp4_grouped_matmul(x, w, group_sizes)      # x [M, K] sorted by group; W [G, N, K]
+
+Both compute x @ dequantize(w).T (per group) with float32 accumulation, returned in x's dtype.
+Implementations: "xla" (reference.py: dequantize, then one dot), "triton" (triton.py, GPU), "mosaic_tpu"
+(mosaic_tpu.py, TPU; no TPU was available, so it is tested in interpret mode only), "mosaic_gpu"
+(reserved; not written yet: it raises). `None` picks "triton" on GPU, "mosaic_tpu" on TPU, else "xla";
+on GPU the stored H200 table may route large-M dense calls to "xla" where dequantize + cuBLAS is faster.
+`interpret=True` runs a Pallas backend on CPU.
+
+Gradients: a `jax.custom_vjp` w.r.t. x only, dx = dy @ dequantize(W) computed by XLA (the grouped one via
+`grouped_matmul`'s bf16 path). Packed weights are frozen at inference, so w gets no gradient (zeros);
+training uses bf16/fp32 master weights through `grouped_matmul` instead.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from v4jax.kernels.fp4_matmul import block_sizes, common, reference
+from v4jax.quant.qarray import QArray
+from v4jax.quant.quantize import dequantize
+
+IMPLEMENTATIONS = ("xla", "triton", "mosaic_gpu", "mosaic_tpu")
+
+
+def _check_x(x: jax.Array, k: int, name: str) -> None:
+    if x.ndim != 2 or x.shape[1] != k:
+        raise ValueError(f"{name}: x must be [M, K={k}], got shape {x.shape}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"{name}: x must be floating, got {x.dtype}")
+
+
+def _pick(implementation: str | None, name: str) -> str:
+    if implementation not in (None, *IMPLEMENTATIONS):
+        raise ValueError(f"{name}: unknown implementation {implementation!r} (known: {IMPLEMENTATIONS})")
+    if implementation == "mosaic_gpu":
+        raise NotImplementedError(f"{name}: implementation='mosaic_gpu' is not written yet; use 'triton' on GPU")
+    if implementation is not None:
+        return implementation
+    backend = jax.default_backend()
+    return {"gpu": "triton", "tpu": "mosaic_tpu"}.get(backend, "xla")
+
+
+def _kernel_friendly(n: int, k: int) -> bool:
+    """The Pallas backends need N a multiple of 16 and K of 64 (bf16 MMA tiles, whole scale blocks per tile)."""
+    return n % 16 == 0 and k % 64 == 0
+
+
+def fp4_matmul(x: Float[Array, "m k"], w: QArray, implementation: str | None = None,
+               interpret: bool = False) -> Float[Array, "m n"]:
+    """y = x @ dequantize(w).T, [M, N]. x [M, K] (bf16 or fp32); w: mxfp4 QArray of W [N, K] along K."""
+    common.check_mxfp4_weight(w, 2, "fp4_matmul")
+    n, k = w.shape
+    _check_x(x, k, "fp4_matmul")
+    impl = _pick(implementation, "fp4_matmul")
+    if impl != "xla" and not _kernel_friendly(n, k):
+        if implementation is not None:
+            raise ValueError(f"fp4_matmul: {impl} needs N % 16 == 0 and K % 64 == 0, got N={n}, K={k}")
+        impl = "xla"
+    if impl == "xla" or (implementation is None and _prefers_xla(x.shape[0])):
+        return reference.fp4_matmul_reference(x, w)
+    return _dense_vjp(x, w, impl, interpret)
+
+
+def _prefers_xla(m: int) -> bool:
+    """The stored table's `dense_xla_min_m`: from this M on, dequantize + cuBLAS beat our fused kernel."""
+    if jax.default_backend() != "gpu":
+        return False
+    chip = block_sizes.chip_name(jax.devices()[0].device_kind)
+    min_m = block_sizes.load_table(chip).get("dense_xla_min_m")
+    return min_m is not None and m >= min_m
+
+
+def _dense_forward(x, w: QArray, impl: str, interpret: bool):
+    cfg = block_sizes.select("dense", x.shape[0], chip=None if not interpret else "interpret")
+    backend = _backend_module(impl)
+    return backend.dense(x, w.values, w.scales, cfg=cfg, interpret=interpret)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _dense_vjp(x, w, impl, interpret):
+    return _dense_forward(x, w, impl, interpret)
+
+
+def _dense_fwd(x, w, impl, interpret):
+    return _dense_forward(x, w, impl, interpret), w
+
+
+def _dense_bwd(impl, interpret, w, dy):
+    del impl, interpret
+    wd = dequantize(w).astype(dy.dtype)  # [N, K]
+    dx = jnp.einsum("mn,nk->mk", dy, wd, preferred_element_type=jnp.float32).astype(dy.dtype)  # [M, K]
+    return dx, None
+
+
+_dense_vjp.defvjp(_dense_fwd, _dense_bwd)
+
+
+def fp4_grouped_matmul(x: Float[Array, "m k"], w: QArray, group_sizes: Int[Array, "g"],
+                       implementation: str | None = None, interpret: bool = False) -> Float[Array, "m n"]:
+    """y[rows of group g] = x[rows] @ dequantize(w)[g].T, [M, N]; rows past sum(group_sizes) are zero.
+
+    x [M, K] with rows sorted by group; w: mxfp4 QArray of W [G, N, K] quantized along K; group_sizes [G].
+    """
+    common.check_mxfp4_weight(w, 3, "fp4_grouped_matmul")
+    g, n, k = w.shape
+    _check_x(x, k, "fp4_grouped_matmul")
+    if group_sizes.shape != (g,):
+        raise ValueError(f"fp4_grouped_matmul: group_sizes must be [G={g}], got shape {group_sizes.shape}")
+    impl = _pick(implementation, "fp4_grouped_matmul")
+    if impl != "xla" and not _kernel_friendly(n, k):
+        if implementation is not None:
+            raise ValueError(f"fp4_grouped_matmul: {impl} needs N % 16 == 0 and K % 64 == 0, got N={n}, K={k}")
+        impl = "xla"
+    if impl == "xla":
+        return reference.fp4_grouped_matmul_reference(x, w, group_sizes)
+    return _grouped_vjp(x, w, group_sizes, impl, interpret)
+
+
+def _grouped_forward(x, w: QArray, group_sizes, impl: str, interpret: bool):
+    cfg = block_sizes.select("grouped", x.shape[0], chip=None if not interpret else "interpret")
+    return _backend_module(impl).grouped(x, w.values, w.scales, group_sizes, cfg=cfg, interpret=interpret)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _grouped_vjp(x, w, group_sizes, impl, interpret):
+    return _grouped_forward(x, w, group_sizes, impl, interpret)
+
+
+def _grouped_fwd(x, w, group_sizes, impl, interpret):
+    return _grouped_forward(x, w, group_sizes, impl, interpret), (w, group_sizes)
+
+
+def _grouped_bwd(impl, interpret, res, dy):
+    del impl, interpret
+    from v4jax.kernels.grouped_matmul.api import grouped_matmul  # noqa: PLC0415  (that api imports this one)
+
+    w, group_sizes = res
+    wd = dequantize(w).astype(dy.dtype)  # [G, N, K]: the "x @ w" layout for dy [M, N] -> dx [M, K]
+    dx = grouped_matmul(dy, wd, group_sizes)  # [M, K]; rows past sum(group_sizes) are zero
+    return dx, None, None
+
+
+_grouped_vjp.defvjp(_grouped_fwd, _grouped_bwd)
+
+
+def _backend_module(impl: str):
+    if impl == "triton":
+        from v4jax.kernels.fp4_matmul import triton  # noqa: PLC0415  (GPU-only imports stay lazy)
+
+        return triton
+    if impl == "mosaic_tpu":
+        from v4jax.kernels.fp4_matmul import mosaic_tpu  # noqa: PLC0415
+
+        return mosaic_tpu
+    raise ValueError(f"fp4_matmul: no Pallas backend {impl!r}")

@@ -1,0 +1,87 @@
+"""Block sizes of the FP4 kernels: a frozen `BlockConfig`, shape fitting, and the tuned tables per chip.
+
+Tables live in `v4jax/kernels/block_sizes/<chip>.json` (chip = `device_kind` lower-cased, spaces to
+underscores, e.g. "nvidia_h200.json"), written from the H200 benchmark (experiments/benchmarks/
+fp4_matmul.py) so that no autotuning runs at training or serving time. Each table maps an M range to a
+config, per op ("dense", "grouped"); a chip without a file gets `DEFAULTS`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from pathlib import Path
+
+TABLE_DIR = Path(__file__).resolve().parent.parent / "block_sizes"
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockConfig:
+    """One kernel launch's tiling: M/N/K tile sizes, K splits (decode), Triton warps and pipeline stages."""
+
+    block_m: int = 16
+    block_n: int = 64
+    block_k: int = 256
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def fit(self, m: int, n: int, k: int) -> "BlockConfig":
+        """The config shrunk to divide the shape: bn | N and bk | K (powers of two), split | K/bk, bm <= M's pow2."""
+        bm = max(16, min(self.block_m, _next_pow2(m)))
+        bn = _largest_pow2_divisor(n, self.block_n)
+        bk = _largest_pow2_divisor(k, self.block_k)
+        split = max(d for d in range(1, self.split_k + 1) if (k // bk) % d == 0)
+        return dataclasses.replace(self, block_m=bm, block_n=bn, block_k=bk, split_k=split)
+
+
+def _next_pow2(v: int) -> int:
+    return 1 << max(0, (v - 1).bit_length())
+
+
+def _largest_pow2_divisor(size: int, cap: int) -> int:
+    b = 1
+    while b * 2 <= cap and size % (b * 2) == 0:
+        b *= 2
+    return b
+
+
+DEFAULTS = {
+    "dense": [
+        {"max_m": 16, "config": {"block_m": 16, "block_n": 64, "block_k": 256, "split_k": 4, "num_warps": 4, "num_stages": 3}},
+        {"max_m": 64, "config": {"block_m": 64, "block_n": 64, "block_k": 256, "split_k": 2, "num_warps": 4, "num_stages": 3}},
+        {"max_m": None, "config": {"block_m": 128, "block_n": 128, "block_k": 64, "split_k": 1, "num_warps": 8, "num_stages": 3}},
+    ],
+    "grouped": [
+        {"max_m": 512, "config": {"block_m": 16, "block_n": 64, "block_k": 256, "num_warps": 4, "num_stages": 3}},
+        {"max_m": None, "config": {"block_m": 128, "block_n": 128, "block_k": 64, "num_warps": 8, "num_stages": 3}},
+    ],
+}
+
+
+def chip_name(device_kind: str) -> str:
+    """'NVIDIA H200' -> 'nvidia_h200' (the table's file stem)."""
+    return "_".join(device_kind.lower().split())
+
+
+@functools.cache
+def load_table(chip: str) -> dict:
+    """The stored table for `chip`, or DEFAULTS when the repo has none."""
+    path = TABLE_DIR / f"{chip}.json"
+    if not path.exists():
+        return DEFAULTS
+    table = json.loads(path.read_text())
+    return {**table, **{op: table.get(op) or DEFAULTS[op] for op in DEFAULTS}}
+
+
+def select(op: str, m: int, chip: str | None = None) -> BlockConfig:
+    """The config for `op` ("dense" or "grouped") at M rows on `chip` (default: the first device's kind)."""
+    if chip is None:
+        import jax  # noqa: PLC0415  (keep this module importable without touching a backend)
+
+        chip = chip_name(jax.devices()[0].device_kind)
+    for entry in load_table(chip)[op]:
+        if entry["max_m"] is None or m <= entry["max_m"]:
+            return BlockConfig(**entry["config"])
+    return BlockConfig(**DEFAULTS[op][-1]["config"])

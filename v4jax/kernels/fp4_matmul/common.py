@@ -1,0 +1,111 @@
+"""Shared pieces of the FP4 matmul backends: weight-layout checks, in-kernel MXFP4 decode, grouped tile schedule.
+
+Weight layout every kernel reads (the checkpoint layout, `quant.qarray_from_mxfp4_checkpoint`):
+  W [N, K] (dense) or [G, N, K] (grouped) as an "mxfp4" `QArray` quantized along its LAST axis (K):
+  `values` uint8 [..., N, K/2], element 2i of a row in the low nibble of byte i; `scales` uint8 E8M0
+  [..., N, K/32] (byte b means 2**(b - 127), 255 is NaN). The product is y = x @ W.T.
+
+The decode helpers are plain jnp on int32/float32, so the same code runs inside Triton, Mosaic TPU and
+the CPU interpreter.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from v4jax.quant.qarray import QArray
+
+SCALE_BLOCK = 32  # K elements per E8M0 scale
+BYTES_PER_SCALE = SCALE_BLOCK // 2  # packed bytes per scale
+
+
+def check_mxfp4_weight(w: QArray, ndim: int, name: str) -> None:
+    """One-line ValueError unless `w` is an mxfp4 QArray of rank `ndim` quantized along its last axis."""
+    if not isinstance(w, QArray):
+        raise ValueError(f"{name}: w must be a quant.QArray (quant.quantize(W, 'mxfp4')), got {type(w).__name__}")
+    if w.fmt.element != "e2m1" or w.fmt.scale != "e8m0" or w.fmt.block != (1, SCALE_BLOCK):
+        raise ValueError(f"{name}: w must be in the 'mxfp4' format (e2m1, e8m0, 1x32 blocks), got {w.fmt.name}")
+    if w.ndim != ndim or w.axis != ndim - 1:
+        raise ValueError(f"{name}: w must be rank {ndim} quantized along its last axis (K), got shape {w.shape} axis {w.axis}")
+
+
+def e8m0_to_f32(byte: jax.Array) -> jax.Array:
+    """E8M0 bytes (any int dtype) -> float32 2**(b-127); 0 -> 2**-127, 255 -> NaN. Bit arithmetic only."""
+    b = byte.astype(jnp.int32)
+    bits = jnp.where(b == 0, 0x00400000, b << 23)
+    bits = jnp.where(b == 255, 0x7FC00000, bits)
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def e2m1_to_f32(code: jax.Array) -> jax.Array:
+    """E2M1 nibble codes (int32, 0..15) -> float32 from the bit pattern.
+
+    Normal codes (exponent field e >= 1) map to float32 exponent e + 126 with the mantissa bit on top:
+    bits = ((c & 7) << 22) + (126 << 23); the one subnormal magnitude (code 1) is 0.5 = 0x3F000000.
+    About eight integer ops per element, no table lookup (Triton and Mosaic have no cheap gather).
+    """
+    c = code.astype(jnp.int32)
+    normal = ((c & 7) << 22) + (126 << 23)
+    bits = jnp.where((c & 6) == 0, (c & 1) * 0x3F000000, normal)
+    bits = bits | ((c & 8) << 28)
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def decode_bytes(packed: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Packed bytes [..., B] -> (low nibble values, high nibble values) as float32 [..., B] each."""
+    c = packed.astype(jnp.int32)
+    return e2m1_to_f32(c & 0xF), e2m1_to_f32((c >> 4) & 0xF)
+
+
+class TileSchedule(NamedTuple):
+    """The grouped kernels' work list: tile t multiplies rows [lo[t], hi[t]) of row block `block[t]` by
+    expert `group[t]`. Tiles past the real count have lo == hi (nothing to do) and repeat the last block."""
+
+    group: jax.Array  # int32 [T]
+    block: jax.Array  # int32 [T]
+    lo: jax.Array  # int32 [T]
+    hi: jax.Array  # int32 [T]
+
+
+def tile_schedule(group_sizes: jax.Array, num_rows: int, block_m: int) -> TileSchedule:
+    """Tiles of `block_m` rows aligned to the row grid, one per (row block, group) pair that overlaps.
+
+    A group of rows [s, e) touches blocks s // bm .. (e - 1) // bm, so the count is at most
+    num_rows / bm + G - 1: that static bound is the grid size (`num_tiles`). Rows at or past
+    sum(group_sizes) belong to no tile. Built with a cumsum and a searchsorted, so it jits.
+    """
+    g_count = group_sizes.shape[0]
+    sizes = jnp.maximum(group_sizes.astype(jnp.int32), 0)
+    ends = jnp.minimum(jnp.cumsum(sizes), num_rows)
+    starts = jnp.minimum(ends - sizes, num_rows)
+    starts = jnp.maximum(starts, 0)
+    first = starts // block_m
+    count = jnp.where(ends > starts, (ends - 1) // block_m - first + 1, 0)
+    cum = jnp.cumsum(count)
+    total = cum[-1]
+    t = jnp.arange(num_tiles(num_rows, block_m, g_count), dtype=jnp.int32)
+    g = jnp.minimum(jnp.searchsorted(cum, t, side="right"), g_count - 1).astype(jnp.int32)
+    block = first[g] + (t - (cum[g] - count[g]))
+    valid = t < total
+    last_block = jnp.where(total > 0, block[jnp.maximum(total - 1, 0)], 0)
+    block = jnp.where(valid, block, last_block)
+    lo = jnp.where(valid, jnp.maximum(starts[g], block * block_m), 0)
+    hi = jnp.where(valid, jnp.minimum(ends[g], (block + 1) * block_m), 0)
+    return TileSchedule(jnp.where(valid, g, 0), block.astype(jnp.int32), lo.astype(jnp.int32), hi.astype(jnp.int32))
+
+
+def num_tiles(num_rows: int, block_m: int, num_groups: int) -> int:
+    """Static upper bound on the number of grouped tiles (see `tile_schedule`)."""
+    return -(-num_rows // block_m) + num_groups - 1
+
+
+def rows_written(group_sizes: jax.Array, num_rows: int) -> jax.Array:
+    """bool [num_rows]: rows that belong to some group (row < sum(group_sizes)); the others must read zero."""
+    return jnp.arange(num_rows) < jnp.sum(jnp.maximum(group_sizes.astype(jnp.int32), 0))
+
+
+def round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
