@@ -120,6 +120,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
 
     # ---- resume ----------------------------------------------------------------------------------
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), t.keep_checkpoints)
+
     def restore(template: TrainState) -> tuple[int, TrainState] | None:
         restored = checkpointer.restore_latest(template)
         if restored is None:
@@ -155,11 +156,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     # ---- train -----------------------------------------------------------------------------------
     tokens_per_step = t.batch_size * t.seq_len
     progress = metrics_lib.Progress(t.progress, t.steps, start_step)
-    last_record: dict[str, Any] = {}
     eval_loss = bits_per_byte = None
     started = window_start = time.perf_counter()
     window_steps, anticipation_forwards = 0, 0
-    pending_metrics = None
     step = start_step
     while step < t.steps:
         if t.profile and step == start_step + 2:
