@@ -1,1 +1,1 @@
-"""v4jax.infer."""
+"""Inference: packed FP4 experts, decoding."""

@@ -9,6 +9,8 @@ output projection is grouped (block-diagonal `wo_a`, then `wo_b`).
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -30,6 +32,7 @@ def window_mask(segment_ids, window: int):
 class Attention(nn.Module):
     cfg: ModelConfig
     kind: str  # "sliding" | "csa" | "hca"
+    qat: Any = None  # v4jax.quant.QATPolicy or None
 
     @nn.compact
     def __call__(self, x: Float[Array, "b s d"], ctx) -> tuple[Float[Array, "b s d"], dict]:
@@ -58,7 +61,8 @@ class Attention(nn.Module):
             entries = Compressor(c, ratio, kind == "csa", r, cfg.rms_norm_eps, std, pdt, name="compressor")(
                 x, ctx.segment_ids, ctx.doc_pos, pos, inv_freq)
             if kind == "csa":
-                idx, mask, stats = Indexer(cfg, name="indexer")(x, q_latent, ctx.segment_ids, ctx.doc_pos, pos, inv_freq)
+                idx, mask, stats = Indexer(cfg, self.qat, name="indexer")(x, q_latent, ctx.segment_ids, ctx.doc_pos, pos, inv_freq,
+                                                                ctx.qat_factor)
                 stats = dict(stats, indices=idx)
             else:
                 mask = entry_visibility(entries, ctx.segment_ids)

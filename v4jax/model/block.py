@@ -24,6 +24,7 @@ class Context(NamedTuple):
     token_mask: Any        # bool [B, S] real (non-padding) tokens
     inv_freq_main: Any     # f32 [r/2] sliding layers
     inv_freq_compress: Any  # f32 [r/2] CSA/HCA layers (YaRN)
+    qat_factor: Any = None  # f32 scalar: QAT blend factor (0 = off, 1 = fully fake-quantised)
 
 
 def hyper_connection(cfg: ModelConfig, name: str) -> HyperConnection:
@@ -36,16 +37,17 @@ class Block(nn.Module):
     kind: str
     hashed: bool
     capture: bool = False
+    qat: Any = None  # v4jax.quant.QATPolicy or None
 
     @nn.compact
     def __call__(self, X, ctx: Context, override=None):
         cfg, pdt = self.cfg, dtype_of(self.cfg.param_dtype)
         y, post, comb = hyper_connection(cfg, "attn_hc")(X)
-        a, attn_stats = Attention(cfg, self.kind, name="attn")(RMSNorm(cfg.rms_norm_eps, pdt, name="attn_norm")(y), ctx)
+        a, attn_stats = Attention(cfg, self.kind, self.qat, name="attn")(RMSNorm(cfg.rms_norm_eps, pdt, name="attn_norm")(y), ctx)
         X = hc_post(a, X, post, comb)
         y, post, comb = hyper_connection(cfg, "ffn_hc")(X)
-        f, aux = MoE(cfg, self.hashed, name="moe")(RMSNorm(cfg.rms_norm_eps, pdt, name="ffn_norm")(y), ctx.tokens,
-                                                   ctx.token_mask, override)
+        f, aux = MoE(cfg, self.hashed, self.qat, name="moe")(RMSNorm(cfg.rms_norm_eps, pdt, name="ffn_norm")(y), ctx.tokens,
+                                                   ctx.token_mask, override, ctx.qat_factor)
         X = hc_post(f, X, post, comb)
         if attn_stats:
             aux["indexer"] = attn_stats

@@ -8,11 +8,14 @@ latent `cQ` as the attention queries. Selections are discrete (no gradient flows
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
+from v4jax import quant
 from v4jax.model.compressor import Compressor, entry_visibility
 from v4jax.model.config import ModelConfig
 from v4jax.model.layers import Dense, dtype_of, rope_tail
@@ -29,10 +32,13 @@ def topk_selection(scores: Float[Array, "b s n"], visible: Bool[Array, "b s n"],
 
 
 class Indexer(nn.Module):
+    """With a QAT policy, q and keys are Hadamard-rotated and fake-quantised and the scores cast to bf16 (spec 7.1, 7.4)."""
+
     cfg: ModelConfig
+    qat: Any = None  # v4jax.quant.QATPolicy or None
 
     @nn.compact
-    def __call__(self, x, q_latent, segment_ids, doc_pos, rope_positions, inv_freq):
+    def __call__(self, x, q_latent, segment_ids, doc_pos, rope_positions, inv_freq, qat_factor=None):
         cfg = self.cfg
         dtype, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
         nh, hd = cfg.index_n_heads, cfg.index_head_dim
@@ -41,12 +47,24 @@ class Indexer(nn.Module):
         q = rope_tail(q, rope_positions[..., None], inv_freq, cfg.rope_head_dim)  # [B, S, nh, hd]
         keys = Compressor(hd, cfg.csa_ratio, True, cfg.rope_head_dim, cfg.rms_norm_eps, cfg.init_std, pdt,
                           name="compressor")(x, segment_ids, doc_pos, rope_positions, inv_freq)
+        kv = keys.values
+        if self.qat is not None and self.qat.enabled:
+            q, kv = self._quantize_qk(q, kv, qat_factor)
         w = Dense(nh, ("embed", "index_heads"), cfg.init_std, dtype, pdt, name="weights_proj")(x)
         w = w.astype(jnp.float32) * nh ** -0.5  # [B, S, nh]
-        qk = jnp.einsum("bshc,bnc->bshn", q.astype(jnp.float32), keys.values.astype(jnp.float32))  # [B, S, nh, N]
+        qk = jnp.einsum("bshc,bnc->bshn", q.astype(jnp.float32), kv.astype(jnp.float32))  # [B, S, nh, N]
         scores = jnp.einsum("bshn,bsh->bsn", jax.nn.relu(qk) * hd ** -0.5, w)  # [B, S, N]
+        if self.qat is not None:
+            scores = quant.cast_index_scores(scores, self.qat)
         visible = entry_visibility(keys, segment_ids)
         k = min(cfg.index_topk, scores.shape[-1])
         idx, selected = topk_selection(jax.lax.stop_gradient(scores), visible, k)
         stats = {"visible": jnp.sum(visible, -1), "selected": jnp.sum(selected, -1)}
         return idx, selected, stats
+
+    def _quantize_qk(self, q, kv, factor):
+        """QAT numerics of the indexer's QK path: Hadamard rotation (orthonormal) then fake-quant."""
+        if self.qat.hadamard:
+            q, kv = quant.hadamard(q), quant.hadamard(kv)
+        factor = 1.0 if factor is None else factor
+        return quant.apply_qat(q, "indexer_q", self.qat, factor), quant.apply_qat(kv, "indexer_k", self.qat, factor)

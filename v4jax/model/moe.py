@@ -10,14 +10,20 @@ run as grouped GEMMs over token-expert pairs sorted by expert (dropless), throug
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float, Int
 
+from v4jax import quant
 from v4jax.kernels.grouped_matmul import grouped_matmul
 from v4jax.model.config import ModelConfig
 from v4jax.model.layers import Dense, declare, dtype_of, normal_init
+from v4jax.parallel.expert import expert_parallel_active, routed_experts_parallel
 
 
 def clamped_swiglu(gate, up, limit: float):
@@ -90,19 +96,33 @@ class Router(nn.Module):
         return idx, weights, scores
 
 
+PACKED_SUFFIX, SCALE_SUFFIX = "_fp4", "_fp4_scale"  # packed MXFP4 expert leaves (see v4jax.infer.fp4)
+
+
 class Experts(nn.Module):
-    """The routed experts, stacked [E, ...], run as grouped GEMMs over token-expert pairs sorted by expert."""
+    """The routed experts, stacked [E, ...], run as grouped GEMMs over token-expert pairs sorted by expert.
+
+    Weights may be float arrays (training; fake-quantised along their input axis when a QAT policy is on)
+    or packed MXFP4 `QArray`s (inference on FP4 weights, dequantised inside the jitted forward).
+    Under an active multi-device mesh (`jax.set_mesh`) the same computation runs expert-parallel through
+    `v4jax.parallel.expert.routed_experts_parallel`; otherwise the single-device path below.
+    """
 
     cfg: ModelConfig
+    qat: Any = None  # v4jax.quant.QATPolicy or None
 
     @nn.compact
-    def __call__(self, x: Float[Array, "t d"], idx: Int[Array, "t k"], weights: Float[Array, "t k"]):
+    def __call__(self, x: Float[Array, "t d"], idx: Int[Array, "t k"], weights: Float[Array, "t k"], qat_factor=None):
         cfg = self.cfg
-        dtype, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+        dtype = dtype_of(cfg.dtype)
         E, I, d, K = cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.hidden_size, idx.shape[-1]
-        w1 = declare(self, "w1", normal_init(cfg.init_std), (E, d, I), ("experts", "embed", "mlp"), pdt)
-        w3 = declare(self, "w3", normal_init(cfg.init_std), (E, d, I), ("experts", "embed", "mlp"), pdt)
-        w2 = declare(self, "w2", normal_init(cfg.init_std), (E, I, d), ("experts", "mlp", "embed"), pdt)
+        w1 = self._weight("w1", (E, d, I), ("experts", "embed", "mlp"), qat_factor)
+        w3 = self._weight("w3", (E, d, I), ("experts", "embed", "mlp"), qat_factor)
+        w2 = self._weight("w2", (E, I, d), ("experts", "mlp", "embed"), qat_factor)
+        if expert_parallel_active():  # a multi-device mesh is set: dispatch under shard_map (v4jax.parallel)
+            activation = functools.partial(clamped_swiglu, limit=cfg.swiglu_limit)
+            return routed_experts_parallel(x.astype(dtype), idx, weights, w1.astype(dtype), w3.astype(dtype),
+                                           w2.astype(dtype), activation).astype(dtype)
         flat_e = idx.reshape(-1)  # [T*K] expert of each token-expert pair
         order = jnp.argsort(flat_e, stable=True)
         token_of = order // K
@@ -115,19 +135,34 @@ class Experts(nn.Module):
         ys = grouped_matmul(h, w2.astype(dtype), group_sizes)  # [T*K, d]
         return jnp.zeros(x.shape, jnp.float32).at[token_of].add(ys.astype(jnp.float32)).astype(dtype)
 
+    def _weight(self, name, shape, axes, qat_factor):
+        """The expert tensor `name` [E, in, out] as a float array (packed FP4 leaves are dequantised here)."""
+        if self.has_variable("params", name + PACKED_SUFFIX):
+            q = quant.QArray(values=self.get_variable("params", name + PACKED_SUFFIX),
+                             scales=self.get_variable("params", name + SCALE_SUFFIX), global_scale=None,
+                             fmt=quant.get_format("mxfp4"), shape=shape, dtype=np.dtype(np.float32), axis=1)
+            return quant.dequantize(q)
+        w = declare(self, name, normal_init(self.cfg.init_std), shape, axes, dtype_of(self.cfg.param_dtype))
+        if self.qat is not None and self.qat.enabled:
+            # MXFP4 blocks run along each expert matrix's input axis (K), as in the released checkpoints
+            return quant.apply_qat(w, "experts", self.qat, 1.0 if qat_factor is None else qat_factor, axis=-2)
+        return w
+
 
 class MoE(nn.Module):
     cfg: ModelConfig
     hashed: bool
+    qat: Any = None  # v4jax.quant.QATPolicy or None
 
     @nn.compact
-    def __call__(self, x: Float[Array, "b s d"], tokens, token_mask, override=None):
+    def __call__(self, x: Float[Array, "b s d"], tokens, token_mask, override=None, qat_factor=None):
         cfg = self.cfg
         E, K, d = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.hidden_size
         idx, weights, scores = Router(cfg, self.hashed, name="router")(x, tokens, override)
 
         B, S = x.shape[:2]
-        routed = Experts(cfg, name="experts")(x.reshape(B * S, d), idx.reshape(B * S, K), weights.reshape(B * S, K))
+        routed = Experts(cfg, self.qat, name="experts")(x.reshape(B * S, d), idx.reshape(B * S, K),
+                                                 weights.reshape(B * S, K), qat_factor)
         out = routed.reshape(B, S, d) + SwiGLU(cfg, name="shared")(x)
 
         real = token_mask.astype(jnp.float32)

@@ -65,13 +65,14 @@ class Group(nn.Module):
     kinds: tuple[str, ...]
     hashed: tuple[bool, ...]
     capture: bool = False
+    qat: Any = None
 
     @nn.compact
     def __call__(self, X, ctx: Context, overrides):
         auxes = []
         for j, (kind, hashed) in enumerate(zip(self.kinds, self.hashed)):
             override = None if overrides is None or hashed else overrides[j]
-            X, aux = Block(self.cfg, kind, hashed, self.capture, name=f"layer{j}")(X, ctx, override)
+            X, aux = Block(self.cfg, kind, hashed, self.capture, self.qat, name=f"layer{j}")(X, ctx, override)
             auxes.append(aux)
         return X, tuple(auxes)
 
@@ -81,6 +82,7 @@ class MTP(nn.Module):
 
     cfg: ModelConfig
     capture: bool = False
+    qat: Any = None
 
     @nn.compact
     def __call__(self, X_prev, next_embedding, ctx: Context, override=None):
@@ -90,7 +92,7 @@ class MTP(nn.Module):
         h = RMSNorm(cfg.rms_norm_eps, pdt, name="hnorm")(X_prev)  # per stream over d
         X = (Dense(d, ("embed", "embed_out"), cfg.init_std, dtype, pdt, name="e_proj")(e)[:, :, None, :]
              + Dense(d, ("embed", "embed_out"), cfg.init_std, dtype, pdt, name="h_proj")(h))  # [B, S, n, d]
-        X, aux = Block(cfg, cfg.mtp_layer_kind, False, self.capture, name="block")(X, ctx, override)
+        X, aux = Block(cfg, cfg.mtp_layer_kind, False, self.capture, self.qat, name="block")(X, ctx, override)
         y = HyperHead(cfg.hc_mult, cfg.hc_eps, cfg.rms_norm_eps, cfg.init_std, cfg.hc_init_alpha, name="hc_head")(X)
         return X, RMSNorm(cfg.rms_norm_eps, pdt, name="norm")(y), aux
 
@@ -107,13 +109,18 @@ class Transformer(nn.Module):
     variables = {'params', 'buffers'}; buffers hold the router biases and hash tables (no gradient).
     `routed_indices` [L_moe, B, S, K] (L_moe = num_layers + mtp_depth) replaces the learned layers' expert
     selection (anticipatory routing); hash layers ignore it. `capture=True` adds per-layer activations to aux.
+    `qat` (a `v4jax.quant.QATPolicy`) switches on FP4 fake-quant of the routed experts and the indexer QK
+    path; `qat_factor` (a traced scalar in [0, 1], default 1) blends it in, so one compiled step serves the
+    whole run ("late-stage QAT" switches it on at a step).
     """
 
     cfg: ModelConfig
     capture: bool = False
+    qat: Any = None
 
     @nn.compact
-    def __call__(self, tokens: Int[Array, "b s"], segment_ids=None, positions=None, routed_indices=None) -> ModelOutput:
+    def __call__(self, tokens: Int[Array, "b s"], segment_ids=None, positions=None, routed_indices=None,
+                 qat_factor=None) -> ModelOutput:
         cfg = self.cfg
         dtype, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
         B, S = tokens.shape
@@ -126,7 +133,8 @@ class Transformer(nn.Module):
                       jnp.asarray(rope_inv_freq(cfg.rope_head_dim, cfg.rope_theta)),
                       jnp.asarray(rope_inv_freq(cfg.rope_head_dim, cfg.compress_rope_theta, cfg.yarn_factor,
                                                 cfg.yarn_original_max_position, cfg.yarn_beta_fast,
-                                                cfg.yarn_beta_slow)))
+                                                cfg.yarn_beta_slow)),
+                      None if self.qat is None else jnp.asarray(1.0 if qat_factor is None else qat_factor, jnp.float32))
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=pdt, name="embed",
                          embedding_init=nn.with_logical_partitioning(normal_init(cfg.init_std), ("vocab", "embed")))
         X = jnp.broadcast_to(embed(tokens)[:, :, None, :], (B, S, cfg.hc_mult, cfg.hidden_size))
@@ -143,7 +151,7 @@ class Transformer(nn.Module):
             scanned = nn.scan(group, variable_axes={"params": 0, "buffers": 0}, split_rngs={"params": True},
                               in_axes=(nn.broadcast, 0 if overrides is not None else nn.broadcast),
                               length=seg.repeats, metadata_params={nn.PARTITION_NAME: "layers"})
-            X, auxes = scanned(cfg, seg.kinds, seg.hashed, self.capture, name=f"seg{s}")(X, ctx, overrides)
+            X, auxes = scanned(cfg, seg.kinds, seg.hashed, self.capture, self.qat, name=f"seg{s}")(X, ctx, overrides)
             for j, aux in enumerate(auxes):
                 for r in range(seg.repeats):
                     per_layer[seg.start + r * seg.period + j] = jax.tree.map(lambda a, r=r: a[r], aux)
@@ -159,7 +167,7 @@ class Transformer(nn.Module):
         for k in range(cfg.mtp_depth):
             shifted = jnp.concatenate([tokens[:, k + 1:], jnp.zeros((B, min(k + 1, S)), tokens.dtype)], 1)[:, :S]
             override = None if routed_indices is None else routed_indices[cfg.num_layers + k]
-            Xm, hidden, aux = MTP(cfg, self.capture, name=f"mtp{k}")(Xm, embed(shifted), ctx, override)
+            Xm, hidden, aux = MTP(cfg, self.capture, self.qat, name=f"mtp{k}")(Xm, embed(shifted), ctx, override)
             mtp_logits.append(head(hidden))
             per_layer[cfg.num_layers + k] = aux
 

@@ -1,0 +1,40 @@
+"""Inference on packed FP4 expert weights: convert trained routed experts to MXFP4 `QArray`s.
+
+Each expert matrix is quantised with 1x32 blocks along its input axis (K) and E8M0 scales, 4.25 bits per
+weight, as in the released checkpoints. The model dequantises them inside the jitted forward (`Experts`);
+the Pallas FP4 kernels (`v4jax.kernels.fp4_matmul`) replace that dequantisation where available.
+"""
+
+from __future__ import annotations
+
+import flax
+import numpy as np
+
+from v4jax import quant
+from v4jax.model.moe import PACKED_SUFFIX, SCALE_SUFFIX
+
+
+def is_expert_weight(path: str) -> bool:
+    return "/moe/experts/w" in "/" + path
+
+
+def pack_experts(params: dict) -> dict:
+    """A copy of `params` whose routed-expert weights `w{1,2,3}` [.., E, in, out] become MXFP4 leaves
+    `w{n}_fp4` (uint8, two values per byte along `in`) and `w{n}_fp4_scale` (E8M0 bytes, one per 32 inputs).
+
+    Plain arrays rather than a `QArray` leaf, so that scanned layers slice them like any other parameter.
+    """
+    out = {}
+    for k, v in flax.traverse_util.flatten_dict(params, sep="/").items():
+        if is_expert_weight(k) and not k.endswith(("_fp4", "_fp4_scale")):
+            q = quant.quantize(v, "mxfp4", axis=v.ndim - 2)
+            out[k + PACKED_SUFFIX], out[k + SCALE_SUFFIX] = q.values, q.scales
+        else:
+            out[k] = v
+    return flax.traverse_util.unflatten_dict(out, sep="/")
+
+
+def expert_bytes(params: dict) -> int:
+    """Bytes held by the routed-expert weights (packed values and scales included)."""
+    flat = flax.traverse_util.flatten_dict(params, sep="/")
+    return int(sum(np.asarray(v).nbytes for k, v in flat.items() if is_expert_weight(k)))
