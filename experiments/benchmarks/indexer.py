@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import statistics
@@ -113,8 +114,8 @@ def check_and_recall(idx, vals, q, w, k, topk, ratio, rows, quant=None) -> dict:
     ref_v = ex_sc[r_i][got_valid]
     num += float(np.sum((v - ref_v) ** 2))
     den += float(np.sum(ref_v**2))
-  out = dict(written=ok_written, in_range=ok_range, no_nan=ok_nan,
-             recall=hits / max(total, 1), score_rel_err=(num / max(den, 1e-30)) ** 0.5)
+  out = {"written": ok_written, "in_range": ok_range, "no_nan": ok_nan,
+             "recall": hits / max(total, 1), "score_rel_err": (num / max(den, 1e-30)) ** 0.5}
   if quant is not None:  # fidelity of the kernel to its own quantized semantics
     qx_idx, _ = exact_rows(q, w, k, jnp.asarray(rows), topk, ratio, quant)
     hits = total = 0
@@ -154,7 +155,7 @@ def run_size(s, rates, results, variants, reps, quants):
 
   xla = jax.jit(lambda q_, w_, k_: reference.indexer_topk(q_, w_, k_, TOPK, RATIO, chunk=2048,
                                                            score_dtype=jnp.bfloat16))
-  row = dict(S=s, N=n, impl="xla bf16 ref", quant="-")
+  row = {"S": s, "N": n, "impl": "xla bf16 ref", "quant": "-"}
   try:
     row["ms"] = timed(xla, q, w, k, reps=ref_reps, warmup=1)
     row["temp_MiB"] = temp_mb(xla, q, w, k)
@@ -170,10 +171,10 @@ def run_size(s, rates, results, variants, reps, quants):
   for quant, var in variants:
     if quant not in quants:
       continue
-    row = dict(S=s, N=n, impl="triton", quant=str(quant), cfg=str(var))
+    row = {"S": s, "N": n, "impl": "triton", "quant": str(quant), "cfg": str(var)}
     var = dict(var)
     chunk = min(var.pop("chunk", 2048), s)
-    score_cfg = dict(block_q=64, block_k=128, num_warps=4, num_stages=3, mma_bf16=True)
+    score_cfg = {"block_q": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "mma_bf16": True}
     score_cfg.update({k_: v_ for k_, v_ in var.items() if k_ in score_cfg})
     try:
       ops = triton._prepare(q, w, k, RATIO, None, quant, var.get("block_k", 128))
@@ -182,8 +183,8 @@ def run_size(s, rates, results, variants, reps, quants):
       row["scores_TFLOP/s"] = flops / row["scores_ms"] / 1e9
       rate = rates["bf16" if quant is None or var.get("mma_bf16", True) else "fp8"]
       row["scores_%peak"] = 100 * row["scores_TFLOP/s"] / rate
-      e2e = jax.jit(lambda q_, w_, k_: triton.indexer_topk(q_, w_, k_, TOPK, RATIO, quant=quant,
-                                                          chunk=chunk, interpret=INTERPRET, **var))
+      e2e = jax.jit(functools.partial(triton.indexer_topk, topk=TOPK, ratio=RATIO, quant=quant,
+                                      chunk=chunk, interpret=INTERPRET, **var))
       out = e2e(q, w, k)
       row.update(check_and_recall(*out, q, w, k, TOPK, RATIO, rows, quant))
       row["ms"] = timed(e2e, q, w, k, reps=reps)
@@ -201,8 +202,8 @@ def table(results, rates) -> str:
   cols = ["S", "impl", "quant", "cfg", "ms", "speedup_vs_xla", "scores_ms", "scores_TFLOP/s",
           "scores_%peak", "recall", "recall_vs_quant_ref", "score_rel_err", "temp_MiB", "written",
           "error"]
-  lines = [f"matmul ceilings measured in this run: bf16 {rates['bf16']:.0f} TFLOP/s, "
-           f"fp8 {rates['fp8']:.0f} TFLOP/s", "",
+  lines = [(f"matmul ceilings measured in this run: bf16 {rates['bf16']:.0f} TFLOP/s, "
+           f"fp8 {rates['fp8']:.0f} TFLOP/s"), "",
            "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
   for r in results:
     cells = []
@@ -222,11 +223,11 @@ def main():
   ap.add_argument("--out", default=os.environ.get("OUT", "."))
   args = ap.parse_args()
   # Variants of the end-to-end pipeline: (quant, triton.indexer_topk keyword arguments); {} = defaults.
-  variants = [(None, {}), (None, dict(chunk=8192)), ("fp8", {}), ("fp8", dict(mma_bf16=False)),
-              ("mxfp4", {}), ("mxfp4", dict(mma_bf16=False))]
+  variants = [(None, {}), (None, {"chunk": 8192}), ("fp8", {}), ("fp8", {"mma_bf16": False}),
+              ("mxfp4", {}), ("mxfp4", {"mma_bf16": False})]
   if args.sweep:
-    variants += [(None, dict(select_elems=32768)), (None, dict(block_k=64)),
-                 (None, dict(block_q=128, num_warps=8))]
+    variants += [(None, {"select_elems": 32768}), (None, {"block_k": 64}),
+                 (None, {"block_q": 128, "num_warps": 8})]
   quants = [None if x == "none" else x for x in args.quants.split(",")]
   print("device:", jax.devices()[0].device_kind, "jax", jax.__version__, flush=True)
   rates = matmul_rates()
@@ -235,7 +236,7 @@ def main():
   for s in [int(x) for x in args.sizes.split(",")]:
     run_size(s, rates, results, variants, args.reps, quants)
     with open(os.path.join(args.out, "indexer.json"), "w") as f:
-      json.dump(dict(rates=rates, rows=results), f, indent=1)
+      json.dump({"rates": rates, "rows": results}, f, indent=1)
   md = table(results, rates)
   header = (f"\n## Lightning indexer ({datetime.date.today()}, {jax.devices()[0].device_kind}, "
             f"jax {jax.__version__})\n\nCommand: `python {' '.join(sys.argv)}`\n\n")

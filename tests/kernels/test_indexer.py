@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 import test_indexer_oracle as oracle
+
 from v4jax.kernels import indexer
 from v4jax.kernels.indexer import api, quantize, reference
 
@@ -96,8 +96,8 @@ def test_kernel_operands_reproduce_fake_quant_values():
 
 
 @pytest.mark.parametrize("bad", [
-    dict(w_shape=(1, 8, 3)), dict(topk=0), dict(ratio=0), dict(quant="int4"),
-    dict(implementation="cuda"), dict(k_shape=(1, 2, 16))])
+    {"w_shape": (1, 8, 3)}, {"topk": 0}, {"ratio": 0}, {"quant": "int4"},
+    {"implementation": "cuda"}, {"k_shape": (1, 2, 16)}])
 def test_bad_inputs_raise_one_line_value_error(bad):
   q, w, k = _inputs(0, b=1, s=8, h=2, d=32)
   w = jnp.zeros(bad.get("w_shape", w.shape))

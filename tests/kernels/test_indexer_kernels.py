@@ -5,13 +5,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 import test_indexer_oracle as oracle
+
 from v4jax.kernels import indexer
 from v4jax.kernels.indexer import mosaic_tpu, quantize, reference, triton
 
 # Small tiles so that a 64-query sequence spans several chunks, width groups and key tiles.
-TRITON_SMALL = dict(interpret=True, block_q=16, block_k=16, chunk=32, select_elems=64)
+TRITON_SMALL = {"interpret": True, "block_q": 16, "block_k": 16, "chunk": 32, "select_elems": 64}
 
 
 def _inputs(seed, b=1, s=64, h=2, d=32, n=None, ratio=4, dtype=jnp.float32):
@@ -80,7 +80,7 @@ def test_triton_bf16_inputs_within_bf16_band():
 @pytest.mark.parametrize("quant", ["fp8", "mxfp4"])
 def test_triton_quant_modes_follow_their_quantized_scores(quant):
   q, w, k = _inputs(np.random.randint(1 << 30), d=64)
-  idx, vals = triton.indexer_topk(q, w, k, 5, 4, quant=quant, **TRITON_SMALL)
+  idx, _vals = triton.indexer_topk(q, w, k, 5, 4, quant=quant, **TRITON_SMALL)
   qf, kf = quantize.fake_quant_qk(q, k, quant)
   sets_q = oracle.topk_sets(oracle.scores_f64(qf, w, kf, 4), 5)
   sets = oracle.topk_sets(oracle.scores_f64(q, w, k, 4), 5)

@@ -8,7 +8,7 @@ import numpy as np
 def scores_f64(q, w, k, ratio, qseg=None, kseg=None):
   """Masked scores [B, S, N] in float64: sum_h w relu(q . k); -inf where not visible."""
   q, w, k = (np.asarray(a, np.float64) for a in (q, w, k))
-  b, s, h, d = q.shape
+  b, s, _h, _d = q.shape
   n = k.shape[1]
   logits = np.einsum("bshd,bnd->bshn", q, k)
   sc = np.einsum("bshn,bsh->bsn", np.maximum(logits, 0.0), w)
@@ -37,7 +37,7 @@ def recall(idx, sets):
   hit = tot = 0
   for i in range(idx.shape[0]):
     for t in range(idx.shape[1]):
-      got = set(int(j) for j in idx[i, t] if j >= 0)
+      got = {int(j) for j in idx[i, t] if j >= 0}
       hit += len(got & sets[i, t])
       tot += len(sets[i, t])
   return hit / max(tot, 1)

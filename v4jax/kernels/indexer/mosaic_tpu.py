@@ -18,7 +18,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jaxtyping import Array, Float, Int
 
-from v4jax.kernels.indexer import quantize, reference, triton as _tr
+from v4jax.kernels.indexer import quantize, reference
+from v4jax.kernels.indexer import triton as _tr
 
 
 def _score_kernel(c0_ref, q_ref, w_ref, k_ref, ks_ref, qseg_ref, kseg_ref, o_ref, *, block_q: int,

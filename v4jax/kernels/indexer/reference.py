@@ -74,7 +74,7 @@ def indexer_topk(q: Float[Array, "B S H D"], w: Float[Array, "B S H"], k: Float[
   """
   check_inputs(q, w, k, topk, ratio)
   quantize.check_quant(quant)
-  b, s, h, d = q.shape
+  b, s, _h, _d = q.shape
   n = k.shape[1]
   qseg, kseg = split_segment_ids(segment_ids, b, s, n, ratio)
   qf, kf = quantize.fake_quant_qk(q, k, quant)

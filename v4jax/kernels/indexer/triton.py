@@ -199,7 +199,7 @@ def chunk_scores(q, w, k, ratio, segment_ids=None, quant=None, *, c0: int = 0, c
 
 def _prepare(q, w, k, ratio, segment_ids, quant, block_k):
   """Kernel operands: low-precision q/k, folded weights, key scales, segments; keys padded."""
-  b, s, h, d = q.shape
+  b, s, _h, _d = q.shape
   n = k.shape[1]
   qlp, qscale, klp, kscale = quantize.kernel_operands(q, k, quant)
   w_eff = w.astype(jnp.float32) * (1.0 if qscale is None else qscale)
