@@ -9,7 +9,10 @@ int32 (-1 when fewer than topk entries are visible) and scores [B,S,topk] fp32 (
 The order of the entries within a row depends on the backend (xla / mosaic_tpu: by decreasing
 score; triton: by increasing index): compare rows as sets; scores always belong to their idx.
 quant: None (QK in the input dtype, fp32 accumulation), "fp8" (E4M3, per-row scales) or "mxfp4"
-(Hadamard-rotated, MXFP4; on Hopper run on FP8 tensor cores). See `quantize`.
+(Hadamard-rotated, MXFP4; on Hopper E4M3 operands, see `triton.indexer_topk(mma_bf16=...)`).
+`topk` and `ratio` are static Python ints. The selection has no gradient, and the Pallas backends define
+no VJP: a loss on the selected scores (the indexer's KL loss) should recompute them differentiably
+from q, w, k[idx].
 """
 
 from __future__ import annotations
