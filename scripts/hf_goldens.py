@@ -14,6 +14,7 @@ tests/goldens/README.md. Deterministic: fixed seeds, fixed search order.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import shutil
@@ -183,12 +184,13 @@ def upstream_config_json(config: DeepseekV4Config) -> dict:
         cfg["rope_scaling"] = {"type": "yarn", "factor": compress["factor"],
                                "original_max_position_embeddings": compress["original_max_position_embeddings"]}
     cfg["num_nextn_predict_layers"] = 1
+    cfg["architectures"] = ["DeepseekV4ForCausalLM"]
     return cfg
 
 
 def check_upstream_config(cfg: dict, config: DeepseekV4Config) -> None:
     """HF must turn the legacy keys back into exactly the original model's config."""
-    parsed = DeepseekV4Config.from_dict(dict(cfg))
+    parsed = DeepseekV4Config.from_dict(copy.deepcopy(cfg))  # HF edits nested dicts (rope_scaling) in place
     parsed.rope_parameters["compress"].pop("type", None)  # legacy alias HF keeps next to rope_type
     for field in ("layer_types", "mlp_layer_types", "compress_rates", "rope_parameters", "partial_rotary_factor",
                   "qk_rope_head_dim", "num_hidden_layers"):
