@@ -48,7 +48,7 @@ def case(request):
 
 
 def test_goldens_present():
-    assert len(CASES) >= 4, CASES
+    assert len(CASES) >= 7, CASES
 
 
 def test_logits_match(case):

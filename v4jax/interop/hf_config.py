@@ -56,7 +56,8 @@ def model_config_from_hf(hf: dict[str, Any], *, mtp_depth: int | None = None) ->
         kinds = [HF_KINDS[t] for t in types][:L]
     elif hf.get("compress_ratios"):
         ratios = list(hf["compress_ratios"])
-        kinds = ["sliding" if r == 0 else "csa" if r == csa else "hca" for r in ratios]
+        # HF reads these values as kinds (0 / 4 / 128); the real rates are in compress_rate_csa / _hca
+        kinds = ["sliding" if r == 0 else "csa" if r in (4, csa) else "hca" for r in ratios]
         if len(kinds) > L:
             mtp_kind = kinds[L]
         kinds = kinds[:L]

@@ -57,7 +57,7 @@ class Attention(nn.Module):
         values = [kv]
         stats = {}
         ratio = cfg.ratio(kind)
-        if kind != "sliding" and x.shape[1] // ratio > 0:
+        if kind != "sliding":  # (parameters exist whatever the length; a sequence shorter than one window has no entries)
             entries = Compressor(c, ratio, kind == "csa", r, cfg.rms_norm_eps, std, pdt, name="compressor")(
                 x, ctx.segment_ids, ctx.doc_pos, pos, inv_freq)
             if kind == "csa":
@@ -66,9 +66,10 @@ class Attention(nn.Module):
                 stats = dict(stats, indices=idx)
             else:
                 mask = entry_visibility(entries, ctx.segment_ids)
-            logits.append(jnp.einsum("bshc,bnc->bhsn", q, entries.values.astype(dtype)).astype(jnp.float32) * scale)
-            masks.append(mask)  # [B, S, N]
-            values.append(entries.values.astype(dtype))
+            if entries.values.shape[1] > 0:
+                logits.append(jnp.einsum("bshc,bnc->bhsn", q, entries.values.astype(dtype)).astype(jnp.float32) * scale)
+                masks.append(mask)  # [B, S, N]
+                values.append(entries.values.astype(dtype))
         logits = jnp.concatenate([jnp.where(m[:, None], lg, -jnp.inf) for m, lg in zip(masks, logits)], axis=-1)
         sink_logit = jnp.broadcast_to(sink[None, :, None, None], (*logits.shape[:-1], 1))
         probs = jax.nn.softmax(jnp.concatenate([logits, sink_logit], -1), axis=-1)[..., :-1]  # sink has no value

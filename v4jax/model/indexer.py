@@ -58,7 +58,10 @@ class Indexer(nn.Module):
             scores = quant.cast_index_scores(scores, self.qat)
         visible = entry_visibility(keys, segment_ids)
         k = min(cfg.index_topk, scores.shape[-1])
-        idx, selected = topk_selection(jax.lax.stop_gradient(scores), visible, k)
+        if k == 0:  # shorter than one window: nothing to select
+            idx, selected = jnp.zeros((*scores.shape[:2], 0), jnp.int32), visible
+        else:
+            idx, selected = topk_selection(jax.lax.stop_gradient(scores), visible, k)
         stats = {"visible": jnp.sum(visible, -1), "selected": jnp.sum(selected, -1)}
         return idx, selected, stats
 

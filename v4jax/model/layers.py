@@ -98,7 +98,7 @@ def apply_rope(x: Float[Array, "... r"], positions, inv_freq, inverse: bool = Fa
     if inverse:
         angles = -angles
     cos, sin = jnp.cos(angles), jnp.sin(angles)
-    xf = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
+    xf = x.astype(jnp.float32).reshape(*x.shape[:-1], x.shape[-1] // 2, 2)
     x0, x1 = xf[..., 0], xf[..., 1]
     out = jnp.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1)
     return out.reshape(x.shape).astype(x.dtype)
