@@ -162,3 +162,24 @@ def _backend_module(impl: str):
 
         return mosaic_tpu
     raise ValueError(f"fp4_matmul: no Pallas backend {impl!r}")
+
+
+def transpose_kn_to_nk(w: QArray) -> QArray:
+    """An mxfp4 QArray of a [..., K, N] weight quantized along K (axis -2, the MoE "x @ w" layout) ->
+    the same numbers as W [..., N, K] quantized along its last axis, the layout the kernels read.
+
+    Only bytes move (values [..., K/2, N] -> [..., N, K/2], scales [..., K/32, N] -> [..., N, K/32]); the
+    packing (element 2i in the low nibble along K) is unchanged. Do it once when loading weights: per
+    call it costs a pass over the packed bytes.
+    """
+    if not isinstance(w, QArray) or w.ndim < 2 or w.axis != w.ndim - 2:
+        raise ValueError("transpose_kn_to_nk: needs a QArray [..., K, N] quantized along axis -2 (K)")
+    return QArray(
+        values=jnp.swapaxes(w.values, -1, -2),
+        scales=jnp.swapaxes(w.scales, -1, -2),
+        global_scale=w.global_scale,
+        fmt=w.fmt,
+        shape=(*w.shape[:-2], w.shape[-1], w.shape[-2]),
+        dtype=w.dtype,
+        axis=w.ndim - 1,
+    )

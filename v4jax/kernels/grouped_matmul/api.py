@@ -1,10 +1,25 @@
 """`grouped_matmul(x, w, group_sizes)`: rows of `x` sorted by group, each group multiplied by its own matrix.
 
-The MoE layer's expert GEMMs all go through this function. Backends:
+The MoE layer's expert GEMMs all go through this function. Backends for a float `w` [G, K, N]:
 - "xla": `jax.lax.ragged_dot` (the reference; fine on CPU, but it lowers to a dense masked GEMM on GPU);
 - "tokamax": tokamax's Pallas `ragged_dot` (GPU/TPU), a well-kept library we use rather than writing a bf16
   grouped GEMM of our own. It is an optional dependency (the `cuda`/`tpu` extras) imported lazily.
 `implementation=None` picks tokamax on GPU/TPU when it imports, else XLA.
+
+Packed MXFP4 weights (a `quant.QArray`) go to our FP4 kernels (`v4jax.kernels.fp4_matmul`), which
+compute y = x @ dequantize(w) per group. Two storage layouts are accepted, told apart by the QArray's axis:
+- [G, N, K] quantized along K (axis 2): the checkpoint layout and what the kernels read; preferred;
+- [G, K, N] quantized along K (axis 1, `quant.quantize(w, "mxfp4", axis=1)` of the MoE's "x @ w"
+  weights): transposed to [G, N, K] on every call (a pass over the packed bytes); convert once at load
+  time with `fp4_matmul.transpose_kn_to_nk` to avoid it.
+For a QArray, `implementation` is one of fp4_matmul.IMPLEMENTATIONS ("xla" dequantizes then ragged_dots;
+None picks the platform's FP4 kernel). Gradients flow to x only (packed weights are frozen).
+
+To use tokamax on the (offline) H200 image, bring its wheels (see ../shared/gpu/README.md):
+`../shared/gpu/fetch_wheels.sh tokamax==0.0.17 qwix==0.1.8 einshape immutabledict pydantic pydantic-core
+annotated-types typing-inspection tensorboardx typing-extensions`, install them with `pip --no-deps
+--target /tmp/site`, and add a stand-in `xprof/cli/tools.py` defining `get_kernel_stats_tool = None` there
+(tokamax 0.0.17 imports xprof at import time; its kernels do not need it).
 """
 
 from __future__ import annotations
@@ -13,6 +28,8 @@ import functools
 
 import jax
 from jaxtyping import Array, Float, Int
+
+from v4jax.quant.qarray import QArray
 
 IMPLEMENTATIONS = ("xla", "tokamax")
 
@@ -26,9 +43,11 @@ def _tokamax_ragged_dot():
     return tokamax.ragged_dot
 
 
-def grouped_matmul(x: Float[Array, "m k"], w: Float[Array, "g k n"], group_sizes: Int[Array, "g"],
+def grouped_matmul(x: Float[Array, "m k"], w: Float[Array, "g k n"] | QArray, group_sizes: Int[Array, "g"],
                    implementation: str | None = None) -> Float[Array, "m n"]:
     """`y[rows of group i] = x[rows of group i] @ w[i]`; rows beyond sum(group_sizes) give zeros."""
+    if isinstance(w, QArray):
+        return _fp4_grouped(x, w, group_sizes, implementation)
     if implementation not in (None, *IMPLEMENTATIONS):
         raise ValueError(f"grouped_matmul: unknown implementation {implementation!r} (known: {IMPLEMENTATIONS})")
     if implementation is None:
@@ -39,3 +58,13 @@ def grouped_matmul(x: Float[Array, "m k"], w: Float[Array, "g k n"], group_sizes
             raise ValueError("grouped_matmul: implementation='tokamax' but tokamax is not installed (pip install '.[cuda]')")
         return fn(x, w, group_sizes.astype("int32"))
     return jax.lax.ragged_dot(x, w, group_sizes.astype("int32"))
+
+
+def _fp4_grouped(x, w: QArray, group_sizes, implementation):
+    from v4jax.kernels import fp4_matmul  # noqa: PLC0415  (fp4_matmul's VJP imports this module)
+
+    if w.ndim != 3 or w.axis not in (1, 2):
+        raise ValueError(f"grouped_matmul: a QArray w must be [G, N, K] (axis 2) or [G, K, N] (axis 1), got axis {w.axis}")
+    if w.axis == 1:
+        w = fp4_matmul.transpose_kn_to_nk(w)  # [G, N, K]
+    return fp4_matmul.fp4_grouped_matmul(x, w, group_sizes, implementation=implementation)

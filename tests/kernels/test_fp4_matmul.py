@@ -1,0 +1,173 @@
+"""FP4 matmul kernels in interpret mode vs the dequantize-then-dot reference, on fresh random inputs.
+
+Both Pallas interpreters (Triton's and Mosaic TPU's) fill output buffers with NaN before the kernel runs,
+so "no NaN in the result" checks that every element was written (the poisoned-buffer check).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from v4jax import quant
+from v4jax.kernels import fp4_matmul
+from v4jax.kernels.fp4_matmul import block_sizes, common, reference
+from v4jax.kernels.grouped_matmul import grouped_matmul
+from v4jax.quant import e2m1, e8m0
+
+KERNELS = ("triton", "mosaic_tpu")
+
+
+def _weight(key, shape, axis=-1):
+    """Random W whose 1x32 blocks span several octaves, so the E8M0 scales differ between blocks."""
+    k1, k2 = jax.random.split(key)
+    w = jax.random.normal(k1, shape, jnp.float32)
+    octave = jnp.exp2(jax.random.randint(k2, shape, -4, 4).astype(jnp.float32))
+    return quant.quantize(w * octave, "mxfp4", axis=axis)
+
+
+def _rel(y, ref):
+    y, ref = np.asarray(y, np.float64), np.asarray(ref, np.float64)
+    assert np.all(np.isfinite(y)), "output has NaN/inf (an element was never written)"
+    return np.linalg.norm(y - ref) / np.linalg.norm(ref)
+
+
+def _ref_dense(x, w):
+    return np.asarray(x, np.float64) @ np.asarray(quant.dequantize(w), np.float64).T
+
+
+def _ref_grouped(x, w, group_sizes):
+    wd = np.asarray(quant.dequantize(w), np.float64)
+    x, out, start = np.asarray(x, np.float64), np.zeros((x.shape[0], w.shape[1])), 0
+    for g, size in enumerate(np.asarray(group_sizes)):
+        out[start:start + size] = x[start:start + size] @ wd[g].T
+        start += size
+    return out
+
+
+def test_decoders_match_quant():
+    codes = jnp.arange(16, dtype=jnp.int32)
+    np.testing.assert_array_equal(common.e2m1_to_f32(codes), e2m1.decode_e2m1(codes.astype(jnp.uint8)))
+    byte = jnp.arange(256, dtype=jnp.int32)
+    np.testing.assert_array_equal(common.e8m0_to_f32(byte), e8m0.e8m0_to_float(byte.astype(jnp.uint8)))
+    lo, hi = common.decode_bytes(jnp.array([0x72, 0xA1], jnp.uint8))
+    np.testing.assert_array_equal(lo, [1.0, 0.5])
+    np.testing.assert_array_equal(hi, [6.0, -1.0])
+
+
+@pytest.mark.parametrize("implementation", KERNELS)
+def test_dense_matches_reference(implementation):
+    kx, kw = jax.random.split(jax.random.key(np.random.randint(1 << 30)))
+    x = jax.random.normal(kx, (5, 512), jnp.bfloat16)  # M not a multiple of the 16-row tile
+    w = _weight(kw, (128, 512))
+    y = fp4_matmul.fp4_matmul(x, w, implementation=implementation, interpret=True)
+    assert y.shape == (5, 128) and y.dtype == jnp.bfloat16
+    assert _rel(y, _ref_dense(x, w)) < 1e-2
+
+
+def test_dense_split_k_and_xla_path():
+    from v4jax.kernels.fp4_matmul import triton
+
+    kx, kw = jax.random.split(jax.random.key(np.random.randint(1 << 30)))
+    x = jax.random.normal(kx, (20, 256), jnp.float32)
+    w = _weight(kw, (64, 256))
+    ref = _ref_dense(x, w)
+    cfg = block_sizes.BlockConfig(block_m=16, block_n=32, block_k=64, split_k=4)
+    assert _rel(triton.dense(x, w.values, w.scales, cfg=cfg, interpret=True), ref) < 1e-5
+    assert _rel(fp4_matmul.fp4_matmul(x, w), ref) < 1e-5  # CPU default is the XLA path
+
+
+@pytest.mark.parametrize("implementation", KERNELS)
+def test_grouped_matches_reference(implementation):
+    key = jax.random.key(np.random.randint(1 << 30))
+    kx, kw, kg = jax.random.split(key, 3)
+    sizes = np.array(jax.random.randint(kg, (5,), 0, 14))
+    sizes[1] = 0  # an empty group
+    group_sizes = jnp.asarray(sizes, jnp.int32)
+    m = int(sizes.sum()) + 3  # 3 trailing rows belong to no group: they must be zero
+    x = jax.random.normal(kx, (m, 256), jnp.bfloat16)
+    w = _weight(kw, (5, 128, 256))
+    y = fp4_matmul.fp4_grouped_matmul(x, w, group_sizes, implementation=implementation, interpret=True)
+    ref = _ref_grouped(x, w, sizes)
+    assert _rel(y, ref) < 1e-2
+    np.testing.assert_array_equal(np.asarray(y[m - 3:]), 0)
+
+
+def test_dense_vjp_matches_reference():
+    kx, kw, kd = jax.random.split(jax.random.key(np.random.randint(1 << 30)), 3)
+    x = jax.random.normal(kx, (7, 256), jnp.float32)
+    w = _weight(kw, (64, 256))
+    dy = jax.random.normal(kd, (7, 64), jnp.float32)
+    f = lambda xx: jnp.sum(fp4_matmul.fp4_matmul(xx, w, implementation="triton", interpret=True) * dy)  # noqa: E731
+    g = lambda xx: jnp.sum(reference.fp4_matmul_reference(xx, w) * dy)  # noqa: E731
+    v, dx = jax.value_and_grad(f)(x)
+    v_ref, dx_ref = jax.value_and_grad(g)(x)
+    assert abs(float(v) - float(v_ref)) <= 1e-4 * abs(float(v_ref))
+    assert _rel(dx, dx_ref) < 1e-5
+
+
+@pytest.mark.parametrize("implementation", [None, "triton"])
+def test_moe_grouped_api_value_and_vjp(implementation):
+    """The MoE path: grouped_matmul with a QArray of [G, K, N] weights quantized along K (axis 1)."""
+    kx, kw, kd = jax.random.split(jax.random.key(np.random.randint(1 << 30)), 3)
+    group_sizes = jnp.array([4, 0, 9, 3], jnp.int32)
+    x = jax.random.normal(kx, (16, 256), jnp.float32)
+    w_kn = _weight(kw, (4, 256, 64), axis=1)  # [G, K, N], the "x @ w" layout
+    dy = jax.random.normal(kd, (16, 64), jnp.float32)
+    wd = quant.dequantize(w_kn)  # [G, K, N]
+
+    def f(xx):
+        if implementation is None:
+            return jnp.sum(grouped_matmul(xx, w_kn, group_sizes) * dy)
+        w_nk = fp4_matmul.transpose_kn_to_nk(w_kn)
+        return jnp.sum(fp4_matmul.fp4_grouped_matmul(xx, w_nk, group_sizes, implementation, interpret=True) * dy)
+
+    v, dx = jax.value_and_grad(f)(x)
+    v_ref, dx_ref = jax.value_and_grad(lambda xx: jnp.sum(jax.lax.ragged_dot(xx, wd, group_sizes) * dy))(x)
+    assert abs(float(v) - float(v_ref)) <= 1e-4 * abs(float(v_ref))
+    assert _rel(dx, dx_ref) < 1e-5
+
+
+def test_tile_schedule_covers_each_grouped_row_once():
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        sizes = rng.integers(0, 40, size=rng.integers(1, 9))
+        m, bm = int(sizes.sum()) + int(rng.integers(0, 20)), 16
+        s = common.tile_schedule(jnp.asarray(sizes), m, bm)
+        assert s.group.shape[0] == common.num_tiles(m, bm, len(sizes))
+        owner = np.full(m, -1)
+        for g, b, lo, hi in zip(*map(np.asarray, s)):
+            assert lo == hi or (b * bm <= lo < hi <= (b + 1) * bm)
+            assert np.all(owner[lo:hi] == -1)
+            owner[lo:hi] = g
+        expected = np.repeat(np.arange(len(sizes)), sizes)
+        np.testing.assert_array_equal(owner[: len(expected)], expected)
+        assert np.all(owner[len(expected):] == -1)
+
+
+def test_block_config_fit_and_tables():
+    cfg = block_sizes.BlockConfig(block_m=128, block_n=128, block_k=512, split_k=8).fit(3, 96, 7168)
+    assert (cfg.block_m, cfg.block_n, cfg.block_k) == (16, 32, 512) and (7168 // 512) % cfg.split_k == 0
+    table = block_sizes.load_table("nvidia_h200")
+    assert block_sizes.select("dense", 1, chip="nvidia_h200") == block_sizes.BlockConfig(**table["dense"][0]["config"])
+    assert block_sizes.select("grouped", 10**6, chip="no_such_chip") == block_sizes.BlockConfig(
+        **block_sizes.DEFAULTS["grouped"][-1]["config"])
+
+
+def test_bad_inputs_raise_one_line_errors():
+    w = _weight(jax.random.key(0), (64, 256))
+    x = jnp.ones((4, 256), jnp.bfloat16)
+    with pytest.raises(ValueError, match="implementation"):
+        fp4_matmul.fp4_matmul(x, w, implementation="cuda")
+    with pytest.raises(NotImplementedError, match="mosaic_gpu"):
+        fp4_matmul.fp4_matmul(x, w, implementation="mosaic_gpu")
+    with pytest.raises(ValueError, match="K=256"):
+        fp4_matmul.fp4_matmul(jnp.ones((4, 128)), w)
+    with pytest.raises(ValueError, match="mxfp4"):
+        fp4_matmul.fp4_matmul(x, quant.quantize(jnp.ones((64, 256)), "nvfp4"))
+    with pytest.raises(ValueError, match="last axis"):
+        fp4_matmul.fp4_matmul(x, quant.quantize(jnp.ones((256, 64)), "mxfp4", axis=0))
+    with pytest.raises(ValueError, match="group_sizes"):
+        fp4_matmul.fp4_grouped_matmul(x, _weight(jax.random.key(1), (3, 64, 256)), jnp.ones((2,), jnp.int32))
