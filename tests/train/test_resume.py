@@ -57,11 +57,9 @@ def test_kill_and_resume_is_bitwise_identical(tmp_path):
     rerun = subprocess.run(command(killed), cwd=REPO, env=env(cache), check=True, capture_output=True,
                            text=True, timeout=900)
     assert "resumed from step" in rerun.stdout
-    assert losses(killed) == losses(reference)  # bitwise: same floats, compared exactly
-
-    again = tmp_path / "again"  # the same seed twice gives the identical curve
-    subprocess.run(command(again), cwd=REPO, env=env(cache), check=True, capture_output=True, timeout=900)
-    assert losses(again) == losses(reference)
+    # bitwise: the same floats, compared exactly. Steps before the kill also show that the same seed
+    # twice gives the identical curve (two independent processes from scratch).
+    assert losses(killed) == losses(reference)
 
     # corrupt the newest checkpoint of the finished run and ask for 2 more steps: it falls back
     newest = killed / "checkpoints" / str(STEPS)
