@@ -48,7 +48,8 @@ _TOP_RENAMES = [
     (re.compile(r"head\.weight$"), "lm_head.weight"),
     (re.compile(r"hc_head_(fn|base|scale)$"), r"hc_head.hc_\1"),
 ]
-_MTP_OWN = re.compile(r"(e_proj|h_proj)\.(weight|scale)$|(enorm|hnorm|norm)\.weight$|hc_head_(fn|base|scale)$")
+_MTP_OWN = re.compile(r"(e_proj|h_proj)\.(weight|scale)$|(enorm|hnorm|norm)\.weight$|hc_head_(fn|base|scale)$"
+                      r"|hc_head\.hc_(fn|base|scale)$")
 
 
 def canonical_name(name: str, num_layers: int) -> str:
@@ -58,6 +59,8 @@ def canonical_name(name: str, num_layers: int) -> str:
     m = re.match(r"(layers|mtp)\.(\d+)\.(.*)$", name)
     if m:
         kind, idx, rest = m.group(1), int(m.group(2)), m.group(3)
+        if kind == "mtp" and rest.startswith("block."):  # already canonical (v4jax's own export)
+            return _scale_name(f"mtp.{idx}.{rest}")
         if kind == "mtp" and _MTP_OWN.match(rest):
             rest = re.sub(r"^hc_head_(fn|base|scale)$", r"hc_head.hc_\1", rest)
             return _scale_name(f"mtp.{idx}.{rest}")
