@@ -10,7 +10,7 @@ shape mismatch, an unknown dtype or a config field v4jax cannot express is a one
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import flax
 import jax
@@ -18,7 +18,11 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from v4jax.interop.hf_config import CheckpointError, model_config_from_hf, read_config_json
+from v4jax.interop.hf_config import (
+    CheckpointError,
+    model_config_from_hf,
+    read_config_json,
+)
 from v4jax.interop.names import canonical_name
 from v4jax.interop.safetensors_io import TensorRef, open_checkpoint
 from v4jax.model.config import ModelConfig
@@ -26,8 +30,8 @@ from v4jax.model.transformer import Transformer, layer_plan
 
 FP8_BLOCK = 128
 
-T = lambda w: w.T  # noqa: E731  torch Linear [out, in] -> kernel [in, out]
-ID = lambda w: w  # noqa: E731
+T = lambda w: w.T
+ID = lambda w: w
 
 
 def _wo_a(cfg: ModelConfig):

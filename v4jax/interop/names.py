@@ -54,8 +54,7 @@ _MTP_OWN = re.compile(r"(e_proj|h_proj)\.(weight|scale)$|(enorm|hnorm|norm)\.wei
 
 def canonical_name(name: str, num_layers: int) -> str:
     """The canonical name of a stored tensor key (any of the three layouts)."""
-    if name.startswith("model."):
-        name = name[len("model."):]
+    name = name.removeprefix("model.")
     m = re.match(r"(layers|mtp)\.(\d+)\.(.*)$", name)
     if m:
         kind, idx, rest = m.group(1), int(m.group(2)), m.group(3)

@@ -19,7 +19,14 @@ from jaxtyping import Array, Float
 from v4jax.model.compressor import Compressor, entry_visibility
 from v4jax.model.config import ModelConfig
 from v4jax.model.indexer import Indexer
-from v4jax.model.layers import Dense, RMSNorm, declare, dtype_of, rms_normalize, rope_tail
+from v4jax.model.layers import (
+    Dense,
+    RMSNorm,
+    declare,
+    dtype_of,
+    rms_normalize,
+    rope_tail,
+)
 
 
 def window_mask(segment_ids, window: int):

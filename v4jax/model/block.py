@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import flax.linen as nn
-import jax.numpy as jnp
 
 from v4jax.model.attention import Attention
 from v4jax.model.config import ModelConfig

@@ -8,7 +8,8 @@ Every inconsistency is a one-line `ConfigError` naming the field, raised before 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import ml_collections
 
@@ -86,7 +87,7 @@ class ModelConfig:
         return self.head_dim - self.rope_head_dim
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any] | ml_collections.ConfigDict) -> "ModelConfig":
+    def from_config(cls, cfg: Mapping[str, Any] | ml_collections.ConfigDict) -> ModelConfig:
         """Validates `cfg` (a ConfigDict or mapping of ModelConfig fields) and freezes it."""
         d = dict(cfg.to_dict() if isinstance(cfg, ml_collections.ConfigDict) else cfg)
         validate_model_config(d)

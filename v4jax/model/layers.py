@@ -8,7 +8,7 @@ logical to physical mesh axes lives in `v4jax.parallel`, as data.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
