@@ -40,7 +40,7 @@ def test_logical_to_physical_and_collisions():
     rules = ShardingRules()
     sizes = {"data": 2, "fsdp": 2, "expert": 2, "tensor": 1}
     assert logical_to_physical(("layers", "experts", "embed", "mlp"), rules, sizes, (3, 8, 16, 32)) == \
-        P(None, "expert", "fsdp", "tensor")
+        P(None, "expert", "fsdp", None)  # tensor has size 1: nothing to split
     # a mesh axis that does not divide the dimension is dropped for that dimension
     assert logical_to_physical(("experts", "embed"), rules, sizes, (3, 16)) == P(None, "fsdp")
     assert logical_to_physical(("batch", None), rules, sizes, (8, 5)) == P(("data", "fsdp", "expert"), None)

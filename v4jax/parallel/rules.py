@@ -83,8 +83,8 @@ def logical_to_physical(logical: Sequence[str | None], rules: ShardingRules,
                         shape: Sequence[int] | None = None) -> P:
     """Translates a spec of logical names to a PartitionSpec of mesh axes.
 
-    With `mesh_sizes` (and `shape`), mesh axes absent from the mesh are dropped, and so are axes that
-    would not divide the dimension. Raises ValueError when two dimensions use the same mesh axis.
+    With `mesh_sizes` (and `shape`), mesh axes absent from the mesh or of size 1 are dropped, and so are
+    axes that would not divide the dimension. Raises ValueError when two dimensions use the same mesh axis.
     """
     if shape is not None and len(shape) != len(logical):
         raise ValueError(f"logical spec {tuple(logical)} has {len(logical)} names for shape {tuple(shape)}")
@@ -92,7 +92,7 @@ def logical_to_physical(logical: Sequence[str | None], rules: ShardingRules,
     for i, name in enumerate(logical):
         axes = () if name is None else rules.mesh_axes(name)
         if mesh_sizes is not None:
-            axes = tuple(a for a in axes if a in mesh_sizes)
+            axes = tuple(a for a in axes if mesh_sizes.get(a, 1) > 1)  # size-1 axes split nothing
             if shape is not None:
                 kept = []
                 for a in axes:  # keep a prefix of axes whose product divides the dimension

@@ -94,7 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     absl_logging.set_verbosity(absl_logging.ERROR)  # orbax reports routine events as absl warnings
     absl_logging.use_python_logging()
     enable_compilation_cache()
+    from v4jax.parallel.distributed import maybe_initialize_distributed
     from v4jax.train.loop import train
+
+    maybe_initialize_distributed()  # several processes (one per host / TPU VM): join them before using devices
 
     try:
         train(config, workdir)

@@ -122,7 +122,9 @@ class Checkpointer:
                 f"checkpoint at step {step} has a different state layout (model or optimizer config changed); "
                 "use another --workdir")
         flat_template, _ = flatten_state(template)
-        abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), flat_template)
+        # restore into the template's shardings: a checkpoint saved on one mesh loads onto another
+        abstract = jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), flat_template)
         restored = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), routing=ocp.args.StandardRestore()))
         routing = {k: np.asarray(v) for k, v in restored.routing.items()}

@@ -23,6 +23,8 @@ import ml_collections
 import numpy as np
 
 from v4jax import config as config_lib
+from v4jax.parallel.mesh import mesh_shape
+from v4jax.parallel.training import MeshPlan
 from v4jax.train import checkpoint as ckpt_lib
 from v4jax.train import metrics as metrics_lib
 from v4jax.train.anticipation import LookaheadQueue
@@ -69,6 +71,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     from v4jax.data import build_tokenizer, load_corpus
 
     config_lib.validate(config)
+    mesh_shape(config.mesh, jax.device_count())  # one-line ConfigError when the mesh needs other devices
     tokenizer = build_tokenizer(config.data)
     try:
         corpus = load_corpus(config.data)
@@ -97,17 +100,19 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     init_tokens = jnp.zeros((t.batch_size, t.seq_len), jnp.int32)
     abstract_params = jax.eval_shape(lambda: init_variables(model, jax.random.PRNGKey(0), init_tokens))["params"]
     tx = build_optimizer(config.optim, abstract_params, t.steps)
-    state = create_train_state(model, tx, init_tokens, t.seed)
+    # the mesh of config.mesh (one device by default); the state is created directly in its shardings
+    plan = MeshPlan.create(config.mesh, model, init_tokens)
+    state, state_shardings = plan.init_state(lambda: create_train_state(model, tx, init_tokens, t.seed))
     schedule = learning_rate_schedule(config.optim, t.steps)
     decay_start = lr_decay_start(schedule, t.steps) if t.mtp_weight_schedule == "paper" else t.steps
 
     bias_fns = _router_bias_fns(model_cfg)
-    train_step = jax.jit(make_train_step(
+    train_step = plan.jit_step(make_train_step(
         model, tx, lr_schedule=schedule, mtp_weight=mtp_weight_fn(t, decay_start),
         balance_loss_weight=float(t.balance_loss_weight), router_bias_speed=float(t.router_bias_speed),
-        skip_nonfinite=bool(config.stability.skip_nonfinite), **bias_fns), donate_argnums=0)
-    eval_step = jax.jit(make_eval_step(model))
-    route_step = jax.jit(make_route_step(model))
+        skip_nonfinite=bool(config.stability.skip_nonfinite), **bias_fns), state_shardings)
+    eval_step = plan.under_mesh(jax.jit(make_eval_step(model)))
+    route_step = plan.under_mesh(jax.jit(make_route_step(model)))
 
     detector, anticipation = SpikeDetector(config.stability), AnticipationController(config.stability)
     train_it = build_pipeline(config.data, tokenizer=tokenizer, split="train", seq_len=t.seq_len,
@@ -142,7 +147,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     def evaluate(params, buffers) -> tuple[float, float]:
         nll, count = 0.0, 0.0
         for batch in eval_batches:
-            s, n = eval_step(params, buffers, batch)
+            s, n = eval_step(params, buffers, plan.put_batch(batch))
             nll, count = nll + float(s), count + float(n)
         loss = nll / max(count, 1.0)
         return loss, loss / math.log(2) / bytes_per_token
@@ -166,10 +171,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
         anticipating, transition = anticipation.update(step)
         if anticipating:
             params, buffers = state.params, state.buffers
-            anticipation_forwards += queue.anticipate(lambda b: route_step(params, buffers, b))
+            anticipation_forwards += queue.anticipate(lambda b: route_step(params, buffers, plan.put_batch(b)))
         entry = queue.pop()
         routed = None if entry.routed_indices is None else jnp.asarray(entry.routed_indices)
-        state, step_metrics = train_step(state, entry.batch, routed)
+        state, step_metrics = train_step(state, plan.put_batch(entry.batch), routed)
         source = "current" if routed is None else "anticipated"
         step += 1
         window_steps += 1
