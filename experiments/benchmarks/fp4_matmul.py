@@ -19,6 +19,7 @@ which removes dispatch overhead.
 Usage: python experiments/benchmarks/fp4_matmul.py [--out DIR] [--sections decode,prefill,grouped] [--smoke]
 """
 
+# ruff: noqa: B023  (closures are called inside the loop iteration that defines them)
 from __future__ import annotations
 
 import argparse
@@ -36,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from v4jax import quant
-from v4jax.kernels.fp4_matmul import block_sizes, common, reference, triton
+from v4jax.kernels.fp4_matmul import block_sizes, reference, triton
 from v4jax.kernels.fp4_matmul.block_sizes import BlockConfig
 
 TOKENS: list[int] = []  # --tokens: grouped token counts to run (default: all)
@@ -56,8 +57,10 @@ def wall(fn, *args, reps: int = 15) -> float:
 
 def per_call_seconds(op, arg_sets, n1: int, n2: int, reps: int = 15) -> float:
     """Seconds per op call: (T(n2) - T(n1)) / (n2 - n1), op run on the first n arg sets in one jit."""
+
     def make(n):
         return jax.jit(lambda sets: tuple(op(*a) for a in sets[:n]))
+
     t1, t2 = wall(make(n1), arg_sets, reps=reps), wall(make(n2), arg_sets, reps=reps)
     return max((t2 - t1) / (n2 - n1), 1e-9)
 
@@ -89,7 +92,11 @@ def random_weight(key, shape):
     """W with per-block magnitudes spread over a few octaves (exercises the E8M0 scales)."""
     k1, k2 = jax.random.split(key)
     w = jax.random.normal(k1, shape, jnp.float32)
-    spread = jnp.exp2(jax.random.randint(k2, (*shape[:-1], shape[-1] // 32, 1), -3, 3).astype(jnp.float32))
+    spread = jnp.exp2(
+        jax.random.randint(k2, (*shape[:-1], shape[-1] // 32, 1), -3, 3).astype(
+            jnp.float32
+        )
+    )
     return (w.reshape(*shape[:-1], shape[-1] // 32, 32) * spread).reshape(shape)
 
 
@@ -99,15 +106,32 @@ def dense_ref(x, w):
 
 
 DECODE_CONFIGS = [  # (block_n, block_k, split_k, num_warps, num_stages)
-    (64, 256, 4, 4, 3), (32, 512, 4, 4, 3), (64, 512, 2, 4, 3), (128, 256, 4, 4, 4),
-    (32, 256, 8, 4, 3), (64, 256, 8, 4, 4),
+    (64, 256, 4, 4, 3),
+    (32, 512, 4, 4, 3),
+    (64, 512, 2, 4, 3),
+    (128, 256, 4, 4, 4),
+    (32, 256, 8, 4, 3),
+    (64, 256, 8, 4, 4),
 ]
 PREFILL_CONFIGS = [  # (block_m, block_n, block_k, num_warps, num_stages)
-    (128, 128, 64, 8, 3), (128, 128, 128, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
+    (128, 128, 64, 8, 3),
+    (128, 128, 128, 8, 3),
+    (128, 256, 64, 8, 3),
+    (256, 128, 64, 8, 3),
     (64, 128, 128, 4, 4),
 ]
-GROUPED_DECODE_CONFIGS = [(16, 64, 256, 1, 4, 3), (16, 32, 512, 1, 4, 3), (16, 128, 256, 1, 4, 4), (16, 64, 512, 1, 4, 4)]
-GROUPED_PREFILL_CONFIGS = [(128, 128, 64, 1, 8, 3), (128, 128, 128, 1, 8, 3), (128, 256, 64, 1, 8, 3), (64, 128, 128, 1, 4, 4)]
+GROUPED_DECODE_CONFIGS = [
+    (16, 64, 256, 1, 4, 3),
+    (16, 32, 512, 1, 4, 3),
+    (16, 128, 256, 1, 4, 4),
+    (16, 64, 512, 1, 4, 4),
+]
+GROUPED_PREFILL_CONFIGS = [
+    (128, 128, 64, 1, 8, 3),
+    (128, 128, 128, 1, 8, 3),
+    (128, 256, 64, 1, 8, 3),
+    (64, 128, 128, 1, 4, 4),
+]
 
 
 def sweep(name, configs, run_cfg, check):
@@ -123,23 +147,32 @@ def sweep(name, configs, run_cfg, check):
             timings.append((cfg, t, f"err {err:.2e}"))
             if best is None or t < best:
                 best, best_cfg = t, cfg
-        except Exception as e:  # a config that does not compile (shared memory, layout) is skipped
-            timings.append((cfg, None, f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"))
+        except Exception as e:  # noqa: BLE001  a config that does not compile (shared memory, layout) is skipped
+            timings.append(
+                (cfg, None, f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
+            )
     for cfg, t, note in timings:
-        print(f"  [{name}] {cfg}: {'%.1f us' % (t * 1e6) if t else 'failed'} {note}", flush=True)
+        print(
+            f"  [{name}] {cfg}: {'%.1f us' % (t * 1e6) if t else 'failed'} {note}",
+            flush=True,
+        )
     return best, best_cfg, timings
 
 
 def section_dense(rows, table, bw, interpret):
     sizes = [256] if SMOKE else [4096, 7168]
-    ms = [16, 1, 8, 64] + ([] if SMOKE else [4096])  # M=1, 8 reuse M=16's winner (same 16-row tile)
+    ms = [16, 1, 8, 64] + (
+        [] if SMOKE else [4096]
+    )  # M=1, 8 reuse M=16's winner (same 16-row tile)
     best_decode, prefill_vs_xla_fp4 = {}, []
     for kn in sizes:
         winner16 = None
         n = k = kn
         copies = 3 if SMOKE else 12
         keys = jax.random.split(jax.random.key(kn), copies + 1)
-        ws = [quant.quantize(random_weight(kk, (n, k)), "mxfp4") for kk in keys[:copies]]
+        ws = [
+            quant.quantize(random_weight(kk, (n, k)), "mxfp4") for kk in keys[:copies]
+        ]
         wbf = [quant.dequantize(w).astype(jnp.bfloat16) for w in ws]
         packed = n * k // 2 + n * k // 32
         for m in ms:
@@ -147,69 +180,132 @@ def section_dense(rows, table, bw, interpret):
             x = jax.random.normal(keys[-1], (m, k), jnp.bfloat16)
             n1, n2 = (1, 3) if (prefill or SMOKE) else (2, copies)
             flops = 2 * m * n * k
-            t_xla = per_call_seconds(lambda a, b: jnp.dot(a, b.T, preferred_element_type=jnp.float32).astype(a.dtype),
-                                     [(x, b) for b in wbf], n1, n2)
-            t_ref = per_call_seconds(reference.fp4_matmul_reference, [(x, w) for w in ws], n1, n2)
+            t_xla = per_call_seconds(
+                lambda a, b: jnp.dot(a, b.T, preferred_element_type=jnp.float32).astype(
+                    a.dtype
+                ),
+                [(x, b) for b in wbf],
+                n1,
+                n2,
+            )
+            t_ref = per_call_seconds(
+                reference.fp4_matmul_reference, [(x, w) for w in ws], n1, n2
+            )
             ref = dense_ref(x, ws[0])
 
             def check(cfg):
-                y = poisoned_call(lambda a, w: triton.dense(a, w.values, w.scales, cfg=cfg, interpret=interpret),
-                                  x, ws[0], out_shape=(m, n), dtype=jnp.bfloat16)
+                y = poisoned_call(
+                    lambda a, w: triton.dense(
+                        a, w.values, w.scales, cfg=cfg, interpret=interpret
+                    ),
+                    x,
+                    ws[0],
+                    out_shape=(m, n),
+                    dtype=jnp.bfloat16,
+                )
                 return rel_err(y, ref)
 
             def run_cfg(cfg):
-                return per_call_seconds(lambda a, w: triton.dense(a, w.values, w.scales, cfg=cfg, interpret=interpret),
-                                        [(x, w) for w in ws], n1, n2)
+                return per_call_seconds(
+                    lambda a, w: triton.dense(
+                        a, w.values, w.scales, cfg=cfg, interpret=interpret
+                    ),
+                    [(x, w) for w in ws],
+                    n1,
+                    n2,
+                )
 
             if prefill:
-                cfgs = [BlockConfig(bm, bn, bk, 1, nw, ns) for bm, bn, bk, nw, ns in PREFILL_CONFIGS]
+                cfgs = [
+                    BlockConfig(bm, bn, bk, 1, nw, ns)
+                    for bm, bn, bk, nw, ns in PREFILL_CONFIGS
+                ]
             elif m < 16 and winner16 is not None:
                 cfgs = [winner16]
             else:
-                cfgs = [BlockConfig(16 if m <= 16 else 64, bn, bk, sk, nw, ns) for bn, bk, sk, nw, ns in DECODE_CONFIGS]
+                cfgs = [
+                    BlockConfig(16 if m <= 16 else 64, bn, bk, sk, nw, ns)
+                    for bn, bk, sk, nw, ns in DECODE_CONFIGS
+                ]
             t, cfg, timings = sweep(f"dense M={m} K=N={kn}", cfgs, run_cfg, check)
             if m == 16:
                 winner16 = cfg
             if prefill and t:
                 prefill_vs_xla_fp4.append(t_ref / t)
             err = check(cfg) if cfg else float("nan")
-            rows.append(dict(section="prefill" if prefill else "decode", shape=f"M={m} K=N={kn}", kernel_us=t and t * 1e6,
-                             xla_bf16_us=t_xla * 1e6, xla_fp4_us=t_ref * 1e6,
-                             kernel_tbps=t and packed / t / 1e12, pct_copy_bw=t and 100 * packed / t / bw,
-                             kernel_tflops=t and flops / t / 1e12, xla_bf16_tflops=flops / t_xla / 1e12,
-                             ratio_vs_xla_bf16=t and t_xla / t, ratio_vs_xla_fp4=t and t_ref / t, rel_err=err,
-                             config=dataclasses.asdict(cfg) if cfg else None))
+            rows.append(
+                {
+                    "section": "prefill" if prefill else "decode",
+                    "shape": f"M={m} K=N={kn}",
+                    "kernel_us": t and t * 1e6,
+                    "xla_bf16_us": t_xla * 1e6,
+                    "xla_fp4_us": t_ref * 1e6,
+                    "kernel_tbps": t and packed / t / 1e12,
+                    "pct_copy_bw": t and 100 * packed / t / bw,
+                    "kernel_tflops": t and flops / t / 1e12,
+                    "xla_bf16_tflops": flops / t_xla / 1e12,
+                    "ratio_vs_xla_bf16": t and t_xla / t,
+                    "ratio_vs_xla_fp4": t and t_ref / t,
+                    "rel_err": err,
+                    "config": dataclasses.asdict(cfg) if cfg else None,
+                }
+            )
             print(rows[-1], flush=True)
-            bucket = "prefill" if prefill else ("m16" if m == 16 else "m64" if m == 64 else "other")
+            bucket = (
+                "prefill"
+                if prefill
+                else ("m16" if m == 16 else "m64" if m == 64 else "other")
+            )
             for c, tc, _ in timings:
                 if tc:
                     best_decode.setdefault(bucket, {}).setdefault(c, []).append(tc)
     table["dense"] = []
     for bucket, max_m in (("m16", 16), ("m64", 64), ("prefill", None)):
-        cands = {c: sum(v) for c, v in best_decode.get(bucket, {}).items() if len(v) == max(map(len, best_decode[bucket].values()))}
+        cands = {
+            c: sum(v)
+            for c, v in best_decode.get(bucket, {}).items()
+            if len(v) == max(map(len, best_decode[bucket].values()))
+        }
         if cands:
-            table["dense"].append({"max_m": max_m, "config": dataclasses.asdict(min(cands, key=cands.get))})
+            table["dense"].append(
+                {
+                    "max_m": max_m,
+                    "config": dataclasses.asdict(min(cands, key=cands.get)),
+                }
+            )
     # From prefill sizes on, route to dequantize + cuBLAS when it beat our fused kernel on every prefill shape.
-    table["dense_xla_min_m"] = 1024 if prefill_vs_xla_fp4 and max(prefill_vs_xla_fp4) < 1.0 else None
+    table["dense_xla_min_m"] = (
+        1024 if prefill_vs_xla_fp4 and max(prefill_vs_xla_fp4) < 1.0 else None
+    )
 
 
 def section_grouped(rows, table, bw, interpret):
     g, k, n, topk = (8, 256, 128, 2) if SMOKE else (64, 4096, 2048, 6)
-    tokens_list = TOKENS or ([64, 8, 16] + ([] if SMOKE else [8192]))  # 8 and 16 reuse 64's winner
+    tokens_list = TOKENS or (
+        [64, 8, 16] + ([] if SMOKE else [8192])
+    )  # 8 and 16 reuse 64's winner
     winners = {}
     key = jax.random.key(7)
     w = quant.quantize(random_weight(key, (g, n, k)), "mxfp4")
-    wbf_kn = jnp.swapaxes(quant.dequantize(w).astype(jnp.bfloat16), 1, 2)  # [G, K, N] for ragged_dot
+    wbf_kn = jnp.swapaxes(
+        quant.dequantize(w).astype(jnp.bfloat16), 1, 2
+    )  # [G, K, N] for ragged_dot
     try:
-        import tokamax  # noqa: PLC0415
-        tk = lambda a, b, gs: tokamax.ragged_dot(a, b, gs)  # noqa: E731
+        import tokamax
+
+        tk = lambda a, b, gs: tokamax.ragged_dot(a, b, gs)
     except Exception as e:  # noqa: BLE001
-        print(f"tokamax unavailable ({type(e).__name__}: {e}); baseline is jax.lax.ragged_dot", flush=True)
-        tk = lambda a, b, gs: jax.lax.ragged_dot(a, b, gs)  # noqa: E731
+        print(
+            f"tokamax unavailable ({type(e).__name__}: {e}); baseline is jax.lax.ragged_dot",
+            flush=True,
+        )
+        tk = lambda a, b, gs: jax.lax.ragged_dot(a, b, gs)
     table["grouped"] = []
     for tokens in tokens_list:
         kk = jax.random.fold_in(key, tokens)
-        experts = jnp.argsort(jax.random.uniform(kk, (tokens, g)), axis=-1)[:, :topk].reshape(-1)
+        experts = jnp.argsort(jax.random.uniform(kk, (tokens, g)), axis=-1)[
+            :, :topk
+        ].reshape(-1)
         gs = jnp.bincount(experts, length=g).astype(jnp.int32)
         m = tokens * topk
         x = jax.random.normal(jax.random.fold_in(kk, 1), (m, k), jnp.bfloat16)
@@ -220,7 +316,9 @@ def section_grouped(rows, table, bw, interpret):
         n1, n2 = (1, 3) if (prefill or SMOKE) else (2, 8)
         t_tk = per_call_seconds(tk, [(x, wbf_kn, gs)] * n2, n1, n2)
         # the FP4 alternative for large M: dequantize every expert to bf16 in XLA, then the bf16 grouped GEMM
-        deq = lambda a, q, gsz: tk(a, jnp.swapaxes(quant.dequantize(q).astype(jnp.bfloat16), 1, 2), gsz)  # noqa: E731
+        deq = lambda a, q, gsz: tk(
+            a, jnp.swapaxes(quant.dequantize(q).astype(jnp.bfloat16), 1, 2), gsz
+        )
         t_deq = per_call_seconds(deq, [(x, w, gs)] * n2, n1, n2) if prefill else None
         # Reference on the rows of the first few groups only: XLA's ragged_dot on GPU is a dense masked GEMM
         # (G times the work), which in float32 HIGHEST at M = 49152 ran for minutes (run 2 timed out there).
@@ -229,36 +327,73 @@ def section_grouped(rows, table, bw, interpret):
         ref_rows = int(sizes[:ref_groups].sum())
         wd32 = quant.dequantize(w).astype(jnp.float32)
         starts = np.concatenate([[0], np.cumsum(sizes)])
-        ref = jnp.concatenate([jnp.dot(x[starts[i]:starts[i + 1]].astype(jnp.float32), wd32[i].T, precision=HIGHEST)
-                               for i in range(ref_groups)], axis=0)  # [ref_rows, N]
+        ref = jnp.concatenate(
+            [
+                jnp.dot(
+                    x[starts[i] : starts[i + 1]].astype(jnp.float32),
+                    wd32[i].T,
+                    precision=HIGHEST,
+                )
+                for i in range(ref_groups)
+            ],
+            axis=0,
+        )  # [ref_rows, N]
 
         def check(cfg):
-            y = poisoned_call(lambda a: triton.grouped(a, w.values, w.scales, gs, cfg=cfg, interpret=interpret),
-                              x, out_shape=(m, n), dtype=jnp.bfloat16)
+            y = poisoned_call(
+                lambda a: triton.grouped(
+                    a, w.values, w.scales, gs, cfg=cfg, interpret=interpret
+                ),
+                x,
+                out_shape=(m, n),
+                dtype=jnp.bfloat16,
+            )
             if not np.all(np.isfinite(np.asarray(y, np.float32))):
                 return float("nan")
             return rel_err(y[:ref_rows], ref)
 
         def run_cfg(cfg):
-            return per_call_seconds(lambda a: triton.grouped(a, w.values, w.scales, gs, cfg=cfg, interpret=interpret),
-                                    [(x,)] * n2, n1, n2)
+            return per_call_seconds(
+                lambda a: triton.grouped(
+                    a, w.values, w.scales, gs, cfg=cfg, interpret=interpret
+                ),
+                [(x,)] * n2,
+                n1,
+                n2,
+            )
 
-        cfgs = [BlockConfig(*c) for c in (GROUPED_PREFILL_CONFIGS if prefill else GROUPED_DECODE_CONFIGS)]
+        cfgs = [
+            BlockConfig(*c)
+            for c in (GROUPED_PREFILL_CONFIGS if prefill else GROUPED_DECODE_CONFIGS)
+        ]
         if tokens < 64 and winners.get(64):
             cfgs = [winners[64]]
         t, cfg, _ = sweep(f"grouped tokens={tokens}", cfgs, run_cfg, check)
-        rows.append(dict(section="grouped", shape=f"G={g} top{topk} of {tokens} tok (M={m}) K={k} N={n}",
-                         kernel_us=t and t * 1e6, baseline_bf16_us=t_tk * 1e6, experts_touched=touched,
-                         kernel_tbps=t and packed / t / 1e12, pct_copy_bw=t and 100 * packed / t / bw,
-                         kernel_tflops=t and flops / t / 1e12, baseline_tflops=flops / t_tk / 1e12,
-                         ratio_vs_baseline=t and t_tk / t, dequant_then_bf16_us=t_deq and t_deq * 1e6,
-                         dequant_then_bf16_ratio=t_deq and t_tk / t_deq, rel_err=check(cfg) if cfg else float("nan"),
-                         config=dataclasses.asdict(cfg) if cfg else None))
+        rows.append(
+            {
+                "section": "grouped",
+                "shape": f"G={g} top{topk} of {tokens} tok (M={m}) K={k} N={n}",
+                "kernel_us": t and t * 1e6,
+                "baseline_bf16_us": t_tk * 1e6,
+                "experts_touched": touched,
+                "kernel_tbps": t and packed / t / 1e12,
+                "pct_copy_bw": t and 100 * packed / t / bw,
+                "kernel_tflops": t and flops / t / 1e12,
+                "baseline_tflops": flops / t_tk / 1e12,
+                "ratio_vs_baseline": t and t_tk / t,
+                "dequant_then_bf16_us": t_deq and t_deq * 1e6,
+                "dequant_then_bf16_ratio": t_deq and t_tk / t_deq,
+                "rel_err": check(cfg) if cfg else float("nan"),
+                "config": dataclasses.asdict(cfg) if cfg else None,
+            }
+        )
         print(rows[-1], flush=True)
         winners[tokens] = cfg
     for tokens, max_m in ((64, 512), (max(tokens_list), None)):
         if winners.get(tokens):
-            table["grouped"].append({"max_m": max_m, "config": dataclasses.asdict(winners[tokens])})
+            table["grouped"].append(
+                {"max_m": max_m, "config": dataclasses.asdict(winners[tokens])}
+            )
 
 
 def main():
@@ -268,47 +403,72 @@ def main():
     ap.add_argument("--sections", default="decode,grouped")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--tokens", default="")
-    ap.add_argument("--grouped-prefill-configs", type=int, default=len(GROUPED_PREFILL_CONFIGS))
+    ap.add_argument(
+        "--grouped-prefill-configs", type=int, default=len(GROUPED_PREFILL_CONFIGS)
+    )
     args = ap.parse_args()
     SMOKE = args.smoke
     TOKENS[:] = [int(t) for t in args.tokens.split(",") if t]
-    del GROUPED_PREFILL_CONFIGS[args.grouped_prefill_configs:]
+    del GROUPED_PREFILL_CONFIGS[args.grouped_prefill_configs :]
     interpret = SMOKE
     dev = jax.devices()[0]
     print(f"device {dev.device_kind}, jax {jax.__version__}", flush=True)
     bw = copy_bandwidth()
-    print(f"copy bandwidth (read+write, XLA elementwise): {bw / 1e12:.2f} TB/s", flush=True)
+    print(
+        f"copy bandwidth (read+write, XLA elementwise): {bw / 1e12:.2f} TB/s",
+        flush=True,
+    )
     rows, table = [], {"device_kind": dev.device_kind, "copy_tbps": bw / 1e12}
     for sec, fn in (("decode", section_dense), ("grouped", section_grouped)):
         if sec in args.sections:
             try:
                 fn(rows, table, bw, interpret)
-            except Exception:  # keep the other sections' numbers
+            except Exception:  # noqa: BLE001  keep the other sections' numbers
                 traceback.print_exc()
     os.makedirs(args.out, exist_ok=True)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     with open(os.path.join(args.out, "fp4_matmul.json"), "w") as f:
-        json.dump(dict(date=stamp, device=dev.device_kind, jax=jax.__version__, command=" ".join(sys.argv),
-                       copy_tbps=bw / 1e12, rows=rows), f, indent=1, default=str)
-    with open(os.path.join(args.out, block_sizes.chip_name(dev.device_kind) + ".json"), "w") as f:
+        json.dump(
+            {
+                "date": stamp,
+                "device": dev.device_kind,
+                "jax": jax.__version__,
+                "command": " ".join(sys.argv),
+                "copy_tbps": bw / 1e12,
+                "rows": rows,
+            },
+            f,
+            indent=1,
+            default=str,
+        )
+    with open(
+        os.path.join(args.out, block_sizes.chip_name(dev.device_kind) + ".json"), "w"
+    ) as f:
         json.dump(table, f, indent=1)
     print(markdown(rows, bw))
 
 
 def fmt(v, spec):
-    return "-" if v is None or (isinstance(v, float) and np.isnan(v)) else format(v, spec)
+    return (
+        "-" if v is None or (isinstance(v, float) and np.isnan(v)) else format(v, spec)
+    )
 
 
 def markdown(rows, bw) -> str:
-    lines = [f"copy bandwidth {bw / 1e12:.2f} TB/s", "",
-             "| section | shape | kernel us | TB/s (packed) | % copy BW | TFLOP/s | baseline us | x vs baseline | x vs xla fp4 | rel err |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"copy bandwidth {bw / 1e12:.2f} TB/s",
+        "",
+        "| section | shape | kernel us | TB/s (packed) | % copy BW | TFLOP/s | baseline us | x vs baseline | x vs xla fp4 | rel err |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         base = r.get("xla_bf16_us", r.get("baseline_bf16_us"))
         ratio = r.get("ratio_vs_xla_bf16", r.get("ratio_vs_baseline"))
-        lines.append(f"| {r['section']} | {r['shape']} | {fmt(r['kernel_us'], '.1f')} | {fmt(r['kernel_tbps'], '.2f')} | "
-                     f"{fmt(r['pct_copy_bw'], '.0f')} | {fmt(r['kernel_tflops'], '.0f')} | {fmt(base, '.1f')} | "
-                     f"{fmt(ratio, '.2f')} | {fmt(r.get('ratio_vs_xla_fp4'), '.2f')} | {fmt(r['rel_err'], '.1e')} |")
+        lines.append(
+            f"| {r['section']} | {r['shape']} | {fmt(r['kernel_us'], '.1f')} | {fmt(r['kernel_tbps'], '.2f')} | "
+            f"{fmt(r['pct_copy_bw'], '.0f')} | {fmt(r['kernel_tflops'], '.0f')} | {fmt(base, '.1f')} | "
+            f"{fmt(ratio, '.2f')} | {fmt(r.get('ratio_vs_xla_fp4'), '.2f')} | {fmt(r['rel_err'], '.1e')} |"
+        )
     return "\n".join(lines)
 
 

@@ -42,16 +42,20 @@ def _ref_grouped(x, w, group_sizes):
     wd = np.asarray(quant.dequantize(w), np.float64)
     x, out, start = np.asarray(x, np.float64), np.zeros((x.shape[0], w.shape[1])), 0
     for g, size in enumerate(np.asarray(group_sizes)):
-        out[start:start + size] = x[start:start + size] @ wd[g].T
+        out[start : start + size] = x[start : start + size] @ wd[g].T
         start += size
     return out
 
 
 def test_decoders_match_quant():
     codes = jnp.arange(16, dtype=jnp.int32)
-    np.testing.assert_array_equal(common.e2m1_to_f32(codes), e2m1.decode_e2m1(codes.astype(jnp.uint8)))
+    np.testing.assert_array_equal(
+        common.e2m1_to_f32(codes), e2m1.decode_e2m1(codes.astype(jnp.uint8))
+    )
     byte = jnp.arange(256, dtype=jnp.int32)
-    np.testing.assert_array_equal(common.e8m0_to_f32(byte), e8m0.e8m0_to_float(byte.astype(jnp.uint8)))
+    np.testing.assert_array_equal(
+        common.e8m0_to_f32(byte), e8m0.e8m0_to_float(byte.astype(jnp.uint8))
+    )
     lo, hi = common.decode_bytes(jnp.array([0x72, 0xA1], jnp.uint8))
     np.testing.assert_array_equal(lo, [1.0, 0.5])
     np.testing.assert_array_equal(hi, [6.0, -1.0])
@@ -60,7 +64,9 @@ def test_decoders_match_quant():
 @pytest.mark.parametrize("implementation", KERNELS)
 def test_dense_matches_reference(implementation):
     kx, kw = jax.random.split(jax.random.key(np.random.randint(1 << 30)))
-    x = jax.random.normal(kx, (5, 512), jnp.bfloat16)  # M not a multiple of the 16-row tile
+    x = jax.random.normal(
+        kx, (5, 512), jnp.bfloat16
+    )  # M not a multiple of the 16-row tile
     w = _weight(kw, (128, 512))
     y = fp4_matmul.fp4_matmul(x, w, implementation=implementation, interpret=True)
     assert y.shape == (5, 128) and y.dtype == jnp.bfloat16
@@ -75,7 +81,9 @@ def test_dense_split_k_and_xla_path():
     w = _weight(kw, (64, 256))
     ref = _ref_dense(x, w)
     cfg = block_sizes.BlockConfig(block_m=16, block_n=32, block_k=64, split_k=4)
-    assert _rel(triton.dense(x, w.values, w.scales, cfg=cfg, interpret=True), ref) < 1e-5
+    assert (
+        _rel(triton.dense(x, w.values, w.scales, cfg=cfg, interpret=True), ref) < 1e-5
+    )
     assert _rel(fp4_matmul.fp4_matmul(x, w), ref) < 1e-5  # CPU default is the XLA path
 
 
@@ -89,10 +97,12 @@ def test_grouped_matches_reference(implementation):
     m = int(sizes.sum()) + 3  # 3 trailing rows belong to no group: they must be zero
     x = jax.random.normal(kx, (m, 256), jnp.bfloat16)
     w = _weight(kw, (5, 128, 256))
-    y = fp4_matmul.fp4_grouped_matmul(x, w, group_sizes, implementation=implementation, interpret=True)
+    y = fp4_matmul.fp4_grouped_matmul(
+        x, w, group_sizes, implementation=implementation, interpret=True
+    )
     ref = _ref_grouped(x, w, sizes)
     assert _rel(y, ref) < 1e-2
-    np.testing.assert_array_equal(np.asarray(y[m - 3:]), 0)
+    np.testing.assert_array_equal(np.asarray(y[m - 3 :]), 0)
 
 
 def test_dense_vjp_matches_reference():
@@ -100,8 +110,10 @@ def test_dense_vjp_matches_reference():
     x = jax.random.normal(kx, (7, 256), jnp.float32)
     w = _weight(kw, (64, 256))
     dy = jax.random.normal(kd, (7, 64), jnp.float32)
-    f = lambda xx: jnp.sum(fp4_matmul.fp4_matmul(xx, w, implementation="triton", interpret=True) * dy)  # noqa: E731
-    g = lambda xx: jnp.sum(reference.fp4_matmul_reference(xx, w) * dy)  # noqa: E731
+    f = lambda xx: jnp.sum(
+        fp4_matmul.fp4_matmul(xx, w, implementation="triton", interpret=True) * dy
+    )
+    g = lambda xx: jnp.sum(reference.fp4_matmul_reference(xx, w) * dy)
     v, dx = jax.value_and_grad(f)(x)
     v_ref, dx_ref = jax.value_and_grad(g)(x)
     assert abs(float(v) - float(v_ref)) <= 1e-4 * abs(float(v_ref))
@@ -122,10 +134,17 @@ def test_moe_grouped_api_value_and_vjp(implementation):
         if implementation is None:
             return jnp.sum(grouped_matmul(xx, w_kn, group_sizes) * dy)
         w_nk = fp4_matmul.transpose_kn_to_nk(w_kn)
-        return jnp.sum(fp4_matmul.fp4_grouped_matmul(xx, w_nk, group_sizes, implementation, interpret=True) * dy)
+        return jnp.sum(
+            fp4_matmul.fp4_grouped_matmul(
+                xx, w_nk, group_sizes, implementation, interpret=True
+            )
+            * dy
+        )
 
     v, dx = jax.value_and_grad(f)(x)
-    v_ref, dx_ref = jax.value_and_grad(lambda xx: jnp.sum(jax.lax.ragged_dot(xx, wd, group_sizes) * dy))(x)
+    v_ref, dx_ref = jax.value_and_grad(
+        lambda xx: jnp.sum(jax.lax.ragged_dot(xx, wd, group_sizes) * dy)
+    )(x)
     assert abs(float(v) - float(v_ref)) <= 1e-4 * abs(float(v_ref))
     assert _rel(dx, dx_ref) < 1e-5
 
@@ -144,16 +163,23 @@ def test_tile_schedule_covers_each_grouped_row_once():
             owner[lo:hi] = g
         expected = np.repeat(np.arange(len(sizes)), sizes)
         np.testing.assert_array_equal(owner[: len(expected)], expected)
-        assert np.all(owner[len(expected):] == -1)
+        assert np.all(owner[len(expected) :] == -1)
 
 
 def test_block_config_fit_and_tables():
-    cfg = block_sizes.BlockConfig(block_m=128, block_n=128, block_k=512, split_k=8).fit(3, 96, 7168)
-    assert (cfg.block_m, cfg.block_n, cfg.block_k) == (16, 32, 512) and (7168 // 512) % cfg.split_k == 0
+    cfg = block_sizes.BlockConfig(block_m=128, block_n=128, block_k=512, split_k=8).fit(
+        3, 96, 7168
+    )
+    assert (cfg.block_m, cfg.block_n, cfg.block_k) == (16, 32, 512) and (
+        7168 // 512
+    ) % cfg.split_k == 0
     table = block_sizes.load_table("nvidia_h200")
-    assert block_sizes.select("dense", 1, chip="nvidia_h200") == block_sizes.BlockConfig(**table["dense"][0]["config"])
-    assert block_sizes.select("grouped", 10**6, chip="no_such_chip") == block_sizes.BlockConfig(
-        **block_sizes.DEFAULTS["grouped"][-1]["config"])
+    assert block_sizes.select(
+        "dense", 1, chip="nvidia_h200"
+    ) == block_sizes.BlockConfig(**table["dense"][0]["config"])
+    assert block_sizes.select(
+        "grouped", 10**6, chip="no_such_chip"
+    ) == block_sizes.BlockConfig(**block_sizes.DEFAULTS["grouped"][-1]["config"])
 
 
 def test_bad_inputs_raise_one_line_errors():
@@ -170,4 +196,6 @@ def test_bad_inputs_raise_one_line_errors():
     with pytest.raises(ValueError, match="last axis"):
         fp4_matmul.fp4_matmul(x, quant.quantize(jnp.ones((256, 64)), "mxfp4", axis=0))
     with pytest.raises(ValueError, match="group_sizes"):
-        fp4_matmul.fp4_grouped_matmul(x, _weight(jax.random.key(1), (3, 64, 256)), jnp.ones((2,), jnp.int32))
+        fp4_matmul.fp4_grouped_matmul(
+            x, _weight(jax.random.key(1), (3, 64, 256)), jnp.ones((2,), jnp.int32)
+        )

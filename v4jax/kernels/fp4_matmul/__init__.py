@@ -3,6 +3,11 @@
 See api.py for the interface and block_sizes.py for the stored tuned tiles.
 """
 
-from v4jax.kernels.fp4_matmul.api import IMPLEMENTATIONS, fp4_grouped_matmul, fp4_matmul, transpose_kn_to_nk
+from v4jax.kernels.fp4_matmul.api import (
+    IMPLEMENTATIONS,
+    fp4_grouped_matmul,
+    fp4_matmul,
+    transpose_kn_to_nk,
+)
 
 __all__ = ["IMPLEMENTATIONS", "fp4_grouped_matmul", "fp4_matmul", "transpose_kn_to_nk"]

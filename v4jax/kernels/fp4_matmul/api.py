@@ -40,9 +40,13 @@ def _check_x(x: jax.Array, k: int, name: str) -> None:
 
 def _pick(implementation: str | None, name: str) -> str:
     if implementation not in (None, *IMPLEMENTATIONS):
-        raise ValueError(f"{name}: unknown implementation {implementation!r} (known: {IMPLEMENTATIONS})")
+        raise ValueError(
+            f"{name}: unknown implementation {implementation!r} (known: {IMPLEMENTATIONS})"
+        )
     if implementation == "mosaic_gpu":
-        raise NotImplementedError(f"{name}: implementation='mosaic_gpu' is not written yet; use 'triton' on GPU")
+        raise NotImplementedError(
+            f"{name}: implementation='mosaic_gpu' is not written yet; use 'triton' on GPU"
+        )
     if implementation is not None:
         return implementation
     backend = jax.default_backend()
@@ -54,8 +58,12 @@ def _kernel_friendly(n: int, k: int) -> bool:
     return n % 16 == 0 and k % 64 == 0
 
 
-def fp4_matmul(x: Float[Array, "m k"], w: QArray, implementation: str | None = None,
-               interpret: bool = False) -> Float[Array, "m n"]:
+def fp4_matmul(
+    x: Float[Array, "m k"],
+    w: QArray,
+    implementation: str | None = None,
+    interpret: bool = False,
+) -> Float[Array, "m n"]:
     """y = x @ dequantize(w).T, [M, N]. x [M, K] (bf16 or fp32); w: mxfp4 QArray of W [N, K] along K."""
     common.check_mxfp4_weight(w, 2, "fp4_matmul")
     n, k = w.shape
@@ -63,7 +71,9 @@ def fp4_matmul(x: Float[Array, "m k"], w: QArray, implementation: str | None = N
     impl = _pick(implementation, "fp4_matmul")
     if impl != "xla" and not _kernel_friendly(n, k):
         if implementation is not None:
-            raise ValueError(f"fp4_matmul: {impl} needs N % 16 == 0 and K % 64 == 0, got N={n}, K={k}")
+            raise ValueError(
+                f"fp4_matmul: {impl} needs N % 16 == 0 and K % 64 == 0, got N={n}, K={k}"
+            )
         impl = "xla"
     if impl == "xla" or (implementation is None and _prefers_xla(x.shape[0])):
         return reference.fp4_matmul_reference(x, w)
@@ -80,7 +90,9 @@ def _prefers_xla(m: int) -> bool:
 
 
 def _dense_forward(x, w: QArray, impl: str, interpret: bool):
-    cfg = block_sizes.select("dense", x.shape[0], chip=None if not interpret else "interpret")
+    cfg = block_sizes.select(
+        "dense", x.shape[0], chip=None if not interpret else "interpret"
+    )
     backend = _backend_module(impl)
     return backend.dense(x, w.values, w.scales, cfg=cfg, interpret=interpret)
 
@@ -97,15 +109,22 @@ def _dense_fwd(x, w, impl, interpret):
 def _dense_bwd(impl, interpret, w, dy):
     del impl, interpret
     wd = dequantize(w).astype(dy.dtype)  # [N, K]
-    dx = jnp.einsum("mn,nk->mk", dy, wd, preferred_element_type=jnp.float32).astype(dy.dtype)  # [M, K]
+    dx = jnp.einsum("mn,nk->mk", dy, wd, preferred_element_type=jnp.float32).astype(
+        dy.dtype
+    )  # [M, K]
     return dx, None
 
 
 _dense_vjp.defvjp(_dense_fwd, _dense_bwd)
 
 
-def fp4_grouped_matmul(x: Float[Array, "m k"], w: QArray, group_sizes: Int[Array, "g"],
-                       implementation: str | None = None, interpret: bool = False) -> Float[Array, "m n"]:
+def fp4_grouped_matmul(
+    x: Float[Array, "m k"],
+    w: QArray,
+    group_sizes: Int[Array, " g"],
+    implementation: str | None = None,
+    interpret: bool = False,
+) -> Float[Array, "m n"]:
     """y[rows of group g] = x[rows] @ dequantize(w)[g].T, [M, N]; rows past sum(group_sizes) are zero.
 
     x [M, K] with rows sorted by group; w: mxfp4 QArray of W [G, N, K] quantized along K; group_sizes [G].
@@ -114,11 +133,15 @@ def fp4_grouped_matmul(x: Float[Array, "m k"], w: QArray, group_sizes: Int[Array
     g, n, k = w.shape
     _check_x(x, k, "fp4_grouped_matmul")
     if group_sizes.shape != (g,):
-        raise ValueError(f"fp4_grouped_matmul: group_sizes must be [G={g}], got shape {group_sizes.shape}")
+        raise ValueError(
+            f"fp4_grouped_matmul: group_sizes must be [G={g}], got shape {group_sizes.shape}"
+        )
     impl = _pick(implementation, "fp4_grouped_matmul")
     if impl != "xla" and not _kernel_friendly(n, k):
         if implementation is not None:
-            raise ValueError(f"fp4_grouped_matmul: {impl} needs N % 16 == 0 and K % 64 == 0, got N={n}, K={k}")
+            raise ValueError(
+                f"fp4_grouped_matmul: {impl} needs N % 16 == 0 and K % 64 == 0, got N={n}, K={k}"
+            )
         impl = "xla"
     if impl == "xla":
         return reference.fp4_grouped_matmul_reference(x, w, group_sizes)
@@ -126,8 +149,12 @@ def fp4_grouped_matmul(x: Float[Array, "m k"], w: QArray, group_sizes: Int[Array
 
 
 def _grouped_forward(x, w: QArray, group_sizes, impl: str, interpret: bool):
-    cfg = block_sizes.select("grouped", x.shape[0], chip=None if not interpret else "interpret")
-    return _backend_module(impl).grouped(x, w.values, w.scales, group_sizes, cfg=cfg, interpret=interpret)
+    cfg = block_sizes.select(
+        "grouped", x.shape[0], chip=None if not interpret else "interpret"
+    )
+    return _backend_module(impl).grouped(
+        x, w.values, w.scales, group_sizes, cfg=cfg, interpret=interpret
+    )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -141,11 +168,16 @@ def _grouped_fwd(x, w, group_sizes, impl, interpret):
 
 def _grouped_bwd(impl, interpret, res, dy):
     del impl, interpret
-    from v4jax.kernels.grouped_matmul.api import grouped_matmul  # noqa: PLC0415  (that api imports this one)
+    # lazy: that api imports this one
+    from v4jax.kernels.grouped_matmul.api import grouped_matmul
 
     w, group_sizes = res
-    wd = dequantize(w).astype(dy.dtype)  # [G, N, K]: the "x @ w" layout for dy [M, N] -> dx [M, K]
-    dx = grouped_matmul(dy, wd, group_sizes)  # [M, K]; rows past sum(group_sizes) are zero
+    wd = dequantize(w).astype(
+        dy.dtype
+    )  # [G, N, K]: the "x @ w" layout for dy [M, N] -> dx [M, K]
+    dx = grouped_matmul(
+        dy, wd, group_sizes
+    )  # [M, K]; rows past sum(group_sizes) are zero
     return dx, None, None
 
 
@@ -154,11 +186,11 @@ _grouped_vjp.defvjp(_grouped_fwd, _grouped_bwd)
 
 def _backend_module(impl: str):
     if impl == "triton":
-        from v4jax.kernels.fp4_matmul import triton  # noqa: PLC0415  (GPU-only imports stay lazy)
+        from v4jax.kernels.fp4_matmul import triton  # lazy: GPU-only imports
 
         return triton
     if impl == "mosaic_tpu":
-        from v4jax.kernels.fp4_matmul import mosaic_tpu  # noqa: PLC0415
+        from v4jax.kernels.fp4_matmul import mosaic_tpu  # lazy: TPU-only imports
 
         return mosaic_tpu
     raise ValueError(f"fp4_matmul: no Pallas backend {impl!r}")
@@ -173,7 +205,9 @@ def transpose_kn_to_nk(w: QArray) -> QArray:
     call it costs a pass over the packed bytes.
     """
     if not isinstance(w, QArray) or w.ndim < 2 or w.axis != w.ndim - 2:
-        raise ValueError("transpose_kn_to_nk: needs a QArray [..., K, N] quantized along axis -2 (K)")
+        raise ValueError(
+            "transpose_kn_to_nk: needs a QArray [..., K, N] quantized along axis -2 (K)"
+        )
     return QArray(
         values=jnp.swapaxes(w.values, -1, -2),
         scales=jnp.swapaxes(w.scales, -1, -2),

@@ -27,13 +27,15 @@ class BlockConfig:
     num_warps: int = 4
     num_stages: int = 3
 
-    def fit(self, m: int, n: int, k: int) -> "BlockConfig":
+    def fit(self, m: int, n: int, k: int) -> BlockConfig:
         """The config shrunk to divide the shape: bn | N and bk | K (powers of two), split | K/bk, bm <= M's pow2."""
         bm = max(16, min(self.block_m, _next_pow2(m)))
         bn = _largest_pow2_divisor(n, self.block_n)
         bk = _largest_pow2_divisor(k, self.block_k)
         split = max(d for d in range(1, self.split_k + 1) if (k // bk) % d == 0)
-        return dataclasses.replace(self, block_m=bm, block_n=bn, block_k=bk, split_k=split)
+        return dataclasses.replace(
+            self, block_m=bm, block_n=bn, block_k=bk, split_k=split
+        )
 
 
 def _next_pow2(v: int) -> int:
@@ -49,13 +51,61 @@ def _largest_pow2_divisor(size: int, cap: int) -> int:
 
 DEFAULTS = {
     "dense": [
-        {"max_m": 16, "config": {"block_m": 16, "block_n": 64, "block_k": 256, "split_k": 4, "num_warps": 4, "num_stages": 3}},
-        {"max_m": 64, "config": {"block_m": 64, "block_n": 64, "block_k": 256, "split_k": 2, "num_warps": 4, "num_stages": 3}},
-        {"max_m": None, "config": {"block_m": 128, "block_n": 128, "block_k": 64, "split_k": 1, "num_warps": 8, "num_stages": 3}},
+        {
+            "max_m": 16,
+            "config": {
+                "block_m": 16,
+                "block_n": 64,
+                "block_k": 256,
+                "split_k": 4,
+                "num_warps": 4,
+                "num_stages": 3,
+            },
+        },
+        {
+            "max_m": 64,
+            "config": {
+                "block_m": 64,
+                "block_n": 64,
+                "block_k": 256,
+                "split_k": 2,
+                "num_warps": 4,
+                "num_stages": 3,
+            },
+        },
+        {
+            "max_m": None,
+            "config": {
+                "block_m": 128,
+                "block_n": 128,
+                "block_k": 64,
+                "split_k": 1,
+                "num_warps": 8,
+                "num_stages": 3,
+            },
+        },
     ],
     "grouped": [
-        {"max_m": 512, "config": {"block_m": 16, "block_n": 64, "block_k": 256, "num_warps": 4, "num_stages": 3}},
-        {"max_m": None, "config": {"block_m": 128, "block_n": 128, "block_k": 64, "num_warps": 8, "num_stages": 3}},
+        {
+            "max_m": 512,
+            "config": {
+                "block_m": 16,
+                "block_n": 64,
+                "block_k": 256,
+                "num_warps": 4,
+                "num_stages": 3,
+            },
+        },
+        {
+            "max_m": None,
+            "config": {
+                "block_m": 128,
+                "block_n": 128,
+                "block_k": 64,
+                "num_warps": 8,
+                "num_stages": 3,
+            },
+        },
     ],
 }
 
@@ -78,7 +128,7 @@ def load_table(chip: str) -> dict:
 def select(op: str, m: int, chip: str | None = None) -> BlockConfig:
     """The config for `op` ("dense" or "grouped") at M rows on `chip` (default: the first device's kind)."""
     if chip is None:
-        import jax  # noqa: PLC0415  (keep this module importable without touching a backend)
+        import jax  # lazy: keeps this module importable without a backend
 
         chip = chip_name(jax.devices()[0].device_kind)
     for entry in load_table(chip)[op]:

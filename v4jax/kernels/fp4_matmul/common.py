@@ -25,11 +25,21 @@ BYTES_PER_SCALE = SCALE_BLOCK // 2  # packed bytes per scale
 def check_mxfp4_weight(w: QArray, ndim: int, name: str) -> None:
     """One-line ValueError unless `w` is an mxfp4 QArray of rank `ndim` quantized along its last axis."""
     if not isinstance(w, QArray):
-        raise ValueError(f"{name}: w must be a quant.QArray (quant.quantize(W, 'mxfp4')), got {type(w).__name__}")
-    if w.fmt.element != "e2m1" or w.fmt.scale != "e8m0" or w.fmt.block != (1, SCALE_BLOCK):
-        raise ValueError(f"{name}: w must be in the 'mxfp4' format (e2m1, e8m0, 1x32 blocks), got {w.fmt.name}")
+        # project rule: bad input is a one-line ValueError
+        msg = f"{name}: w must be a quant.QArray (quant.quantize(W, 'mxfp4')), got {type(w).__name__}"
+        raise ValueError(msg)  # noqa: TRY004
+    if (
+        w.fmt.element != "e2m1"
+        or w.fmt.scale != "e8m0"
+        or w.fmt.block != (1, SCALE_BLOCK)
+    ):
+        raise ValueError(
+            f"{name}: w must be in the 'mxfp4' format (e2m1, e8m0, 1x32 blocks), got {w.fmt.name}"
+        )
     if w.ndim != ndim or w.axis != ndim - 1:
-        raise ValueError(f"{name}: w must be rank {ndim} quantized along its last axis (K), got shape {w.shape} axis {w.axis}")
+        raise ValueError(
+            f"{name}: w must be rank {ndim} quantized along its last axis (K), got shape {w.shape} axis {w.axis}"
+        )
 
 
 def e8m0_to_f32(byte: jax.Array) -> jax.Array:
@@ -87,14 +97,21 @@ def tile_schedule(group_sizes: jax.Array, num_rows: int, block_m: int) -> TileSc
     cum = jnp.cumsum(count)
     total = cum[-1]
     t = jnp.arange(num_tiles(num_rows, block_m, g_count), dtype=jnp.int32)
-    g = jnp.minimum(jnp.searchsorted(cum, t, side="right"), g_count - 1).astype(jnp.int32)
+    g = jnp.minimum(jnp.searchsorted(cum, t, side="right"), g_count - 1).astype(
+        jnp.int32
+    )
     block = first[g] + (t - (cum[g] - count[g]))
     valid = t < total
     last_block = jnp.where(total > 0, block[jnp.maximum(total - 1, 0)], 0)
     block = jnp.where(valid, block, last_block)
     lo = jnp.where(valid, jnp.maximum(starts[g], block * block_m), 0)
     hi = jnp.where(valid, jnp.minimum(ends[g], (block + 1) * block_m), 0)
-    return TileSchedule(jnp.where(valid, g, 0), block.astype(jnp.int32), lo.astype(jnp.int32), hi.astype(jnp.int32))
+    return TileSchedule(
+        jnp.where(valid, g, 0),
+        block.astype(jnp.int32),
+        lo.astype(jnp.int32),
+        hi.astype(jnp.int32),
+    )
 
 
 def num_tiles(num_rows: int, block_m: int, num_groups: int) -> int:

@@ -32,14 +32,22 @@ def _partial_product(xe, xo, wv, st, dtype):
     """x_even/x_odd [bm, bk/2], bytes [bn, bk/2], scales^T [bk/32, bn] -> [bm, bn] float32."""
     bkh = wv.shape[1]
     groups = st.shape[0]
-    byte_group = jax.lax.broadcasted_iota(jnp.int32, (bkh, groups), 0) // common.BYTES_PER_SCALE
-    expand = (byte_group == jax.lax.broadcasted_iota(jnp.int32, (bkh, groups), 1)).astype(jnp.float32)
-    s = jnp.dot(expand, common.e8m0_to_f32(st), precision=jax.lax.Precision.HIGHEST)  # [bk/2, bn]
+    byte_group = (
+        jax.lax.broadcasted_iota(jnp.int32, (bkh, groups), 0) // common.BYTES_PER_SCALE
+    )
+    expand = (
+        byte_group == jax.lax.broadcasted_iota(jnp.int32, (bkh, groups), 1)
+    ).astype(jnp.float32)
+    s = jnp.dot(
+        expand, common.e8m0_to_f32(st), precision=jax.lax.Precision.HIGHEST
+    )  # [bk/2, bn]
     lo, hi = common.decode_bytes(wv)  # [bn, bk/2] each
     lo = (lo.T * s).astype(dtype)  # [bk/2, bn]
     hi = (hi.T * s).astype(dtype)
-    return (jnp.dot(xe, lo, preferred_element_type=jnp.float32)  # [bm, bn]
-            + jnp.dot(xo, hi, preferred_element_type=jnp.float32))
+    return (
+        jnp.dot(xe, lo, preferred_element_type=jnp.float32)  # [bm, bn]
+        + jnp.dot(xo, hi, preferred_element_type=jnp.float32)
+    )
 
 
 def _dense_kernel(xe_ref, xo_ref, wv_ref, st_ref, o_ref, acc_ref):
@@ -49,7 +57,9 @@ def _dense_kernel(xe_ref, xo_ref, wv_ref, st_ref, o_ref, acc_ref):
     def _():
         acc_ref[...] = jnp.zeros_like(acc_ref)
 
-    acc_ref[...] += _partial_product(xe_ref[...], xo_ref[...], wv_ref[...], st_ref[...], xe_ref.dtype)
+    acc_ref[...] += _partial_product(
+        xe_ref[...], xo_ref[...], wv_ref[...], st_ref[...], xe_ref.dtype
+    )
 
     @pl.when(k == pl.num_programs(2) - 1)
     def _():
@@ -61,7 +71,13 @@ def _interpret(interpret: bool):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "interpret"))
-def dense(x: jax.Array, values: jax.Array, scales: jax.Array, cfg: BlockConfig, interpret: bool = False) -> jax.Array:
+def dense(
+    x: jax.Array,
+    values: jax.Array,
+    scales: jax.Array,
+    cfg: BlockConfig,
+    interpret: bool = False,
+) -> jax.Array:
     """y = x @ W.T for x [M, K], W as packed `values` [N, K/2] and E8M0 `scales` [N, K/32]."""
     m, k = x.shape
     n = values.shape[0]
@@ -87,14 +103,29 @@ def dense(x: jax.Array, values: jax.Array, scales: jax.Array, cfg: BlockConfig, 
     return y[:m]
 
 
-def _grouped_kernel(group_ref, block_ref, lo_ref, hi_ref, xe_ref, xo_ref, wv_ref, st_ref, o_ref, acc_ref, *, bm: int):
+def _grouped_kernel(
+    group_ref,
+    block_ref,
+    lo_ref,
+    hi_ref,
+    xe_ref,
+    xo_ref,
+    wv_ref,
+    st_ref,
+    o_ref,
+    acc_ref,
+    *,
+    bm: int,
+):
     t, k = pl.program_id(1), pl.program_id(2)
 
     @pl.when(k == 0)
     def _():
         acc_ref[...] = jnp.zeros_like(acc_ref)
 
-    acc_ref[...] += _partial_product(xe_ref[...], xo_ref[...], wv_ref[...], st_ref[...], xe_ref.dtype)
+    acc_ref[...] += _partial_product(
+        xe_ref[...], xo_ref[...], wv_ref[...], st_ref[...], xe_ref.dtype
+    )
 
     @pl.when(k == pl.num_programs(2) - 1)
     def _():
@@ -104,11 +135,17 @@ def _grouped_kernel(group_ref, block_ref, lo_ref, hi_ref, xe_ref, xo_ref, wv_ref
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "interpret"))
-def grouped(x: jax.Array, values: jax.Array, scales: jax.Array, group_sizes: jax.Array, cfg: BlockConfig,
-            interpret: bool = False) -> jax.Array:
+def grouped(
+    x: jax.Array,
+    values: jax.Array,
+    scales: jax.Array,
+    group_sizes: jax.Array,
+    cfg: BlockConfig,
+    interpret: bool = False,
+) -> jax.Array:
     """y[rows of g] = x[rows] @ W[g].T; x [M, K] sorted by group, W [G, N, K] as `values`/`scales`."""
     m, k = x.shape
-    g_count, n = values.shape[:2]
+    n = values.shape[1]
     cfg = cfg.fit(m, n, k)
     bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
     mp = common.round_up(m, bm)
@@ -120,8 +157,13 @@ def grouped(x: jax.Array, values: jax.Array, scales: jax.Array, group_sizes: jax
         in_specs=[
             pl.BlockSpec((bm, bk // 2), lambda j, t, kk, g, b, lo, hi: (b[t], kk)),
             pl.BlockSpec((bm, bk // 2), lambda j, t, kk, g, b, lo, hi: (b[t], kk)),
-            pl.BlockSpec((None, bn, bk // 2), lambda j, t, kk, g, b, lo, hi: (g[t], j, kk)),
-            pl.BlockSpec((None, bk // common.SCALE_BLOCK, bn), lambda j, t, kk, g, b, lo, hi: (g[t], kk, j)),
+            pl.BlockSpec(
+                (None, bn, bk // 2), lambda j, t, kk, g, b, lo, hi: (g[t], j, kk)
+            ),
+            pl.BlockSpec(
+                (None, bk // common.SCALE_BLOCK, bn),
+                lambda j, t, kk, g, b, lo, hi: (g[t], kk, j),
+            ),
         ],
         out_specs=pl.BlockSpec((bm, bn), lambda j, t, kk, g, b, lo, hi: (b[t], j)),
         scratch_shapes=[pltpu.VMEM((bm, bn), jnp.float32)],
@@ -132,5 +174,16 @@ def grouped(x: jax.Array, values: jax.Array, scales: jax.Array, group_sizes: jax
         grid_spec=grid_spec,
         interpret=_interpret(interpret),
         name="fp4_grouped_matmul_mosaic_tpu",
-    )(sched.group, sched.block, sched.lo, sched.hi, xe, xo, values, jnp.swapaxes(scales, 1, 2))
-    return jnp.where(common.rows_written(group_sizes, m)[:, None], y[:m], 0).astype(x.dtype)
+    )(
+        sched.group,
+        sched.block,
+        sched.lo,
+        sched.hi,
+        xe,
+        xo,
+        values,
+        jnp.swapaxes(scales, 1, 2),
+    )
+    return jnp.where(common.rows_written(group_sizes, m)[:, None], y[:m], 0).astype(
+        x.dtype
+    )

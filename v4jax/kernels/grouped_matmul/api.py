@@ -37,13 +37,13 @@ IMPLEMENTATIONS = ("xla", "tokamax")
 @functools.cache
 def _tokamax_ragged_dot():
     try:
-        import tokamax  # noqa: PLC0415  (optional, heavy: imported only when used)
-    except Exception:  # pragma: no cover - depends on the machine
+        import tokamax  # optional, heavy: imported only when used
+    except Exception:  # noqa: BLE001  (any import failure means "not available")
         return None
     return tokamax.ragged_dot
 
 
-def grouped_matmul(x: Float[Array, "m k"], w: Float[Array, "g k n"] | QArray, group_sizes: Int[Array, "g"],
+def grouped_matmul(x: Float[Array, "m k"], w: Float[Array, "g k n"] | QArray, group_sizes: Int[Array, " g"],
                    implementation: str | None = None) -> Float[Array, "m n"]:
     """`y[rows of group i] = x[rows of group i] @ w[i]`; rows beyond sum(group_sizes) give zeros."""
     if isinstance(w, QArray):
@@ -61,7 +61,7 @@ def grouped_matmul(x: Float[Array, "m k"], w: Float[Array, "g k n"] | QArray, gr
 
 
 def _fp4_grouped(x, w: QArray, group_sizes, implementation):
-    from v4jax.kernels import fp4_matmul  # noqa: PLC0415  (fp4_matmul's VJP imports this module)
+    from v4jax.kernels import fp4_matmul  # lazy: fp4_matmul's VJP imports this module
 
     if w.ndim != 3 or w.axis not in (1, 2):
         raise ValueError(f"grouped_matmul: a QArray w must be [G, N, K] (axis 2) or [G, K, N] (axis 1), got axis {w.axis}")
