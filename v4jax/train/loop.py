@@ -164,6 +164,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     eval_loss = bits_per_byte = None
     started = window_start = time.perf_counter()
     window_steps, anticipation_forwards = 0, 0
+    first_step_seconds = None
     step = start_step
     while step < t.steps:
         if t.profile and step == start_step + 2:
@@ -177,6 +178,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
         state, step_metrics = train_step(state, plan.put_batch(entry.batch), routed)
         source = "current" if routed is None else "anticipated"
         step += 1
+        if first_step_seconds is None:  # the first step includes the compile: timed apart
+            jax.block_until_ready(step_metrics)
+            first_step_seconds = time.perf_counter() - started
         window_steps += 1
         # while anticipatory routing is on (or its routes are still arriving) every step is logged, so that
         # metrics.jsonl shows the routing source of each step
@@ -228,8 +232,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     history = _read_history(writer.jsonl_path)
     train_loss = float(history[-1]["lm_loss"]) if history else float("nan")
     ran = t.steps - start_step
-    tok_s = ran * tokens_per_step / seconds if ran else 0.0
-    summary = (f"done: {t.steps} steps ({ran} this run) in {seconds:.1f} s, train loss {train_loss:.3f}, "
+    steady = seconds - (first_step_seconds or 0.0)  # excludes the first (compiling) step
+    tok_s = (ran - 1) * tokens_per_step / steady if ran > 1 and steady > 0 else 0.0
+    summary = (f"done: {t.steps} steps ({ran} this run) in {seconds:.1f} s (first step incl. compile "
+               f"{first_step_seconds or 0.0:.1f} s), train loss {train_loss:.3f}, "
                f"eval loss {eval_loss:.3f} ({bits_per_byte:.3f} bits/byte), {tok_s:,.0f} tok/s"
                + (f", {anticipation_forwards} anticipation forwards" if anticipation_forwards else ""))
     _say(f"sample: {t.sample_prompt}{sample}")
