@@ -1,0 +1,145 @@
+"""Expert-parallel parity and step time on the devices at hand (GPUs, or fake CPU devices).
+
+    python -m v4jax.parallel.bench [--parity] [--scaling] [--out FILE]
+
+--parity: the tiny model (float32) forward + gradients on each mesh {data=n}, {expert=n},
+          {data=2, expert=n/2} vs one device: relative L2 error of logits and the worst gradient leaf.
+--scaling: train-step time (forward, backward, AdamW) of a small bf16 MoE at expert = 1, 2, 4, ...
+           (data = devices / expert), median of timed steps after warm-up; compile time too.
+Prints a markdown table (and appends it to --out when given).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from v4jax.model import ModelConfig, Transformer, presets
+from v4jax.parallel import shardings as sh
+from v4jax.parallel.training import MeshPlan
+from v4jax.train.state import create_train_state
+
+
+def _rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def _loss_fn(model):
+    def loss(params, buffers, tokens):
+        out = model.apply({"params": params, "buffers": buffers}, tokens)
+        logp = jax.nn.log_softmax(out.logits.astype(jnp.float32))  # [B, S, V]
+        nll = -jnp.mean(jnp.take_along_axis(logp[:, :-1], tokens[:, 1:, None], -1))
+        return nll, out.logits
+
+    return loss
+
+
+def parity(n: int) -> list[str]:
+    cfg = ModelConfig.from_config(presets.tiny())
+    model = Transformer(cfg)
+    tokens = jax.random.randint(jax.random.key(1), (8, 64), 0, cfg.vocab_size)
+    variables = model.init_variables(jax.random.key(0), tokens)
+    step = jax.jit(jax.value_and_grad(_loss_fn(model), has_aux=True))
+    (_, logits0), grads0 = step(variables["params"], variables["buffers"], tokens)
+    gnorm = float(optax.global_norm(grads0))
+    rows = []
+    for mesh_cfg in ({"data": n}, {"expert": n}, {"data": 2, "expert": n // 2}):
+        if min(mesh_cfg.values()) < 1 or (n < 4 and len(mesh_cfg) > 1):
+            continue
+        plan = MeshPlan.create(mesh_cfg, model, tokens, devices=jax.devices()[:n])
+        p = jax.device_put(variables["params"], sh.named(plan.variable_specs["params"], plan.mesh))
+        b = jax.device_put(variables["buffers"], sh.named(plan.variable_specs["buffers"], plan.mesh))
+        tk = plan.put_batch({"t": np.asarray(tokens)})["t"]
+        (_, logits), grads = plan.under_mesh(step)(p, b, tk)
+        leaf_err = max(_rel(a, c) for a, c in zip(jax.tree.leaves(grads), jax.tree.leaves(grads0))
+                       if float(jnp.linalg.norm(c)) > 1e-3 * gnorm)
+        total = _rel(np.concatenate([np.ravel(x) for x in jax.tree.leaves(grads)]),
+                     np.concatenate([np.ravel(x) for x in jax.tree.leaves(grads0)]))
+        name = " x ".join(f"{k}={v}" for k, v in mesh_cfg.items())
+        rows.append(f"| {name} | {_rel(logits, logits0):.2e} | {total:.2e} | {leaf_err:.2e} |")
+    return ["| mesh | logits rel err | grads rel err (all) | worst leaf (norm > 1e-3 of total) |",
+            "|---|---|---|---|", *rows]
+
+
+def small_moe() -> ModelConfig:
+    m = presets.tiny()
+    m.update(hidden_size=1024, num_heads=8, head_dim=128, rope_head_dim=32, q_lora_rank=256, o_lora_rank=256,
+             o_groups=2, index_head_dim=64, n_routed_experts=32, num_experts_per_tok=4,
+             moe_intermediate_size=1024, dtype="bfloat16", vocab_size=4096, sliding_window=128,
+             csa_ratio=4, hca_ratio=32, index_topk=64, yarn_original_max_position=2048)
+    return ModelConfig.from_config(m)
+
+
+def scaling(n: int, batch: int, seq: int, steps: int) -> list[str]:
+    cfg = small_moe()
+    model = Transformer(cfg)
+    tokens = jax.random.randint(jax.random.key(1), (batch, seq), 0, cfg.vocab_size)
+    tx = optax.adamw(1e-4)
+    loss = _loss_fn(model)
+
+    def train_step(state, tokens):
+        (value, _), grads = jax.value_and_grad(loss, has_aux=True)(state.params, state.buffers, tokens)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        return state.replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state), value
+
+    rows = []
+    e = 1
+    while e <= n:
+        mesh_cfg = {"data": n // e, "expert": e}
+        plan = MeshPlan.create(mesh_cfg, model, tokens[:1].repeat(batch, 0), devices=jax.devices()[:n])
+        state, shardings = plan.init_state(lambda: create_train_state(model, tx, tokens, 0))
+        step = plan.jit_step(train_step, shardings)
+        tk = plan.put_batch({"t": np.asarray(tokens)})["t"]
+        t0 = time.perf_counter()
+        state, value = step(state, tk)
+        value.block_until_ready()
+        compile_s = time.perf_counter() - t0
+        times, values = [], []
+        for i in range(steps + 2):
+            t0 = time.perf_counter()
+            state, value = step(state, tk)
+            values.append(float(value))
+            if i >= 2:
+                times.append(time.perf_counter() - t0)
+        med = statistics.median(times)
+        rows.append(f"| data={n // e} x expert={e} | {compile_s:.1f} | {med * 1e3:.1f} | "
+                    f"{batch * seq / med:,.0f} | {values[-1]:.4f} |")
+        del state
+        e *= 2
+    return [f"small MoE: d={cfg.hidden_size}, {cfg.num_layers} layers, {cfg.n_routed_experts} experts top-"
+            f"{cfg.num_experts_per_tok}, I={cfg.moe_intermediate_size}, bf16, batch {batch} x {seq}",
+            "| mesh | first step (s, compile) | step ms (median) | tokens/s | loss |", "|---|---|---|---|---|", *rows]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--parity", action="store_true")
+    ap.add_argument("--scaling", action="store_true")
+    ap.add_argument("--devices", type=int, default=len(jax.devices()))
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    lines = [f"{datetime.date.today()} {jax.devices()[0].device_kind} x{args.devices}, jax {jax.__version__}"]
+    if args.parity:
+        lines += parity(args.devices)
+    if args.scaling:
+        lines += scaling(args.devices, args.batch, args.seq, args.steps)
+    text = "\n".join(lines)
+    print(text, flush=True)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(text + "\n\n")
+
+
+if __name__ == "__main__":
+    main()
