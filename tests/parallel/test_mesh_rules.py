@@ -34,6 +34,9 @@ def test_make_mesh_uses_the_devices():
     assert mesh.devices.size == len(jax.devices()) == 8
     sub = make_mesh({"expert": -1}, jax.devices()[:4])
     assert dict(sub.shape)["expert"] == 4
+    # fewer devices than there are (the default config is all 1: one device)
+    assert make_mesh({}).devices.size == 1
+    assert mesh_shape({"data": 2}, 8)["data"] == 2
 
 
 def test_logical_to_physical_and_collisions():

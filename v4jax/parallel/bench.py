@@ -100,7 +100,7 @@ def scaling(n: int, batch: int, seq: int, steps: int) -> list[str]:
         tk = plan.put_batch({"t": np.asarray(tokens)})["t"]
         t0 = time.perf_counter()
         state, value = step(state, tk)
-        value.block_until_ready()
+        first_loss = float(value)
         compile_s = time.perf_counter() - t0
         times, values = [], []
         for i in range(steps + 2):
@@ -111,12 +111,12 @@ def scaling(n: int, batch: int, seq: int, steps: int) -> list[str]:
                 times.append(time.perf_counter() - t0)
         med = statistics.median(times)
         rows.append(f"| data={n // e} x expert={e} | {compile_s:.1f} | {med * 1e3:.1f} | "
-                    f"{batch * seq / med:,.0f} | {values[-1]:.4f} |")
+                    f"{batch * seq / med:,.0f} | {first_loss:.4f} -> {values[-1]:.4f} |")
         del state
         e *= 2
     return [f"small MoE: d={cfg.hidden_size}, {cfg.num_layers} layers, {cfg.n_routed_experts} experts top-"
             f"{cfg.num_experts_per_tok}, I={cfg.moe_intermediate_size}, bf16, batch {batch} x {seq}",
-            "| mesh | first step (s, compile) | step ms (median) | tokens/s | loss |", "|---|---|---|---|---|", *rows]
+            "| mesh | first step (s, compile) | step ms (median) | tokens/s | loss first -> last |", "|---|---|---|---|---|", *rows]
 
 
 def main() -> None:

@@ -37,7 +37,8 @@ def _sizes_of(mesh_cfg: Mapping[str, Any] | Any) -> dict[str, int]:
 def mesh_shape(mesh_cfg: Mapping[str, Any] | Any, num_devices: int) -> dict[str, int]:
     """{axis: size} for `num_devices` devices, the -1 axis (if any) taking what the others leave.
 
-    Raises a one-line ConfigError when the sizes do not multiply to `num_devices`.
+    Without a -1 the mesh may use fewer devices than there are (the default, all sizes 1, is one device;
+    `make_mesh` takes the first ones). Raises a one-line ConfigError when it needs more than there are.
     """
     sizes = _sizes_of(mesh_cfg)
     fixed = math.prod(v for v in sizes.values() if v != -1)
@@ -47,7 +48,7 @@ def mesh_shape(mesh_cfg: Mapping[str, Any] | Any, num_devices: int) -> dict[str,
             raise ConfigError(f"config.mesh.{fill[0]}: -1 cannot fill {num_devices} devices: the other axes "
                               f"multiply to {fixed}, which does not divide {num_devices}")
         sizes[fill[0]] = num_devices // fixed
-    elif fixed != num_devices:
+    elif fixed > num_devices:
         shown = " x ".join(f"{a}={v}" for a, v in sizes.items() if v != 1) or "all 1"
         raise ConfigError(f"config.mesh: {shown} needs {fixed} devices but {num_devices} are available "
                           "(set one axis to -1 to use all of them)")
@@ -55,10 +56,11 @@ def mesh_shape(mesh_cfg: Mapping[str, Any] | Any, num_devices: int) -> dict[str,
 
 
 def make_mesh(mesh_cfg: Mapping[str, Any] | Any, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """The device mesh of `config.mesh` over `devices` (default: all of `jax.devices()`), Auto axis types."""
+    """The device mesh of `config.mesh` over (the first of) `devices` (default `jax.devices()`), Auto axes."""
     devices = list(jax.devices() if devices is None else devices)
     sizes = mesh_shape(mesh_cfg, len(devices))
     shape = tuple(sizes[a] for a in MESH_AXES)
+    devices = devices[:math.prod(shape)]
     if len(devices) == len(jax.devices()):
         return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
     # A sub-set of the devices (tests, cross-mesh restore): a plain row-major layout.
