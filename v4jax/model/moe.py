@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Bool, Float, Int
 
 from v4jax import quant
 from v4jax.kernels.grouped_matmul import grouped_matmul
@@ -33,18 +33,30 @@ def clamped_swiglu(gate, up, limit: float):
     return jax.nn.silu(gate) * up
 
 
-def sequence_balance_loss(scores: Float[Array, "b s e"], indices: Int[Array, "b s k"], mask) -> Float[Array, ""]:
-    """Sequence-wise balance loss `sum_i f_i P_i` averaged over sequences (spec 5.3, unweighted).
+def sequence_balance_loss(
+    scores: Float[Array, "B S E"],
+    indices: Int[Array, "B S K"],
+    mask: Bool[Array, "B S"] | Float[Array, "B S"] | None = None,
+) -> Float[Array, ""]:
+    """Sequence-wise balance loss sum_i f_i P_i (spec §5.3), averaged over sequences with tokens.
 
-    f_i = E / (K T) * #{t : i in TopK_t};  P_i = mean_t s_{i,t} / sum_j s_{j,t}; T = the sequence's real tokens.
+    f_i = E / (K T) * #{t : i in TopK_t},  P_i = (1/T) sum_t s_{i,t} / sum_j s_{j,t}, with T the
+    sequence's valid tokens (`mask`; padding excluded) and `scores` the sqrt-softplus affinities
+    (without the balancing bias). Perfect balance with uniform scores gives 1.
     """
-    e, k = scores.shape[-1], indices.shape[-1]
-    mask = mask.astype(jnp.float32)
-    tokens = jnp.maximum(jnp.sum(mask, -1), 1.0)  # [B]
-    hits = jnp.sum(jax.nn.one_hot(indices, e, dtype=jnp.float32), axis=-2) * mask[..., None]  # [B, S, E]
-    f = jnp.sum(hits, 1) * e / (k * tokens[:, None])  # [B, E]
-    p = jnp.sum(scores / jnp.sum(scores, -1, keepdims=True) * mask[..., None], 1) / tokens[:, None]  # [B, E]
-    return jnp.mean(jnp.sum(f * p, -1))
+    n_experts, top_k = scores.shape[-1], indices.shape[-1]
+    valid = (jnp.ones(scores.shape[:2]) if mask is None else mask).astype(jnp.float32)  # [B, S]
+    tokens = jnp.sum(valid, axis=-1)  # [B]
+    safe_tokens = jnp.maximum(tokens, 1.0)
+    scores = scores.astype(jnp.float32)
+    normalised = scores / jnp.maximum(jnp.sum(scores, axis=-1, keepdims=True), 1e-20)  # [B, S, E]
+    selected = jnp.sum(jax.nn.one_hot(indices, n_experts, dtype=jnp.float32), axis=-2)  # [B, S, E]
+    counts = jnp.einsum("bse,bs->be", selected, valid)  # [B, E]
+    f = counts * (n_experts / top_k) / safe_tokens[:, None]  # [B, E]
+    p = jnp.einsum("bse,bs->be", normalised, valid) / safe_tokens[:, None]  # [B, E]
+    per_sequence = jnp.sum(f * p, axis=-1)  # [B]
+    has_tokens = (tokens > 0).astype(jnp.float32)  # [B]
+    return jnp.sum(per_sequence * has_tokens) / jnp.maximum(jnp.sum(has_tokens), 1.0)
 
 
 class SwiGLU(nn.Module):

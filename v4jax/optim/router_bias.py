@@ -9,9 +9,10 @@
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Float, Int
+from jaxtyping import Array, Bool, Float
+
+from v4jax.model.moe import sequence_balance_loss  # noqa: F401  (re-exported: it lives with the router)
 
 ROUTER_BIAS_SPEED = 1e-3  # gamma, both V4 models
 BALANCE_LOSS_WEIGHT = 1e-4  # alpha, both V4 models
@@ -47,33 +48,3 @@ def update_router_bias(
     )
 
 
-def sequence_balance_loss(
-    scores: Float[Array, "B S E"],
-    indices: Int[Array, "B S K"],
-    mask: Bool[Array, "B S"] | Float[Array, "B S"] | None = None,
-) -> Float[Array, ""]:
-    """Sequence-wise balance loss sum_i f_i P_i (spec §5.3), averaged over sequences with tokens.
-
-    f_i = E / (K T) * #{t : i in TopK_t},  P_i = (1/T) sum_t s_{i,t} / sum_j s_{j,t}, with T the
-    sequence's valid tokens (`mask`; padding excluded) and `scores` the sqrt-softplus affinities
-    (without the balancing bias). Perfect balance with uniform scores gives 1.
-    """
-    n_experts, top_k = scores.shape[-1], indices.shape[-1]
-    valid = (jnp.ones(scores.shape[:2]) if mask is None else mask).astype(
-        jnp.float32
-    )  # [B, S]
-    tokens = jnp.sum(valid, axis=-1)  # [B]
-    safe_tokens = jnp.maximum(tokens, 1.0)
-    scores = scores.astype(jnp.float32)
-    normalised = scores / jnp.maximum(
-        jnp.sum(scores, axis=-1, keepdims=True), 1e-20
-    )  # [B, S, E]
-    selected = jnp.sum(
-        jax.nn.one_hot(indices, n_experts, dtype=jnp.float32), axis=-2
-    )  # [B, S, E]
-    counts = jnp.einsum("bse,bs->be", selected, valid)  # [B, E]
-    f = counts * (n_experts / top_k) / safe_tokens[:, None]  # [B, E]
-    p = jnp.einsum("bse,bs->be", normalised, valid) / safe_tokens[:, None]  # [B, E]
-    per_sequence = jnp.sum(f * p, axis=-1)  # [B]
-    has_tokens = (tokens > 0).astype(jnp.float32)  # [B]
-    return jnp.sum(per_sequence * has_tokens) / jnp.maximum(jnp.sum(has_tokens), 1.0)
