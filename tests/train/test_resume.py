@@ -28,6 +28,14 @@ def env(cache):
     return dict(os.environ, V4JAX_CACHE=str(cache))
 
 
+def run_ok(workdir, cache, extra=()):
+    """Runs the CLI to completion; on failure the assertion shows the tail of its stderr."""
+    result = subprocess.run(command(workdir) + list(extra), cwd=REPO, env=env(cache), capture_output=True,
+                            text=True, timeout=1500)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
 def losses(workdir):
     records = [json.loads(line) for line in open(pathlib.Path(workdir) / "metrics.jsonl")]
     by_step = {r["step"]: r["loss"] for r in records}
@@ -40,12 +48,12 @@ def losses(workdir):
 def test_kill_and_resume_is_bitwise_identical(tmp_path):
     cache = tmp_path / "cache"  # shared compile cache: reruns start fast
     reference = tmp_path / "reference"
-    subprocess.run(command(reference), cwd=REPO, env=env(cache), check=True, capture_output=True, timeout=900)
+    run_ok(reference, cache)
 
     killed = tmp_path / "killed"
     proc = subprocess.Popen(command(killed), cwd=REPO, env=env(cache), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    deadline = time.time() + 900
+    deadline = time.time() + 1500
     while not (killed / "checkpoints" / "2").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
     assert proc.poll() is None, "the run finished before it could be killed"
@@ -54,8 +62,7 @@ def test_kill_and_resume_is_bitwise_identical(tmp_path):
     steps_before = sorted(int(p.name) for p in (killed / "checkpoints").iterdir() if p.name.isdigit())
     assert steps_before and max(steps_before) < STEPS
 
-    rerun = subprocess.run(command(killed), cwd=REPO, env=env(cache), check=True, capture_output=True,
-                           text=True, timeout=900)
+    rerun = run_ok(killed, cache)
     assert "resumed from step" in rerun.stdout
     # bitwise: the same floats, compared exactly. Steps before the kill also show that the same seed
     # twice gives the identical curve (two independent processes from scratch).
@@ -66,8 +73,6 @@ def test_kill_and_resume_is_bitwise_identical(tmp_path):
     for path in (newest / "state").rglob("*"):
         if path.is_file():
             path.write_bytes(b"xx")
-    more = subprocess.run(command(killed)[:-len(OVERRIDES)] + OVERRIDES + [f"--config.train.steps={STEPS + 2}"],
-                          cwd=REPO, env=env(cache), capture_output=True, text=True, timeout=900)
-    assert more.returncode == 0, more.stderr[-2000:]
+    more = run_ok(killed, cache, [f"--config.train.steps={STEPS + 2}"])
     assert f"checkpoint at step {STEPS} is unreadable; falling back to step {STEPS - 2}" in more.stderr
     assert (killed / "corrupt_checkpoints" / str(STEPS)).is_dir()
