@@ -12,7 +12,7 @@ from v4jax.parallel import ShardingRules, make_mesh
 from v4jax.parallel import shardings as sh
 from v4jax.parallel.expert import expert_parallel_active, routed_experts_parallel
 
-MESHES = [dict(data=8), dict(expert=8), dict(data=2, expert=4), dict(fsdp=2, expert=2, tensor=2)]
+MESHES = [{"data": 8}, {"expert": 8}, {"data": 2, "expert": 4}, {"fsdp": 2, "expert": 2, "tensor": 2}]
 T = 64
 
 
@@ -43,13 +43,13 @@ def setup():
         return jnp.sum(y * cotangent), y
 
     step = jax.jit(jax.value_and_grad(objective, argnums=(0, 1, 2), has_aux=True))
-    (loss, y), grads = step(params, x, weights)
+    (_, y), grads = step(params, x, weights)
     return cfg, module, params, x, idx, weights, step, y, grads
 
 
 def test_single_device_path_is_untouched(setup):
     assert not expert_parallel_active()
-    cfg, module, params, x, idx, weights, step, y, grads = setup
+    cfg, _, params, x, idx, weights, _, y, _ = setup
     # an independent dense reference: every token through its K experts, one by one
     w1, w3, w2 = params["w1"], params["w3"], params["w2"]
     ref = np.zeros(y.shape, np.float64)
@@ -66,7 +66,7 @@ def test_single_device_path_is_untouched(setup):
 
 @pytest.mark.parametrize("mesh_cfg", MESHES, ids=lambda m: "-".join(f"{k}{v}" for k, v in m.items()))
 def test_expert_parallel_matches_single_device(setup, mesh_cfg):
-    cfg, module, params, x, idx, weights, step, y, grads = setup
+    cfg, _, params, x, _, weights, step, y, grads = setup
     mesh, rules = make_mesh(mesh_cfg), ShardingRules()
     specs = sh.specs_from_logical(params, {"w1": ("experts", "embed", "mlp"), "w3": ("experts", "embed", "mlp"),
                                            "w2": ("experts", "mlp", "embed")}, rules, mesh)
@@ -85,8 +85,8 @@ def test_expert_parallel_matches_single_device(setup, mesh_cfg):
 
 
 def test_tokens_must_split_over_the_batch_axes(setup):
-    cfg, module, params, x, idx, weights, *_ = setup
-    mesh = make_mesh(dict(expert=8))
+    _, _, params, x, idx, weights, *_ = setup
+    mesh = make_mesh({"expert": 8})
     with pytest.raises(ValueError, match="do not split over batch axes"):
         routed_experts_parallel(x[:12], idx[:12], weights[:12], params["w1"], params["w3"], params["w2"],
                                 jax.nn.relu, ShardingRules(), mesh)

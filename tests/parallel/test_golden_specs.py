@@ -62,7 +62,7 @@ def test_v4_flash_specs_match_golden_table(flash):
     assert all(r.split("  ")[-1].startswith("(None,") for r in got.splitlines() if r.startswith("seg"))
 
 
-@pytest.mark.parametrize("mesh_sizes", [dict(data=8, expert=32), dict(fsdp=8, expert=32)])
+@pytest.mark.parametrize("mesh_sizes", [{"data": 8, "expert": 32}, {"fsdp": 8, "expert": 32}])
 def test_v4_flash_params_and_optimizer_fit_an_h200(flash, mesh_sizes):
     params, logical, opt_state = flash
     mesh = abstract_mesh(**mesh_sizes)

@@ -5,7 +5,13 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from v4jax.model.config import ConfigError
-from v4jax.parallel import ShardingRules, abstract_mesh, logical_to_physical, make_mesh, mesh_shape
+from v4jax.parallel import (
+    ShardingRules,
+    abstract_mesh,
+    logical_to_physical,
+    make_mesh,
+    mesh_shape,
+)
 from v4jax.parallel import shardings as sh
 
 

@@ -10,5 +10,12 @@
 from v4jax.parallel.mesh import MESH_AXES, abstract_mesh, make_mesh, mesh_shape
 from v4jax.parallel.rules import DEFAULT_TABLE, ShardingRules, logical_to_physical
 
-__all__ = ["MESH_AXES", "abstract_mesh", "make_mesh", "mesh_shape", "DEFAULT_TABLE", "ShardingRules",
-           "logical_to_physical"]
+__all__ = [
+           "DEFAULT_TABLE",
+           "MESH_AXES",
+           "ShardingRules",
+           "abstract_mesh",
+           "logical_to_physical",
+           "make_mesh",
+           "mesh_shape",
+]

@@ -114,8 +114,9 @@ def scaling(n: int, batch: int, seq: int, steps: int) -> list[str]:
                     f"{batch * seq / med:,.0f} | {first_loss:.4f} -> {values[-1]:.4f} |")
         del state
         e *= 2
-    return [f"small MoE: d={cfg.hidden_size}, {cfg.num_layers} layers, {cfg.n_routed_experts} experts top-"
-            f"{cfg.num_experts_per_tok}, I={cfg.moe_intermediate_size}, bf16, batch {batch} x {seq}",
+    title = (f"small MoE: d={cfg.hidden_size}, {cfg.num_layers} layers, {cfg.n_routed_experts} experts top-"
+             f"{cfg.num_experts_per_tok}, I={cfg.moe_intermediate_size}, bf16, batch {batch} x {seq}")
+    return [title,
             "| mesh | first step (s, compile) | step ms (median) | tokens/s | loss first -> last |", "|---|---|---|---|---|", *rows]
 
 

@@ -23,7 +23,7 @@ single-device and the sharded traces never mix).
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

@@ -9,7 +9,8 @@ to plan shardings for meshes larger than the machine (golden specs, memory estim
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from jax.sharding import PartitionSpec as P
 
@@ -71,7 +71,7 @@ class ShardingRules:
                 return tuple(axes)
         raise ValueError(f"ShardingRules: no rule for logical axis {logical!r} (add it to the table)")
 
-    def replace(self, **overrides: Sequence[str]) -> "ShardingRules":
+    def replace(self, **overrides: Sequence[str]) -> ShardingRules:
         """A copy with some names remapped, e.g. `rules.replace(embed=(), mlp=("fsdp",))`."""
         table = tuple((n, tuple(overrides.pop(n)) if n in overrides else a) for n, a in self.table)
         table += tuple((n, tuple(a)) for n, a in overrides.items())

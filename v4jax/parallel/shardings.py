@@ -10,7 +10,8 @@ hash tables) are small and replicated. Batches are split on their leading axis o
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import numpy as np
@@ -33,7 +34,7 @@ class MeshPlan:
 
     @classmethod
     def create(cls, mesh_cfg: Mapping[str, Any] | Any, model: Any, sample_tokens: jax.Array,
-               rules: ShardingRules | None = None, devices=None) -> "MeshPlan":
+               rules: ShardingRules | None = None, devices=None) -> MeshPlan:
         mesh = mesh_cfg if isinstance(mesh_cfg, Mesh) else make_mesh(mesh_cfg, devices)
         rules = rules or ShardingRules()
         return cls(mesh, rules, sh.model_param_specs(model, sample_tokens, rules, mesh))
