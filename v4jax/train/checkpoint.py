@@ -110,8 +110,8 @@ class Checkpointer:
                 raise
             except Exception as err:  # orbax raises many types for damaged files; all mean "unreadable"
                 fallback = f"step {steps[i - 1]}" if i > 0 else "a fresh start"
-                print(f"warning: checkpoint at step {step} is unreadable ({type(err).__name__}); "
-                      f"falling back to {fallback}", file=sys.stderr, flush=True)
+                print(f"warning: checkpoint at step {step} is unreadable; falling back to {fallback} "
+                      f"({type(err).__name__})", file=sys.stderr, flush=True)
                 self._move_aside(step)
         return None
 
