@@ -37,7 +37,8 @@ def test_parameter_counts_match_spec():
     assert abs(flash["mtp"] / 6.6e9 - 1) < 0.01, flash
     assert abs(pro["total"] / 1599e9 - 1) < 0.005, pro
     assert abs(pro["main"] / 1573e9 - 1) < 0.005, pro
-    assert abs(flash["active"] / 13.3e9 - 1) < 0.01 and abs(pro["active"] / 48.9e9 - 1) < 0.01
+    assert abs(flash["active"] / 13.3e9 - 1) < 0.005 and abs(pro["active"] / 48.9e9 - 1) < 0.005
+    assert abs(pro["mtp"] / 25.8e9 - 1) < 0.005, pro
 
 
 BAD = [
