@@ -178,6 +178,10 @@ class Transformer(nn.Module):
             "router_indices": jnp.stack([a["indices"] for a in layers]),
             "router_weights": jnp.stack([a["weights"] for a in layers]),
             "indexer": {i: a["indexer"] for i, a in enumerate(layers) if "indexer" in a},
+            # small scalars for metrics: mean visible / selected compressed entries per query, per CSA layer
+            "indexer_stats": {f"layer{i}": {"visible_mean": jnp.mean(a["indexer"]["visible"].astype(jnp.float32)),
+                                            "selected_mean": jnp.mean(a["indexer"]["selected"].astype(jnp.float32))}
+                              for i, a in enumerate(layers) if "indexer" in a},
             "final_hidden": final_hidden if self.capture else None,
         }
         if self.capture:

@@ -20,7 +20,7 @@ from jaxtyping import Array, Float, Int
 from v4jax.train.state import TrainState
 
 Batch = dict[str, jax.Array]
-KNOWN_AUX = ("balance_loss", "expert_load", "router_indices")
+KNOWN_AUX = ("balance_loss", "expert_load", "router_indices", "router_weights", "indexer", "final_hidden")
 
 
 def token_nll(logits: Float[Array, "B S V"], targets: Int[Array, "B S"]) -> Float[Array, "B S"]:
@@ -96,7 +96,8 @@ def make_train_step(model: Any, tx: optax.GradientTransformation, *, lr_schedule
                     balance_loss_weight: float, router_bias_speed: float,
                     learned_layers: jax.Array | None,
                     router_bias: Callable | None, with_router_bias: Callable | None,
-                    update_router_bias: Callable | None, skip_nonfinite: bool = True) -> Callable:
+                    update_router_bias: Callable | None, skip_nonfinite: bool = True,
+                    qat_factor: Callable | None = None) -> Callable:
     """Builds `train_step(state, batch, routed_indices=None) -> (state, metrics)` (jit it with donation).
 
     `learned_layers` bool [L] marks layers whose bias is updated (hash layers keep zeros); the three
@@ -104,12 +105,16 @@ def make_train_step(model: Any, tx: optax.GradientTransformation, *, lr_schedule
     `v4jax.optim.router_bias.update_router_bias` (None skips the bias update, e.g. dense models).
     With `skip_nonfinite`, a step whose loss or gradient norm is NaN/Inf leaves params, buffers and
     optimizer state unchanged (the step counter still advances; metric `skipped_update` is 1).
+    `qat_factor` (step -> float32 blend factor, e.g. `quant.qat_active` with the run's policy; the model
+    must be built with `qat=policy`) is evaluated on the traced step counter, so late-stage QAT switches
+    on without recompiling; it is logged as metric `qat_factor`. None: the plain step, unchanged.
     """
 
-    def loss_fn(params, buffers, batch, routed_indices):
+    def loss_fn(params, buffers, batch, routed_indices, factor):
+        qat_kwargs = {} if factor is None else {"qat_factor": factor}
         out = model.apply({"params": params, "buffers": buffers}, batch["tokens"],
                           segment_ids=batch["segment_ids"], positions=batch["positions"],
-                          routed_indices=routed_indices)
+                          routed_indices=routed_indices, **qat_kwargs)
         lm = masked_mean(token_nll(out.logits, batch["targets"]), batch["loss_mask"])
         mtp = mtp_loss(tuple(out.mtp_logits), batch)
         balance = jnp.asarray(out.aux.get("balance_loss", 0.0), jnp.float32)
@@ -117,9 +122,10 @@ def make_train_step(model: Any, tx: optax.GradientTransformation, *, lr_schedule
 
     def train_step(state: TrainState, batch: Batch, routed_indices: jax.Array | None = None):
         w_mtp = mtp_weight(state.step)
+        factor = None if qat_factor is None else qat_factor(state.step)
 
         def objective(params):
-            lm, mtp, balance, aux = loss_fn(params, state.buffers, batch, routed_indices)
+            lm, mtp, balance, aux = loss_fn(params, state.buffers, batch, routed_indices, factor)
             total = lm + w_mtp * mtp + balance_loss_weight * balance
             return total, (lm, mtp, balance, aux)
 
@@ -143,6 +149,8 @@ def make_train_step(model: Any, tx: optax.GradientTransformation, *, lr_schedule
                    "mtp_weight": w_mtp, "grad_norm": grad_norm,
                    "skipped_update": (~finite).astype(jnp.float32) if skip_nonfinite else jnp.zeros(()),
                    "learning_rate": jnp.asarray(lr_schedule(state.step), jnp.float32)}
+        if factor is not None:
+            metrics["qat_factor"] = factor
         metrics.update(routing_stats(aux, bias))
         new_state = state.replace(step=state.step + 1, params=params, buffers=buffers, opt_state=opt_state)
         return new_state, metrics
@@ -150,12 +158,17 @@ def make_train_step(model: Any, tx: optax.GradientTransformation, *, lr_schedule
     return train_step
 
 
-def make_eval_step(model: Any) -> Callable:
-    """Builds `eval_step(params, buffers, batch) -> (nll_sum, token_count)` for the LM loss."""
+def make_eval_step(model: Any, qat_factor: Callable | None = None) -> Callable:
+    """Builds `eval_step(params, buffers, batch, step=None) -> (nll_sum, token_count)` for the LM loss.
 
-    def eval_step(params, buffers, batch):
+    With `qat_factor` (as in `make_train_step`), pass `step`: the model runs with the QAT factor of that
+    step, so an evaluation sees the numerics the training used; without it `step` is ignored.
+    """
+
+    def eval_step(params, buffers, batch, step=None):
+        qat_kwargs = {} if qat_factor is None else {"qat_factor": qat_factor(step)}
         out = model.apply({"params": params, "buffers": buffers}, batch["tokens"],
-                          segment_ids=batch["segment_ids"], positions=batch["positions"])
+                          segment_ids=batch["segment_ids"], positions=batch["positions"], **qat_kwargs)
         mask = batch["loss_mask"].astype(jnp.float32)
         return jnp.sum(token_nll(out.logits, batch["targets"]) * mask), jnp.sum(mask)
 
