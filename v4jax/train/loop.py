@@ -84,6 +84,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     """Trains `config` into `workdir` (resuming from its latest checkpoint), evaluates, samples, summarises."""
+    from v4jax import quant
     from v4jax.data import build_pipeline
     from v4jax.model import ModelConfig, Transformer
     from v4jax.optim import build_optimizer, learning_rate_schedule
@@ -96,7 +97,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
         f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
     model_cfg = ModelConfig.from_config(config.model)
-    model = Transformer(model_cfg)
+    # QAT (config.qat): the model fake-quantizes per the policy, blended in by a factor computed from the
+    # traced step counter (quant.qat_active), so late-stage QAT needs no recompile; off: the plain model
+    policy = quant.QATPolicy.from_config(config.qat)
+    model = Transformer(model_cfg, qat=policy) if policy.enabled else Transformer(model_cfg)
+    qat_factor = functools.partial(quant.qat_active, total_steps=t.steps, policy=policy) if policy.enabled else None
     init_tokens = jnp.zeros((t.batch_size, t.seq_len), jnp.int32)
     abstract_params = jax.eval_shape(lambda: init_variables(model, jax.random.PRNGKey(0), init_tokens))["params"]
     tx = build_optimizer(config.optim, abstract_params, t.steps)
@@ -110,8 +115,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     train_step = plan.jit_step(make_train_step(
         model, tx, lr_schedule=schedule, mtp_weight=mtp_weight_fn(t, decay_start),
         balance_loss_weight=float(t.balance_loss_weight), router_bias_speed=float(t.router_bias_speed),
-        skip_nonfinite=bool(config.stability.skip_nonfinite), **bias_fns), state_shardings)
-    eval_step = plan.under_mesh(jax.jit(make_eval_step(model)))
+        skip_nonfinite=bool(config.stability.skip_nonfinite), qat_factor=qat_factor, **bias_fns), state_shardings)
+    eval_step = plan.under_mesh(jax.jit(make_eval_step(model, qat_factor)))
     route_step = plan.under_mesh(jax.jit(make_route_step(model)))
 
     detector, anticipation = SpikeDetector(config.stability), AnticipationController(config.stability)
@@ -144,10 +149,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     metrics_lib.truncate_jsonl(os.path.join(workdir, "metrics.jsonl"), start_step)
     writer = metrics_lib.MetricsWriter(workdir)
 
-    def evaluate(params, buffers) -> tuple[float, float]:
+    def evaluate(params, buffers, step: int) -> tuple[float, float]:
+        # with QAT, the factor of the last trained step (the one logged with this evaluation)
+        qat_step = () if qat_factor is None else (jnp.asarray(max(step - 1, 0), jnp.int32),)
         nll, count = 0.0, 0.0
         for batch in eval_batches:
-            s, n = eval_step(params, buffers, plan.put_batch(batch))
+            s, n = eval_step(params, buffers, plan.put_batch(batch), *qat_step)
             nll, count = nll + float(s), count + float(n)
         loss = nll / max(count, 1.0)
         return loss, loss / math.log(2) / bytes_per_token
@@ -207,7 +214,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
                           step_time=elapsed / window_steps, tokens_per_second=tokens_per_step * window_steps / elapsed)
             record.update(detector.metrics(), **(event.metrics() if event else {}), **(transition or {}))
             if is_eval:
-                eval_loss, bits_per_byte = evaluate(state.params, state.buffers)
+                eval_loss, bits_per_byte = evaluate(state.params, state.buffers, step)
                 record.update(eval_loss=eval_loss, bits_per_byte=bits_per_byte)
                 progress.write(f"step {step}: eval loss {eval_loss:.3f} ({bits_per_byte:.3f} bits/byte)")
             last_record = writer.write(step, record)
@@ -224,7 +231,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     checkpointer.close()
 
     if eval_loss is None:  # nothing left to train (resumed a finished run)
-        eval_loss, bits_per_byte = evaluate(state.params, state.buffers)
+        eval_loss, bits_per_byte = evaluate(state.params, state.buffers, int(state.step))
     sample = sample_text(model, state.variables, tokenizer, t.sample_prompt, t.sample_tokens,
                          temperature=float(t.sample_temperature), seed=t.seed)
     writer.write_text(int(state.step), "sample", sample)
