@@ -6,8 +6,9 @@ The loop (`v4jax.train.loop`) asks for three things:
   so a model larger than one device is never materialised whole);
 - `plan.jit_step(step_fn)`: the step jitted with the state donated and its output constrained to the
   same shardings, run under `jax.set_mesh(mesh)` so the MoE layers dispatch expert-parallel;
-- `plan.put_batch(batch)`: a host batch split over the batch axes (multi-process: each process gives
-  its own rows, `jax.make_array_from_process_local_data`).
+- `plan.put_batch(batch)`: a host batch split over the batch axes. Multi-process: every process builds
+  the same global batch (the data pipeline is seeded identically) and each device takes its rows
+  (`jax.make_array_from_process_local_data` with the global shape).
 """
 
 from __future__ import annotations
@@ -54,16 +55,17 @@ class MeshPlan:
         return jax.device_put(tree, shardings)
 
     def batch_shardings(self, batch: Mapping[str, Any]) -> dict:
-        global_rows = np.shape(next(iter(batch.values())))[0] * jax.process_count()
+        global_rows = np.shape(next(iter(batch.values())))[0]
         return {k: NamedSharding(self.mesh, sh.batch_spec(self.rules, self.mesh, np.ndim(v), global_rows))
                 for k, v in batch.items()}
 
     def put_batch(self, batch: Mapping[str, Any]) -> dict:
-        """Host batch -> global arrays split over the batch axes (each process passes its own rows)."""
+        """Host batch (the whole global batch, the same on every process) -> arrays split over the batch axes."""
         shardings = self.batch_shardings(batch)
         if jax.process_count() == 1:
             return {k: jax.device_put(v, shardings[k]) for k, v in batch.items()}
-        return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v)) for k, v in batch.items()}
+        return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v), np.shape(v))
+                for k, v in batch.items()}
 
     def jit_step(self, step_fn: Callable, state_shardings: Any, donate: bool = True) -> Callable:
         """`step_fn(state, *args) -> (state, metrics)` jitted for the mesh (state donated, layout kept)."""
