@@ -1,0 +1,40 @@
+"""When `jax.distributed.initialize()` is called: only for a job launched as several processes."""
+
+import pytest
+
+from v4jax.parallel import distributed
+
+ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE",
+       "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "TPU_WORKER_HOSTNAMES")
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for key in ENV:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(distributed, "_initialized", False)
+    calls = []
+    monkeypatch.setattr(distributed.jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    return monkeypatch, calls
+
+
+def test_single_process_does_nothing(clean_env):
+    monkeypatch, calls = clean_env
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "localhost")
+    assert distributed.maybe_initialize_distributed() is False and calls == []
+
+
+@pytest.mark.parametrize("env, kwargs", [
+    ({"SLURM_NTASKS": "4"}, {}),
+    ({"TPU_WORKER_HOSTNAMES": "w0,w1,w2,w3"}, {}),
+    ({"JAX_COORDINATOR_ADDRESS": "host0:1234", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"},
+     {"coordinator_address": "host0:1234", "num_processes": 2, "process_id": 1}),
+])
+def test_several_processes_initialize_once(clean_env, env, kwargs):
+    monkeypatch, calls = clean_env
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert distributed.maybe_initialize_distributed() is True
+    assert distributed.maybe_initialize_distributed() is True
+    assert calls == [kwargs]
