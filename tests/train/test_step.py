@@ -58,7 +58,7 @@ class StandInModel(nn.Module):
         load = jnp.stack([jnp.bincount(idx.ravel(), length=self.experts)] * 2).astype(jnp.float32)  # [L, E]
         aux = {"balance_loss": jnp.mean(jax.nn.softmax(gate) ** 2), "expert_load": load,
                "router_indices": jnp.broadcast_to(idx[None, ..., None], (2, *idx.shape, 1)),
-               "indexer": {"valid_fraction": jnp.float32(0.5)}}
+               "indexer_stats": {"layer1": {"selected_mean": jnp.float32(0.5)}}}
         return types.SimpleNamespace(logits=logits, mtp_logits=(mtp,), aux=aux)
 
 
@@ -97,7 +97,7 @@ def test_train_step_combines_losses_updates_and_moves_only_learned_bias():
     np.testing.assert_array_equal(new_state.buffers["bias"][0], 0)  # hash layer untouched
     assert np.abs(new_state.buffers["bias"][1]).max() > 0
     assert metrics["expert_load_max_over_mean"].shape == (2,)
-    assert "aux/indexer/valid_fraction" in metrics
+    assert "aux/indexer_stats/layer1/selected_mean" in metrics
 
 
 def test_routed_indices_reach_the_model():
