@@ -194,8 +194,8 @@ def plots(runs: str, out_dir: str, hist: dict, table: dict) -> None:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    names = list(table)
-    vals = [table[n]["eval_loss"] for n in names]
+    names = [n.split(" (")[0].split(",")[0] for n in table]  # short labels: bf16, PTQ, late QAT, QAT from start
+    vals = [row["eval_loss"] for row in table.values()]
     ax.bar(names, vals, color=["tab:blue", "tab:red", "tab:orange", "tab:green"][:len(names)])
     for i, v in enumerate(vals):
         ax.text(i, v, f"{v:.4f}", ha="center", va="bottom")
