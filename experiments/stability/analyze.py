@@ -1,6 +1,9 @@
 """Counts loss spikes in the stability arms' metrics.jsonl, writes the table, results.json and plots.
 
-    .venv/bin/python experiments/stability/analyze.py experiments/stability/runs
+    .venv/bin/python experiments/stability/analyze.py RUNS [OUT.json] [OUT.png] [MAX_STEP]
+
+MAX_STEP (optional) cuts every run at that step, so that unfinished arms compare at equal length
+(the final eval loss then exists only for runs that reached their last step).
 
 Each run directory is named `<arm>-s<seed>` and holds the `metrics.jsonl` that `run_arm.py` wrote
 (one record per step). A spike is what the library's `SpikeDetector` with its default thresholds
@@ -54,9 +57,9 @@ def spikes_of(steps: list[int], losses: list[float]) -> tuple[list[int], int, fl
     return spike_steps, detector.nonfinite_count, largest, largest_at
 
 
-def summarise(run_dir: str) -> dict:
-    """The table row of one run."""
-    records = read_run(run_dir)
+def summarise(run_dir: str, max_step: int | None = None) -> dict:
+    """The table row of one run (records after `max_step` ignored)."""
+    records = [r for r in read_run(run_dir) if max_step is None or int(r["step"]) <= max_step]
     steps = [int(r["step"]) for r in records]
     losses = [float(r["loss"]) for r in records]
     spike_steps, nonfinite, largest, largest_at = spikes_of(steps, losses)
@@ -104,10 +107,11 @@ def main(argv: list[str]) -> int:
     runs = argv[0] if argv else os.path.join(HERE, "runs")
     out_json = argv[1] if len(argv) > 1 else os.path.join(HERE, "results.json")
     out_png = argv[2] if len(argv) > 2 else os.path.join(HERE, "loss_curves.png")
+    max_step = int(argv[3]) if len(argv) > 3 else None
     results = {}
     for name in sorted(os.listdir(runs)):
         if os.path.exists(os.path.join(runs, name, "metrics.jsonl")):
-            results[name] = summarise(os.path.join(runs, name))
+            results[name] = summarise(os.path.join(runs, name), max_step)
     if not results:
         raise SystemExit(f"no runs with metrics.jsonl under {runs}")
     plot(results, out_png)
