@@ -58,3 +58,14 @@ def test_qat_factor_zero_is_identity_and_grads_flow(setup):
     gflat = flax.traverse_util.flatten_dict(g, sep="/")
     assert all(np.all(np.isfinite(x)) for x in gflat.values())
     assert np.any(gflat["seg1/layer0/moe/experts/w1"] != 0)  # straight-through gradient reaches the FP4 weights
+
+
+def test_qat_factor_zero_keeps_indexer_selections(setup):
+    """Before QAT starts (factor 0) the indexer sees exactly the plain q/keys/scores: same picks, same logits."""
+    cfg, tokens, v = setup
+    policy = quant.QATPolicy(enabled=True)
+    a = jax.jit(Transformer(cfg, qat=policy).apply)(v, tokens, qat_factor=0.0)
+    b = jax.jit(Transformer(cfg).apply)(v, tokens)
+    for layer, stats in b.aux["indexer"].items():
+        np.testing.assert_array_equal(a.aux["indexer"][layer]["indices"], stats["indices"])
+    np.testing.assert_array_equal(a.logits, b.logits)

@@ -54,8 +54,9 @@ class Indexer(nn.Module):
         w = w.astype(jnp.float32) * nh ** -0.5  # [B, S, nh]
         qk = jnp.einsum("bshc,bnc->bshn", q.astype(jnp.float32), kv.astype(jnp.float32))  # [B, S, nh, N]
         scores = jnp.einsum("bshn,bsh->bsn", jax.nn.relu(qk) * hd ** -0.5, w)  # [B, S, N]
-        if self.qat is not None:
-            scores = quant.cast_index_scores(scores, self.qat)
+        if self.qat is not None and self.qat.enabled:  # bf16 index scores, only while QAT is switched on
+            on = jnp.asarray(1.0 if qat_factor is None else qat_factor) > 0
+            scores = jnp.where(on, quant.cast_index_scores(scores, self.qat), scores)
         visible = entry_visibility(keys, segment_ids)
         k = min(cfg.index_topk, scores.shape[-1])
         if k == 0:  # shorter than one window: nothing to select
@@ -66,8 +67,14 @@ class Indexer(nn.Module):
         return idx, selected, stats
 
     def _quantize_qk(self, q, kv, factor):
-        """QAT numerics of the indexer's QK path: Hadamard rotation (orthonormal) then fake-quant."""
-        if self.qat.hadamard:
-            q, kv = quant.hadamard(q), quant.hadamard(kv)
-        factor = 1.0 if factor is None else factor
-        return quant.apply_qat(q, "indexer_q", self.qat, factor), quant.apply_qat(kv, "indexer_k", self.qat, factor)
+        """QAT numerics of the indexer's QK path: Hadamard rotation (orthonormal) then fake-quant.
+
+        With factor 0 (QAT not started) q and keys are left exactly as they are: the rotation changes
+        float rounding, which could flip near-tied top-k picks.
+        """
+        factor = jnp.asarray(1.0 if factor is None else factor, jnp.float32)
+        qr, kr = (quant.hadamard(q), quant.hadamard(kv)) if self.qat.hadamard else (q, kv)
+        qq = quant.apply_qat(qr, "indexer_q", self.qat, factor)
+        kq = quant.apply_qat(kr, "indexer_k", self.qat, factor)
+        on = factor > 0
+        return jnp.where(on, qq, q), jnp.where(on, kq, kv)
