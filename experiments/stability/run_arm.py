@@ -8,7 +8,8 @@ rate with no gradient clipping and no warm-up decay, small batches. The arms dif
 stability mechanism they switch on; seed, data and everything else are shared:
 
 * baseline      - no SwiGLU clamp (`model.swiglu_limit=0`), standard routing
-* clamp         - SwiGLU clamp at `CLAMP_LIMIT` (the paper's 10 does not bind at this scale, see README)
+* clamp         - SwiGLU clamp at `--clamp` (default the paper's 10, which hardly binds at this scale;
+                  the README's lr 3e-2 and 1e-1 runs use --clamp=1.0)
 * router_delay  - router updates applied `ROUTER_DELAY` steps late (`optim.router_delay`)
 * anticipatory  - anticipatory routing always on (`stability.anticipatory_routing`, delta 1)
 * clamp_anticip - clamp + anticipatory routing
