@@ -87,9 +87,9 @@ def plot(results: dict[str, dict], path: str) -> None:
     for ax, arm in zip(axes, arms):
         for name in sorted(k for k in results if k.startswith(arm + "-s")):
             r = results[name]
-            line, = ax.plot(r["loss_steps"], r["losses"], lw=0.7, label=name.split("-")[-1])
+            ax.plot(r["loss_steps"], r["losses"], lw=0.7, label=name.split("-")[-1])
             at = {s: v for s, v in zip(r["loss_steps"], r["losses"])}
-            xs = [s for s in r["spike_steps"]]
+            xs = list(r["spike_steps"])
             ax.plot(xs, [at[s] for s in xs], "x", color="red", ms=6)
         ax.set_title(arm, fontsize=9, loc="left")
         ax.set_ylabel("loss")

@@ -38,6 +38,7 @@ def main(argv: list[str]) -> int:
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import run_arm
+
     from v4jax.data import build_pipeline, build_tokenizer, load_corpus
     from v4jax.model import ModelConfig, Transformer
     from v4jax.model import moe as moe_lib
