@@ -50,9 +50,10 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--append", action="store_true")
+    p.add_argument("--scan", choices=("both", "on", "off"), default="both")
     args = p.parse_args()
     rows = ["| layers | scan | segments | compile s (fwd+bwd) |", "|---|---|---|---|"]
-    for scan in (True, False):
+    for scan in {"both": (True, False), "on": (True,), "off": (False,)}[args.scan]:
         for layers in args.layers:
             cfg = build(layers, scan)
             secs = compile_seconds(cfg, args.batch, args.seq)
