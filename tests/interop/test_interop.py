@@ -15,6 +15,7 @@ import pytest
 from v4jax import quant
 from v4jax.interop import CheckpointError, export_hf, load_checkpoint
 from v4jax.interop.safetensors_io import open_checkpoint, read_header, write_safetensors
+from v4jax.model import layer_plan
 from v4jax.tools import hf_forward
 
 GOLDENS = os.path.join(os.path.dirname(__file__), "..", "goldens")
@@ -125,16 +126,11 @@ def test_fp4_experts_decode_identically_through_quant_and_loader():
     vals = np.stack([lut[b & 15], lut[b >> 4]], -1).reshape(w.shape[0], -1)
     ref = vals * np.repeat(np.ldexp(1.0, s.view(np.uint8).astype(np.int32) - 127), 32, axis=1)
     np.testing.assert_array_equal(direct, ref)
-    seg = [k for k in v["params"] if k.startswith("seg")]
-    loaded = [v["params"][k]["layer0"]["moe"]["experts"]["w1"] for k in seg]
-    # layer 1 is the CSA layer of this 3-layer model: find it by plan
-    from v4jax.model import layer_plan
-    for s_idx, segm in enumerate(layer_plan(cfg)):
-        if 1 in segm.layers():
-            r, j = divmod(1 - segm.start, segm.period)
-            got = v["params"][f"seg{s_idx}"][f"layer{j}"]["moe"]["experts"]["w1"][r][2]
+    # the loader's stacked leaf for layer 1, expert 2 ([in, out], the transpose of the checkpoint's [out, in])
+    s_idx, segm = next((i, sg) for i, sg in enumerate(layer_plan(cfg)) if 1 in sg.layers())
+    r, j = divmod(1 - segm.start, segm.period)
+    got = v["params"][f"seg{s_idx}"][f"layer{j}"]["moe"]["experts"]["w1"][r][2]
     np.testing.assert_array_equal(got, ref.T)
-    assert loaded
 
 
 @pytest.mark.parametrize("case", ["hf_base", "upstream_fp8_fp4"])

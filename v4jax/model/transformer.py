@@ -235,8 +235,7 @@ def router_bias(cfg: ModelConfig, buffers: dict) -> Float[Array, "l e"]:
 
 def with_router_bias(cfg: ModelConfig, buffers: dict, bias: Float[Array, "l e"]) -> dict:
     """A copy of `buffers` whose router biases are the rows of `bias` (hash rows are ignored)."""
-    buffers = jax.tree.map(lambda x: x, buffers)  # shallow structural copy
-    buffers = _thaw(buffers)
+    buffers = _thaw(buffers)  # a fresh dict tree (leaves shared), so the caller's buffers are left alone
     for layer, path, r in _router_leaves(cfg):
         node = buffers
         for key in path:
