@@ -48,8 +48,12 @@ def default_train_config() -> ml_collections.ConfigDict:
 
 
 def default_mesh_config() -> ml_collections.ConfigDict:
-    """Device-mesh axis sizes (-1 = all remaining devices). Validated now, used by the sharding work later."""
-    return ml_collections.ConfigDict({axis: 1 for axis in MESH_AXES})
+    """Device-mesh axis sizes (-1 = all remaining devices) and the MoE dispatch mode.
+
+    `moe_dispatch`: "auto" | "all_gather" | "all_to_all" | "ragged_all_to_all" (v4jax.parallel.dispatch);
+    "auto" is all_gather on CPU, ragged_all_to_all on GPU/TPU when top-k < mesh.expert.
+    """
+    return ml_collections.ConfigDict({**{axis: 1 for axis in MESH_AXES}, "moe_dispatch": "auto"})
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -125,8 +129,11 @@ def validate_train_config(t: ml_collections.ConfigDict) -> None:
 
 
 def validate_mesh_config(m: ml_collections.ConfigDict) -> None:
-    """Mesh sizes must be positive integers or -1 (fill with the remaining devices), at most one -1."""
-    unknown = sorted(set(m.keys()) - set(MESH_AXES))
+    """Mesh sizes must be positive integers or -1 (fill with the remaining devices), at most one -1;
+    `moe_dispatch` (optional, default "auto") one of the dispatch modes."""
+    from v4jax.parallel.dispatch import check_dispatch
+
+    unknown = sorted(set(m.keys()) - set(MESH_AXES) - {"moe_dispatch"})
     if unknown:
         raise _err(f"mesh.{unknown[0]}", f"unknown mesh axis (known: {', '.join(MESH_AXES)})")
     for axis in MESH_AXES:
@@ -135,6 +142,10 @@ def validate_mesh_config(m: ml_collections.ConfigDict) -> None:
             raise _err(f"mesh.{axis}", f"must be a positive integer or -1, got {v!r}")
     if sum(m[a] == -1 for a in MESH_AXES) > 1:
         raise _err("mesh", "at most one axis may be -1")
+    try:
+        check_dispatch(m.get("moe_dispatch", "auto"))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

@@ -12,8 +12,10 @@ XLA on entry: FSDP). Dispatch and combine:
    gets its own tokens with the contributions of all experts) and `psum`med over `tensor`.
 
 Nothing is dropped and no capacity factor exists, at the price of moving all tokens of the expert group
-to every shard. This is the path that runs on XLA:CPU, where `ragged_all_to_all` is not implemented
-(jax #34755); a `ragged_all_to_all` dispatch for GPU/TPU would slot in beside it, parity-tested against it.
+to every shard. Beside it, `dispatch.py` holds the all-to-all dispatch and combine (dense
+`all_to_all`, which runs on XLA:CPU, and `ragged_all_to_all` for GPU/TPU, which XLA:CPU does not
+implement, jax #34755); the mode comes from `config.mesh.moe_dispatch` through `dispatch.moe_dispatch`
+(entered by `MeshPlan.under_mesh`) or the `dispatch=` argument, "auto" picking per platform.
 
 The model calls `routed_experts_parallel` when a mesh with more than one device is active
 (`jax.set_mesh(mesh)` around the jitted step: the mesh is part of jit's cache key, so the
@@ -31,6 +33,7 @@ from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float, Int
 
 from v4jax.kernels.grouped_matmul import grouped_matmul
+from v4jax.parallel import dispatch as dp
 from v4jax.parallel.rules import ShardingRules
 
 DEFAULT_RULES = ShardingRules()
@@ -80,8 +83,14 @@ def _one(axes: tuple[str, ...]):
 def routed_experts_parallel(x: Float[Array, "t d"], idx: Int[Array, "t k"], weights: Float[Array, "t k"],
                             w1: Float[Array, "e d i"], w3: Float[Array, "e d i"], w2: Float[Array, "e i d"],
                             activation: Callable, rules: ShardingRules = DEFAULT_RULES,
-                            mesh=None) -> Float[Array, "t d"]:
-    """The routed experts' output [T, d] (float32) on the active (or given) mesh; see the module docstring."""
+                            mesh=None, dispatch: str | None = None,
+                            _ragged_collective: dp.RaggedCollective | None = None) -> Float[Array, "t d"]:
+    """The routed experts' output [T, d] (float32) on the active (or given) mesh; see the module docstring.
+
+    `dispatch`: one of `dispatch.DISPATCH_MODES`; None takes the mode set by `dispatch.moe_dispatch`
+    ("auto" unless set). `_ragged_collective` replaces `jax.lax.ragged_all_to_all` (tests on CPU pass
+    `dispatch.emulated_ragged_all_to_all` to check the ragged path's metadata; it skips the CPU refusal).
+    """
     mesh = mesh if mesh is not None else active_mesh()
     if mesh is None:
         raise ValueError("routed_experts_parallel: no mesh given and none active (use jax.set_mesh(mesh))")
@@ -106,6 +115,16 @@ def routed_experts_parallel(x: Float[Array, "t d"], idx: Int[Array, "t k"], weig
                          f"of size {n_expert}")
     if I % n_mlp:
         raise ValueError(f"routed_experts_parallel: moe_intermediate_size {I} does not split over {mlp_axes}")
+    mode = dp.check_dispatch(dp.current_dispatch() if dispatch is None else dispatch, "moe_dispatch")
+    platform = "emulated" if _ragged_collective is not None else _platform(mesh)
+    mode = dp.resolve_dispatch(mode, platform, n_expert, idx.shape[-1])
+    if expert_axis is None:
+        mode = "all_gather"  # no expert axis: every shard holds all experts, nothing to exchange
+    collective = _ragged_collective or jax.lax.ragged_all_to_all
+
+    def a2a_body(x, idx, weights, w1, w3, w2):
+        out = dp.a2a_expert_ffn(x, idx, weights, w1, w3, w2, activation, expert_axis, mode, collective)  # [T_local, d]
+        return jax.lax.psum(out, mlp_axes) if mlp_axes else out
 
     def body(x, idx, weights, w1, w3, w2):
         if expert_axis is not None:
@@ -125,5 +144,14 @@ def routed_experts_parallel(x: Float[Array, "t d"], idx: Int[Array, "t k"], weig
     tok = P(_one(batch_axes), None)
     w_in = P(_one(expert_axes), None, _one(mlp_axes))  # [E, d, I]
     w_out = P(_one(expert_axes), _one(mlp_axes), None)  # [E, I, d]
-    return jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, tok, w_in, w_in, w_out), out_specs=tok)(
+    fn = body if mode == "all_gather" else a2a_body
+    return jax.shard_map(fn, mesh=mesh, in_specs=(tok, tok, tok, w_in, w_in, w_out), out_specs=tok)(
         x, idx, weights, w1, w3, w2)
+
+
+def _platform(mesh) -> str:
+    """The mesh's device platform ("cpu", "gpu", "tpu"); the default backend for an abstract mesh."""
+    try:
+        return mesh.devices.flat[0].platform
+    except (AttributeError, ValueError):  # AbstractMesh has no devices
+        return jax.default_backend()

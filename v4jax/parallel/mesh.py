@@ -19,11 +19,12 @@ from jax.sharding import AbstractMesh, AxisType, Mesh
 from v4jax.model.config import ConfigError
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
+MESH_OPTIONS = ("moe_dispatch",)  # non-axis fields of config.mesh (read by MeshPlan, not by the mesh)
 
 
 def _sizes_of(mesh_cfg: Mapping[str, Any] | Any) -> dict[str, int]:
     get = mesh_cfg.get if hasattr(mesh_cfg, "get") else lambda k, d: getattr(mesh_cfg, k, d)
-    unknown = sorted(set(mesh_cfg.keys()) - set(MESH_AXES)) if hasattr(mesh_cfg, "keys") else []
+    unknown = sorted(set(mesh_cfg.keys()) - set(MESH_AXES) - set(MESH_OPTIONS)) if hasattr(mesh_cfg, "keys") else []
     if unknown:
         raise ConfigError(f"config.mesh.{unknown[0]}: unknown mesh axis (known: {', '.join(MESH_AXES)})")
     sizes = {axis: get(axis, 1) for axis in MESH_AXES}

@@ -1,14 +1,18 @@
 """Training on a mesh: where the TrainState and the batches live, and the sharded jit of a step.
 
 The loop (`v4jax.train.loop`) asks for three things:
-- `MeshPlan.create(config.mesh, model, tokens)`: the mesh, the rules and the parameter specs;
+- `MeshPlan.create(config.mesh, model, tokens)`: the mesh, the rules, the parameter specs and the MoE
+  dispatch mode (`config.mesh.moe_dispatch`, see `v4jax.parallel.dispatch`);
 - `plan.init_state(create_fn)`: the TrainState built directly in its shardings (jit with out_shardings,
   so a model larger than one device is never materialised whole);
 - `plan.jit_step(step_fn)`: the step jitted with the state donated and its output constrained to the
-  same shardings, run under `jax.set_mesh(mesh)` so the MoE layers dispatch expert-parallel;
-- `plan.put_batch(batch)`: a host batch split over the batch axes. Multi-process: every process builds
-  the same global batch (the data pipeline is seeded identically) and each device takes its rows
-  (`jax.make_array_from_process_local_data` with the global shape).
+  same shardings, run under `jax.set_mesh(mesh)` and `moe_dispatch(plan.dispatch)` so the MoE layers
+  dispatch expert-parallel in the configured mode;
+- `plan.put_batch(batch)`: a host batch split over the batch axes. Multi-process, two ways: either every
+  process passes the same global batch and each device takes its rows, or (`process_local=True`) each
+  process passes only its own rows, `global_rows // process_count` of them, as the data pipeline's
+  `process_index` / `process_count` give them (`v4jax.data.process_slice`); both go through
+  `jax.make_array_from_process_local_data` with the global shape.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from v4jax.parallel import shardings as sh
+from v4jax.parallel.dispatch import check_dispatch, moe_dispatch
 from v4jax.parallel.mesh import make_mesh
 from v4jax.parallel.rules import ShardingRules
 
@@ -32,13 +37,18 @@ class MeshPlan:
     mesh: Mesh
     rules: ShardingRules
     variable_specs: dict  # {'params': specs, 'buffers': specs}
+    dispatch: str = "auto"  # MoE dispatch mode (v4jax.parallel.dispatch.DISPATCH_MODES)
 
     @classmethod
     def create(cls, mesh_cfg: Mapping[str, Any] | Any, model: Any, sample_tokens: jax.Array,
-               rules: ShardingRules | None = None, devices=None) -> MeshPlan:
+               rules: ShardingRules | None = None, devices=None, dispatch: str | None = None) -> MeshPlan:
+        """`dispatch` overrides `mesh_cfg.moe_dispatch` (default "auto")."""
         mesh = mesh_cfg if isinstance(mesh_cfg, Mesh) else make_mesh(mesh_cfg, devices)
+        if dispatch is None:
+            dispatch = mesh_cfg.get("moe_dispatch", "auto") if hasattr(mesh_cfg, "get") else "auto"
+        check_dispatch(dispatch)
         rules = rules or ShardingRules()
-        return cls(mesh, rules, sh.model_param_specs(model, sample_tokens, rules, mesh))
+        return cls(mesh, rules, sh.model_param_specs(model, sample_tokens, rules, mesh), dispatch)
 
     def state_shardings(self, abstract_state: Any) -> Any:
         """NamedShardings of a TrainState (params by rule, optimizer state mirroring them, rest replicated)."""
@@ -78,11 +88,12 @@ class MeshPlan:
         return self.under_mesh(jitted)
 
     def under_mesh(self, fn: Callable) -> Callable:
-        """`fn` called (and so traced) with this mesh set: the MoE layers then run expert-parallel."""
+        """`fn` called (and so traced) with this mesh and dispatch mode set: the MoE layers then run
+        expert-parallel (both are part of jit's cache key, so changing either re-traces)."""
 
         @functools.wraps(fn)
         def call(*args, **kwargs):
-            with jax.set_mesh(self.mesh):
+            with jax.set_mesh(self.mesh), moe_dispatch(self.dispatch):
                 return fn(*args, **kwargs)
 
         return call
