@@ -38,3 +38,14 @@ def test_several_processes_initialize_once(clean_env, env, kwargs):
     assert distributed.maybe_initialize_distributed() is True
     assert distributed.maybe_initialize_distributed() is True
     assert calls == [kwargs]
+
+
+def test_process_row_range():
+    """The rows one process's devices hold: one block, or a one-line error when they interleave with another's."""
+    from v4jax.parallel.training import process_row_range
+
+    block = [(slice(4, 6), slice(None)), (slice(6, 8), slice(None)), (slice(4, 6), slice(None))]  # + a replica
+    assert process_row_range(block, 8) == (4, 8)
+    assert process_row_range([(slice(None), slice(None))], 8) == (0, 8)  # replicated over the batch
+    with pytest.raises(ValueError, match=r"^put_batch: this process's devices hold rows \[0, 1, 4, 5\] .*$"):
+        process_row_range([(slice(0, 2),), (slice(4, 6),)], 8)

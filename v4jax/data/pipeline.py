@@ -13,7 +13,16 @@ Stages (all grain, so the state of the whole chain is grain's own checkpointable
       .map(next-token targets)  targets / loss_mask never cross a segment boundary
     WindowShuffleIterDataset    train only, when shuffle and shuffle_buffer > 0 (see shuffle.py)
       .batch(batch_size)        a final partial batch (finite epochs) is padded with empty rows
+      .map(process rows)        several processes: this process's block of rows of the global batch
       .mp_prefetch(...)         only when num_workers > 0
+
+Several processes (multi-host): every process runs the same seeded chain, so the global batch (and the
+iterator state) is the same everywhere, and keeps only its block of `batch_size // process_count` rows,
+`process_rows(batch_size, process_index, process_count)`; the training loop assembles the global array
+from the blocks with `jax.make_array_from_process_local_data` (`MeshPlan.put_batch(..., process_local=True)`).
+The global batch does not depend on the number of processes (a run resumes on another host count with
+the same data), at the price that every host tokenizes and packs every row; sharding the documents per
+process would remove that cost but make the stream depend on the process count.
 
 The returned `DataIterator` yields dicts of numpy arrays and has `get_state()` (a JSON-serialisable
 dict) and `set_state(state)`: the training loop stores the state in its orbax checkpoint as JSON
@@ -90,6 +99,28 @@ class _Tokenize(grain.transforms.Map):
         return {"tokens": ids}
 
 
+def process_rows(batch_size: int, process_index: int, process_count: int) -> slice:
+    """The rows of a global batch of `batch_size` that process `process_index` of `process_count` keeps."""
+    ints = all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in (process_index, process_count))
+    if not ints or process_count < 1 or not 0 <= process_index < process_count:
+        raise ValueError(f"build_pipeline: process_index {process_index} is not in [0, process_count "
+                         f"{process_count})")
+    if batch_size % process_count:
+        raise ValueError(f"build_pipeline: batch_size {batch_size} does not split over {process_count} processes")
+    rows = batch_size // process_count
+    return slice(process_index * rows, (process_index + 1) * rows)
+
+
+class _ProcessRows(grain.transforms.Map):
+    """Global batch -> this process's block of rows (a copy, so the global batch can be freed)."""
+
+    def __init__(self, rows: slice):
+        self._rows = rows
+
+    def map(self, batch):
+        return {k: np.ascontiguousarray(v[self._rows]) for k, v in batch.items()}
+
+
 class _PadBatch(grain.transforms.Map):
     """Pads a final partial batch with empty rows (segment 0, loss_mask 0) to `batch_size`."""
 
@@ -125,10 +156,13 @@ def _restore_tuples(state: Any) -> Any:
 class DataIterator:
     """Iterator of batches with a JSON-serialisable, exactly restorable state."""
 
-    def __init__(self, dataset: grain.IterDataset, fingerprint: str, num_docs: int):
+    def __init__(self, dataset: grain.IterDataset, fingerprint: str, num_docs: int,
+                 rows: slice | None = None, global_batch_size: int | None = None):
         self._iterator = iter(dataset)
         self.fingerprint = fingerprint
         self.num_docs = num_docs  # documents in this split (one epoch)
+        self.rows = rows  # the rows of the global batch this process yields (all of them: one process)
+        self.global_batch_size = global_batch_size
 
     def __iter__(self) -> DataIterator:
         return self
@@ -221,6 +255,8 @@ def build_pipeline(
     seed: int = 0,
     num_epochs: int | None = None,
     corpus: Corpus | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
 ) -> DataIterator:
     """A deterministic, resumable iterator of packed batches for `split` ("train" or "eval").
 
@@ -234,6 +270,10 @@ def build_pipeline(
     The same seed gives the same batches on any machine. Shuffling applies to the train split
     only. `num_epochs=None` repeats forever; with an int the iterator ends after that many passes
     and the final partial batch is padded. `corpus` may be passed to reuse a loaded corpus.
+
+    `batch_size` is the global batch. With `process_count > 1` (pass `jax.process_index()` and
+    `jax.process_count()`) each batch holds only this process's `batch_size // process_count` rows,
+    `process_rows(...)` of the global batch; the state and fingerprint are those of the global stream.
     """
     validate_data_config(cfg)
     _check_positive("seq_len", seq_len)
@@ -248,6 +288,7 @@ def build_pipeline(
         raise ValueError(
             f"build_pipeline: seed must be an int in [0, 2**32), got {seed!r}"
         )
+    rows = process_rows(batch_size, process_index, process_count)
     corpus = load_corpus(cfg) if corpus is None else corpus
     indices = split_indices(corpus, split, cfg.eval_fraction)
     is_train = split == "train"
@@ -269,6 +310,8 @@ def build_pipeline(
         )
     it = it.batch(batch_size, drop_remainder=False)
     it = it.map(_PadBatch(batch_size))
+    if process_count > 1:
+        it = it.map(_ProcessRows(rows))
     if cfg.num_workers > 0:
         # grain's workers read absl flags; outside an absl app (pytest, Colab) take their defaults.
         if not absl_flags.FLAGS.is_parsed():
@@ -286,4 +329,4 @@ def build_pipeline(
         seed=int(seed),
         epochs=num_epochs,
     )
-    return DataIterator(it, fingerprint, num_docs=len(indices))
+    return DataIterator(it, fingerprint, num_docs=len(indices), rows=rows, global_batch_size=batch_size)

@@ -101,7 +101,7 @@ def _exclusive_cumsum(x: Int[Array, " n"]) -> Int[Array, " n"]:
 
 def exchange_routes(send_sizes: Int[Array, " n"], axis: str) -> Routes:
     """All the offsets from this shard's per-destination counts, with three all_to_alls of n integers."""
-    a2a = lambda v: jax.lax.all_to_all(v, axis, 0, 0, tiled=True)  # noqa: E731  [n] -> [n]
+    a2a = lambda v: jax.lax.all_to_all(v, axis, 0, 0, tiled=True)  # [n] -> [n]
     send_sizes = send_sizes.astype(jnp.int32)
     input_offsets = _exclusive_cumsum(send_sizes)
     recv_sizes = a2a(send_sizes)
@@ -185,7 +185,7 @@ def a2a_expert_ffn(x: Float[Array, "t d"], idx: Int[Array, "t k"], weights: Floa
     """
     if mode not in ("all_to_all", "ragged_all_to_all"):
         raise ValueError(f"a2a_expert_ffn: mode must be 'all_to_all' or 'ragged_all_to_all', got {mode!r}")
-    T, K = idx.shape
+    K = idx.shape[1]
     E_loc = w1.shape[0]
     flat = idx.reshape(-1)  # [P] global expert of each pair, P = T*K
     order = jnp.argsort(flat, stable=True)  # by destination shard, then by its local expert

@@ -69,13 +69,31 @@ class MeshPlan:
         return {k: NamedSharding(self.mesh, sh.batch_spec(self.rules, self.mesh, np.ndim(v), global_rows))
                 for k, v in batch.items()}
 
-    def put_batch(self, batch: Mapping[str, Any]) -> dict:
-        """Host batch (the whole global batch, the same on every process) -> arrays split over the batch axes."""
-        shardings = self.batch_shardings(batch)
-        if jax.process_count() == 1:
+    def put_batch(self, batch: Mapping[str, Any], process_local: bool = False) -> dict:
+        """Host batch -> global arrays split over the batch axes.
+
+        `process_local=False`: `batch` is the whole global batch, the same on every process. True: it is
+        this process's block of `global_rows // process_count` rows (block `process_index`, as the data
+        pipeline's `process_rows` gives it); the block must be exactly the rows this process's devices
+        hold, else a one-line error (put `data`/`fsdp` across hosts and `expert`/`tensor` within one).
+        """
+        count, index = jax.process_count(), jax.process_index()
+        local_rows = np.shape(next(iter(batch.values())))[0]
+        global_rows = local_rows * count if process_local else local_rows
+        shardings = {k: NamedSharding(self.mesh, sh.batch_spec(self.rules, self.mesh, np.ndim(v), global_rows))
+                     for k, v in batch.items()}
+        if count == 1:
             return {k: jax.device_put(v, shardings[k]) for k, v in batch.items()}
-        return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v), np.shape(v))
-                for k, v in batch.items()}
+        out = {}
+        for k, v in batch.items():
+            shape = (global_rows, *np.shape(v)[1:])
+            if process_local:
+                rows = process_row_range(shardings[k].addressable_devices_indices_map(shape).values(), global_rows)
+                if rows != (index * local_rows, (index + 1) * local_rows):
+                    raise ValueError(f"put_batch: process {index} holds rows {rows[0]}:{rows[1]} of the global batch "
+                                     f"on this mesh, not block {index} of {count} (the data pipeline's rows)")
+            out[k] = jax.make_array_from_process_local_data(shardings[k], np.asarray(v), shape)
+        return out
 
     def jit_step(self, step_fn: Callable, state_shardings: Any, donate: bool = True) -> Callable:
         """`step_fn(state, *args) -> (state, metrics)` jitted for the mesh (state donated, layout kept)."""
@@ -97,3 +115,16 @@ class MeshPlan:
                 return fn(*args, **kwargs)
 
         return call
+
+
+def process_row_range(device_indices: Any, global_rows: int) -> tuple[int, int]:
+    """(start, stop) of the batch rows that one process's devices hold, from their index tuples
+    (`sharding.addressable_devices_indices_map(shape).values()`); one-line error if not one block."""
+    covered = set()
+    for index in device_indices:
+        covered.update(range(*index[0].indices(global_rows)))
+    start, stop = min(covered), max(covered) + 1
+    if len(covered) != stop - start:
+        raise ValueError(f"put_batch: this process's devices hold rows {sorted(covered)} of the batch, not one "
+                         "contiguous block; order the mesh so the batch axes vary slowest across hosts")
+    return start, stop

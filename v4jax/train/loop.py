@@ -120,8 +120,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     route_step = plan.under_mesh(jax.jit(make_route_step(model)))
 
     detector, anticipation = SpikeDetector(config.stability), AnticipationController(config.stability)
+    # several processes: each keeps its block of every global train batch (put_batch(..., process_local=True));
+    # the few eval batches stay whole on every process (their bytes-per-token ratio is computed on the host)
     train_it = build_pipeline(config.data, tokenizer=tokenizer, split="train", seq_len=t.seq_len,
-                              batch_size=t.batch_size, seed=t.seed, corpus=corpus)
+                              batch_size=t.batch_size, seed=t.seed, corpus=corpus,
+                              process_index=jax.process_index(), process_count=jax.process_count())
     queue = LookaheadQueue(train_it, anticipation.delta)
     eval_it = build_pipeline(config.data, tokenizer=tokenizer, split="eval", seq_len=t.seq_len,
                              batch_size=t.batch_size, seed=t.seed, corpus=corpus)
@@ -179,10 +182,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
         anticipating, transition = anticipation.update(step)
         if anticipating:
             params, buffers = state.params, state.buffers
-            anticipation_forwards += queue.anticipate(lambda b: route_step(params, buffers, plan.put_batch(b)))
+            anticipation_forwards += queue.anticipate(
+                lambda b: route_step(params, buffers, plan.put_batch(b, process_local=True)))
         entry = queue.pop()
         routed = None if entry.routed_indices is None else jnp.asarray(entry.routed_indices)
-        state, step_metrics = train_step(state, plan.put_batch(entry.batch), routed)
+        state, step_metrics = train_step(state, plan.put_batch(entry.batch, process_local=True), routed)
         source = "current" if routed is None else "anticipated"
         step += 1
         if first_step_seconds is None:  # the first step includes the compile: timed apart
