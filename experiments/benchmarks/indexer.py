@@ -129,14 +129,14 @@ def check_and_recall(idx, vals, q, w, k, topk, ratio, rows, quant=None) -> dict:
 
 def scores_only_fn(quant, chunk, cfg):
   """Jitted: the score kernel over all chunks on prepared operands (no top-k); returns a sliver."""
-  def f(qlp, w_eff, klp, kscale, qseg, kseg):
+  def f(qlp, w_eff, klp, kscale, qseg, kseg, kend):
     s = qlp.shape[1]
     n_valid = klp.shape[1]
 
     def one(c0):
       sl = lambda x: jax.lax.dynamic_slice_in_dim(x, c0, chunk, axis=1)
       sc = triton._scores_call(c0[None].astype(jnp.int32), sl(qlp), sl(w_eff), klp, kscale,
-                               sl(qseg), kseg, ratio=RATIO, n_valid=n_valid, interpret=INTERPRET, **cfg)
+                               sl(qseg), kseg, kend, ratio=RATIO, n_valid=n_valid, interpret=INTERPRET, **cfg)
       return sc[:, -1, :8]
 
     return jax.lax.map(one, jnp.arange(0, s, chunk))

@@ -55,6 +55,8 @@ BAD = [
     (dict(rms_norm_eps=-1.0), "config.model.rms_norm_eps"),
     (dict(scan_layers="yes"), "config.model.scan_layers"),
     (dict(csa_ratio=1), "config.model.csa_ratio"),
+    (dict(indexer_impl="cuda"), "config.model.indexer_impl"),
+    (dict(indexer_interpret="yes"), "config.model.indexer_interpret"),
 ]
 
 

@@ -16,6 +16,7 @@ import ml_collections
 LAYER_KINDS = ("sliding", "csa", "hca")
 MOE_KINDS = ("hash", "learned")
 DTYPES = ("float32", "bfloat16", "float16")
+INDEXER_IMPLS = ("auto", "xla", "triton", "mosaic_tpu")  # "auto": kernels.indexer's own platform choice
 
 
 class ConfigError(ValueError):
@@ -42,6 +43,8 @@ class ModelConfig:
     index_n_heads: int = 64
     index_head_dim: int = 128
     index_topk: int = 512
+    indexer_impl: str = "auto"      # backend of the indexer's scores + top-k (v4jax.kernels.indexer)
+    indexer_interpret: bool = False  # run a Pallas indexer backend in interpret mode (CPU tests, debugging)
     # rope: main (sliding layers) and compress (CSA/HCA layers, with YaRN when yarn_factor > 0)
     rope_theta: float = 10000.0
     compress_rope_theta: float = 160000.0
@@ -146,12 +149,14 @@ def validate_model_config(d: Mapping[str, Any]) -> None:
     for name in ("yarn_factor", "swiglu_limit", "hc_init_alpha", "yarn_beta_fast", "yarn_beta_slow", "hc_init_comb_diag"):
         if not isinstance(d[name], (int, float)) or isinstance(d[name], bool) or d[name] < 0:
             raise _err(name, f"must be a non-negative number, got {d[name]!r}")
-    for name in ("scan_layers", "remat", "rope_restart_per_document"):
+    for name in ("scan_layers", "remat", "rope_restart_per_document", "indexer_interpret"):
         if not isinstance(d[name], bool):
             raise _err(name, f"must be True or False, got {d[name]!r}")
     for name in ("param_dtype", "dtype"):
         if d[name] not in DTYPES:
             raise _err(name, f"must be one of {DTYPES}, got {d[name]!r}")
+    if d["indexer_impl"] not in INDEXER_IMPLS:
+        raise _err("indexer_impl", f"must be one of {INDEXER_IMPLS}, got {d['indexer_impl']!r}")
 
     if d["rope_head_dim"] % 2:
         raise _err("rope_head_dim", f"must be even (interleaved pairs), got {d['rope_head_dim']}")

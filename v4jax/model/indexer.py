@@ -4,6 +4,12 @@ the top-k (spec 4.6, hf_reference 3.6).
 `score[t, s] = sum_h w[t, h] * relu(qI[t, h] . KI[s]) * c_I^-0.5`, with `w = weights_proj(x) * n_I^-0.5`.
 The indexer has its own overlapped compressor at width c_I; its queries come from the same low-rank
 latent `cQ` as the attention queries. Selections are discrete (no gradient flows through them).
+
+Scores and top-k run in `v4jax.kernels.indexer.indexer_topk` (backend: `config.model.indexer_impl`),
+with `c_I^-0.5` folded into the head weights and the compressor's compacted entries passed as per-entry
+ends and segments, so the kernel's visibility is exactly `entry_visibility`. q and keys go in as fp32
+(the model's numerics: fp32 products, fp32 scores; bf16 scores while QAT is on). The order of the picks
+within a row depends on the backend (xla: by decreasing score, triton: by increasing index).
 """
 
 from __future__ import annotations
@@ -13,22 +19,44 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Float
+from jaxtyping import Array, Bool, Float, Int
 
 from v4jax import quant
-from v4jax.model.compressor import Compressor, entry_visibility
+from v4jax.kernels import indexer as indexer_kernels
+from v4jax.model.compressor import Compressor, Entries, entry_visibility
 from v4jax.model.config import ModelConfig
 from v4jax.model.layers import Dense, dtype_of, rope_tail
 
 
-def topk_selection(scores: Float[Array, "b s n"], visible: Bool[Array, "b s n"], k: int):
-    """Top-k of the visible scores: (indices [B,S,k] with -1 for invalid picks, selection mask [B,S,N])."""
-    masked = jnp.where(visible, scores, -jnp.inf)
-    vals, idx = jax.lax.top_k(masked, k)
-    ok = vals > -jnp.inf
-    idx = jnp.where(ok, idx, -1).astype(jnp.int32)
-    onehot = jax.nn.one_hot(jnp.where(ok, idx, scores.shape[-1]), scores.shape[-1] + 1, dtype=jnp.bool_)
-    return idx, jnp.any(onehot, axis=-2)[..., :-1]
+def selection_mask(idx: Int[Array, "b s k"], n: int) -> Bool[Array, "b s n"]:
+    """The picks as a mask over the N entries (-1 = no pick)."""
+    b, s, _ = idx.shape
+    rows = jnp.zeros((b, s, n + 1), jnp.bool_)
+    bi, si = jnp.arange(b)[:, None, None], jnp.arange(s)[None, :, None]
+    return rows.at[bi, si, jnp.where(idx < 0, n, idx)].set(True)[..., :n]
+
+
+def select_topk(q: Float[Array, "b s h c"], w: Float[Array, "b s h"], entries: Entries,
+                segment_ids: Int[Array, "b s"], k: int, ratio: int, cfg: ModelConfig, bf16_scores=None):
+    """Top-k entries per query through the kernel api: idx [B,S,k] (-1 for no pick), no gradient.
+
+    score = sum_h w relu(q . key) with entries visible as in `entry_visibility` (unused slots get an end
+    past the sequence). `bf16_scores`: None (fp32 scores) or a traced bool; when true the top-k sees
+    the scores rounded to bf16 (one `lax.cond`, so only one branch runs).
+    """
+    q, w, kv = (jax.lax.stop_gradient(a.astype(jnp.float32)) for a in (q, w, entries.values))
+    end = jnp.where(entries.valid, entries.end, q.shape[1])  # [B, N]: unused slots are never visible
+    impl = None if cfg.indexer_impl == "auto" else cfg.indexer_impl
+
+    def run(score_dtype):
+        idx, _ = indexer_kernels.indexer_topk(q, w, kv, k, ratio, (segment_ids, entries.segment),
+                                              implementation=impl, interpret=cfg.indexer_interpret,
+                                              entry_end=end, score_dtype=score_dtype)
+        return idx
+
+    if bf16_scores is None:
+        return run(jnp.float32)
+    return jax.lax.cond(bf16_scores, lambda: run(jnp.bfloat16), lambda: run(jnp.float32))
 
 
 class Indexer(nn.Module):
@@ -48,21 +76,22 @@ class Indexer(nn.Module):
         keys = Compressor(hd, cfg.csa_ratio, True, cfg.rope_head_dim, cfg.rms_norm_eps, cfg.init_std, pdt,
                           name="compressor")(x, segment_ids, doc_pos, rope_positions, inv_freq)
         kv = keys.values
+        bf16_scores = None
         if self.qat is not None and self.qat.enabled:
             q, kv = self._quantize_qk(q, kv, qat_factor)
+            keys = keys._replace(values=kv)
+            if self.qat.index_scores_bf16:  # bf16 index scores, only while QAT is switched on
+                bf16_scores = jnp.asarray(1.0 if qat_factor is None else qat_factor) > 0
         w = Dense(nh, ("embed", "index_heads"), cfg.init_std, dtype, pdt, name="weights_proj")(x)
-        w = w.astype(jnp.float32) * nh ** -0.5  # [B, S, nh]
-        qk = jnp.einsum("bshc,bnc->bshn", q.astype(jnp.float32), kv.astype(jnp.float32))  # [B, S, nh, N]
-        scores = jnp.einsum("bshn,bsh->bsn", jax.nn.relu(qk) * hd ** -0.5, w)  # [B, S, N]
-        if self.qat is not None and self.qat.enabled:  # bf16 index scores, only while QAT is switched on
-            on = jnp.asarray(1.0 if qat_factor is None else qat_factor) > 0
-            scores = jnp.where(on, quant.cast_index_scores(scores, self.qat), scores)
+        w = w.astype(jnp.float32) * (nh ** -0.5 * hd ** -0.5)  # [B, S, nh]: both scales folded into w
         visible = entry_visibility(keys, segment_ids)
-        k = min(cfg.index_topk, scores.shape[-1])
+        n = kv.shape[1]
+        k = min(cfg.index_topk, n)
         if k == 0:  # shorter than one window: nothing to select
-            idx, selected = jnp.zeros((*scores.shape[:2], 0), jnp.int32), visible
+            idx, selected = jnp.zeros((*q.shape[:2], 0), jnp.int32), visible
         else:
-            idx, selected = topk_selection(jax.lax.stop_gradient(scores), visible, k)
+            idx = select_topk(q, w, keys, segment_ids, k, cfg.csa_ratio, cfg, bf16_scores)
+            selected = selection_mask(idx, n)
         stats = {"visible": jnp.sum(visible, -1), "selected": jnp.sum(selected, -1)}
         return idx, selected, stats
 

@@ -4,12 +4,16 @@
     idx, scores = indexer.indexer_topk(q, w, k, topk, ratio)
 
 q [B,S,H,D], w [B,S,H], k [B,N,D] (compressed keys). score[t,s] = sum_h w[t,h] relu(q[t,h] . k[s]);
-entry s is visible to query t iff s < (t+1)//ratio and both share a segment. Returns idx [B,S,topk]
+entry s is visible to query t iff s < (t+1)//ratio, entry_end[s] <= t and both share a segment
+(`segment_ids`: query ids [B,S], or the pair (query ids [B,S], entry ids [B,N])). `entry_end` [B,N]
+defaults to ratio*(s+1)-1 (the ratio form); entries compacted per document pass their window ends
+(>= S for unused slots), see `reference`. Returns idx [B,S,topk]
 int32 (-1 when fewer than topk entries are visible) and scores [B,S,topk] fp32 (-inf there).
 The order of the entries within a row depends on the backend (xla / mosaic_tpu: by decreasing
 score; triton: by increasing index): compare rows as sets; scores always belong to their idx.
 quant: None (QK in the input dtype, fp32 accumulation), "fp8" (E4M3, per-row scales) or "mxfp4"
 (Hadamard-rotated, MXFP4; on Hopper E4M3 operands, see `triton.indexer_topk(mma_bf16=...)`).
+`score_dtype` (static): the dtype the top-k sees (bf16 = the paper's bf16 index scores; returned in fp32).
 `topk` and `ratio` are static Python ints. The selection has no gradient, and the Pallas backends define
 no VJP: a loss on the selected scores (the indexer's KL loss) should recompute them differentiably
 from q, w, k[idx].
@@ -20,6 +24,7 @@ from __future__ import annotations
 import warnings
 
 import jax
+import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from v4jax.kernels.indexer import quantize, reference
@@ -59,16 +64,22 @@ def _pick(implementation: str | None, platform: str, interpret: bool, h: int, d:
 def indexer_topk(q: Float[Array, "B S H D"], w: Float[Array, "B S H"], k: Float[Array, "B N D"],
                  topk: int, ratio: int, segment_ids: reference.SegmentIds = None,
                  quant: str | None = None, implementation: str | None = None,
-                 interpret: bool = False
+                 interpret: bool = False, *, entry_end: Int[Array, "B N"] | None = None,
+                 score_dtype=jnp.float32
                  ) -> tuple[Int[Array, "B S topk"], Float[Array, "B S topk"]]:
   """Top-k compressed entries per query by lightning-indexer score (module doc for semantics)."""
   reference.check_inputs(q, w, k, topk, ratio)
   quantize.check_quant(quant)
+  if jnp.dtype(score_dtype) not in (jnp.float32, jnp.bfloat16):
+    raise ValueError(f"score_dtype must be float32 or bfloat16, got {jnp.dtype(score_dtype)}")
+  reference.entry_ends(entry_end, k.shape[0], k.shape[1], ratio)  # shape check
   impl = _pick(implementation, jax.default_backend(), interpret, q.shape[2], q.shape[3])
+  opts = {"entry_end": entry_end, "score_dtype": score_dtype}
   if impl == "triton":
     from v4jax.kernels.indexer import triton
-    return triton.indexer_topk(q, w, k, topk, ratio, segment_ids, quant, interpret=interpret)
+    return triton.indexer_topk(q, w, k, topk, ratio, segment_ids, quant, interpret=interpret, **opts)
   if impl == "mosaic_tpu":
     from v4jax.kernels.indexer import mosaic_tpu
-    return mosaic_tpu.indexer_topk(q, w, k, topk, ratio, segment_ids, quant, interpret=interpret)
-  return reference.indexer_topk(q, w, k, topk, ratio, segment_ids, quant)
+    return mosaic_tpu.indexer_topk(q, w, k, topk, ratio, segment_ids, quant, interpret=interpret,
+                                   **opts)
+  return reference.indexer_topk(q, w, k, topk, ratio, segment_ids, quant, **opts)

@@ -7,7 +7,7 @@ merge per key tile would cost more than the QK product. Instead queries go in ch
 
   1. `_score_kernel`: tiles [bq queries, bk entries]; per tile a loop over the H heads, each a
      [bq, D] x [D, bk] tensor-core dot (bf16; FP8 operands for the quantized modes), relu, times the
-     head weight, accumulated in fp32 registers; causal / segment masking writes -inf. Tiles that no
+     head weight, accumulated in fp32 registers; causal / entry-end / segment masking writes -inf. Tiles that no
      query of the block can see are skipped (left unwritten: the select kernel never reads them).
      Output: the chunk's fp32 score row-block [B, chunk, W], W = the chunk's visible width rounded up
      to a power of two (chunks are grouped by W, one `lax.map` per group, so early chunks do no work
@@ -39,6 +39,7 @@ from jaxtyping import Array, Float, Int
 from v4jax.kernels.indexer import quantize, reference
 
 _INT_MIN = -(2**31)
+NEVER = 2**31 - 1  # entry end of padded slots: no query ever sees them
 
 
 def _next_pow2(x: int) -> int:
@@ -49,10 +50,14 @@ def _round_up(x: int, m: int) -> int:
   return -(-x // m) * m
 
 
-def _score_kernel(c0_ref, q_ref, w_ref, k_ref, ks_ref, qseg_ref, kseg_ref, o_ref, *, block_q: int,
-                  block_k: int, num_heads: int, ratio: int, n_valid: int, exact_fp32: bool,
-                  mma_bf16: bool):
-  """One [block_q, block_k] tile of masked scores: sum_h w[t,h] relu(q[t,h] . k[s]) * kscale[s]."""
+def _score_kernel(c0_ref, q_ref, w_ref, k_ref, ks_ref, qseg_ref, kseg_ref, kend_ref, o_ref, *,
+                  block_q: int, block_k: int, num_heads: int, ratio: int, n_valid: int,
+                  exact_fp32: bool, mma_bf16: bool, score_dtype):
+  """One [block_q, block_k] tile of masked scores: sum_h w[t,h] relu(q[t,h] . k[s]) * kscale[s].
+
+  The tile skip uses the ratio bound s < (t+1)//ratio, which every entry_end respects (reference doc).
+  Scores are rounded to `score_dtype` (kept in fp32) when it is not fp32.
+  """
   t0 = c0_ref[0] + pl.program_id(1) * block_q
   k0 = pl.program_id(2) * block_k
   seen_by_block = jnp.minimum((t0 + block_q) // ratio, n_valid)  # entries < this are seen by a row
@@ -70,9 +75,11 @@ def _score_kernel(c0_ref, q_ref, w_ref, k_ref, ks_ref, qseg_ref, kseg_ref, o_ref
 
     acc = jax.lax.fori_loop(0, num_heads, one_head, jnp.zeros((block_q, block_k), jnp.float32))
     acc = acc * ks_ref[...][None, :]
+    if score_dtype != jnp.float32:
+      acc = acc.astype(score_dtype).astype(jnp.float32)
     t = t0 + jax.lax.broadcasted_iota(jnp.int32, (block_q, block_k), 0)
     s = k0 + jax.lax.broadcasted_iota(jnp.int32, (block_q, block_k), 1)
-    vis = (s < (t + 1) // ratio) & (s < n_valid)
+    vis = (s < (t + 1) // ratio) & (s < n_valid) & (kend_ref[...][None, :] <= t)
     vis &= qseg_ref[...][:, None] == kseg_ref[...][None, :]
     o_ref[...] = jnp.where(vis, acc, -jnp.inf)
 
@@ -118,14 +125,16 @@ def _select_kernel(c0_ref, x_ref, idx_ref, val_ref, *, topk: int, ratio: int, n_
   plgpu.store(val_ref, jnp.full((rows * topk_pad,), -jnp.inf, jnp.float32), mask=pad)
 
 
-def _scores_call(c0, q, w, k, kscale, qseg, kseg, *, ratio, n_valid, block_q, block_k, num_warps,
-                 num_stages, interpret, width=None, mma_bf16=False):
+def _scores_call(c0, q, w, k, kscale, qseg, kseg, kend, *, ratio, n_valid, block_q, block_k,
+                 num_warps, num_stages, interpret, width=None, mma_bf16=False,
+                 score_dtype=jnp.float32):
   """Masked fp32 scores of one query chunk against entries [0, width): [B, C, width]."""
   b, c, h, d = q.shape
   width = width or k.shape[1]
   kernel = functools.partial(_score_kernel, block_q=block_q, block_k=block_k, num_heads=h,
                              ratio=ratio, n_valid=n_valid, exact_fp32=q.dtype == jnp.float32,
-                             mma_bf16=mma_bf16 and q.dtype.itemsize == 1)
+                             mma_bf16=mma_bf16 and q.dtype.itemsize == 1,
+                             score_dtype=jnp.dtype(score_dtype))
   return pl.pallas_call(
       kernel,
       grid=(b, c // block_q, width // block_k),
@@ -137,13 +146,14 @@ def _scores_call(c0, q, w, k, kscale, qseg, kseg, *, ratio, n_valid, block_q, bl
           pl.BlockSpec((None, block_k), lambda i, j, l: (i, l)),
           pl.BlockSpec((None, block_q), lambda i, j, l: (i, j)),
           pl.BlockSpec((None, block_k), lambda i, j, l: (i, l)),
+          pl.BlockSpec((None, block_k), lambda i, j, l: (i, l)),
       ],
       out_specs=pl.BlockSpec((None, block_q, block_k), lambda i, j, l: (i, j, l)),
       out_shape=jax.ShapeDtypeStruct((b, c, width), jnp.float32),
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
       name="indexer_scores",
-  )(c0, q, w, k, kscale, qseg, kseg)
+  )(c0, q, w, k, kscale, qseg, kseg, kend)
 
 
 def _select_rows(width: int, chunk: int, select_elems: int) -> int:
@@ -182,23 +192,24 @@ def _select_call(c0, scores, *, topk, ratio, n_valid, interpret, select_elems=16
 
 
 def chunk_scores(q, w, k, ratio, segment_ids=None, quant=None, *, c0: int = 0, chunk: int | None = None,
-                 block_q: int = 64, block_k: int = 64, num_warps: int = 4, num_stages: int = 3,
-                 interpret: bool = False) -> jax.Array:
+                 entry_end=None, block_q: int = 64, block_k: int = 64, num_warps: int = 4,
+                 num_stages: int = 3, interpret: bool = False) -> jax.Array:
   """Masked scores of queries [c0, c0 + chunk) only ([B, chunk, n_pad] fp32; for tests and benchmarks).
 
   Entries no query of a tile can see are left unwritten (garbage), as in the full pipeline.
   """
-  ops = _prepare(q, w, k, ratio, segment_ids, quant, block_k)
-  qlp, w_eff, klp, kscale, qseg, kseg = ops
+  qlp, w_eff, klp, kscale, qseg, kseg, kend = _prepare(q, w, k, ratio, segment_ids, quant, block_k,
+                                                       entry_end)
   chunk = chunk or q.shape[1] - c0
   sl = lambda x: jax.lax.slice_in_dim(x, c0, c0 + chunk, axis=1)
-  return _scores_call(jnp.array([c0], jnp.int32), sl(qlp), sl(w_eff), klp, kscale, sl(qseg), kseg,
+  return _scores_call(jnp.array([c0], jnp.int32), sl(qlp), sl(w_eff), klp, kscale, sl(qseg), kseg, kend,
                       ratio=ratio, n_valid=k.shape[1], block_q=block_q, block_k=block_k,
                       num_warps=num_warps, num_stages=num_stages, interpret=interpret)
 
 
-def _prepare(q, w, k, ratio, segment_ids, quant, block_k):
-  """Kernel operands: low-precision q/k, folded weights, key scales, segments; keys padded."""
+def _prepare(q, w, k, ratio, segment_ids, quant, block_k, entry_end=None):
+  """Kernel operands: low-precision q/k, folded weights, key scales, segments, entry ends (padded
+  slots never visible); keys padded to a power of two >= block_k."""
   b, s, _h, _d = q.shape
   n = k.shape[1]
   qlp, qscale, klp, kscale = quantize.kernel_operands(q, k, quant)
@@ -206,10 +217,12 @@ def _prepare(q, w, k, ratio, segment_ids, quant, block_k):
   if kscale is None:
     kscale = jnp.ones((b, n), jnp.float32)
   qseg, kseg = reference.split_segment_ids(segment_ids, b, s, n, ratio)
+  kend = reference.entry_ends(entry_end, b, n, ratio)
   n_pad = max(_next_pow2(n), block_k)
   pad_n = ((0, 0), (0, n_pad - n))
   klp = jnp.pad(klp, pad_n + ((0, 0),))
-  return qlp, w_eff, klp, jnp.pad(kscale, pad_n), qseg, jnp.pad(kseg, pad_n, constant_values=-1)
+  return (qlp, w_eff, klp, jnp.pad(kscale, pad_n), qseg, jnp.pad(kseg, pad_n, constant_values=-1),
+          jnp.pad(kend, pad_n, constant_values=NEVER))
 
 
 def chunk_width(c0: int, chunk: int, ratio: int, n: int, block_k: int) -> int:
@@ -220,7 +233,8 @@ def chunk_width(c0: int, chunk: int, ratio: int, n: int, block_k: int) -> int:
 
 def indexer_topk(q: Float[Array, "B S H D"], w: Float[Array, "B S H"], k: Float[Array, "B N D"],
                  topk: int, ratio: int, segment_ids: reference.SegmentIds = None,
-                 quant: str | None = None, *, interpret: bool = False, chunk: int = 2048,
+                 quant: str | None = None, *, entry_end: Int[Array, "B N"] | None = None,
+                 score_dtype=jnp.float32, interpret: bool = False, chunk: int = 2048,
                  block_q: int = 64, block_k: int = 128, num_warps: int = 4, num_stages: int = 3,
                  mma_bf16: bool = True, select_elems: int = 16384
                  ) -> tuple[Int[Array, "B S topk"], Float[Array, "B S topk"]]:
@@ -231,7 +245,8 @@ def indexer_topk(q: Float[Array, "B S H D"], w: Float[Array, "B S H"], k: Float[
   so one chunk's score row-block is in flight at a time. `mma_bf16` (default) widens FP8 operands
   to bf16 in registers before the dot (E4M3 is exact in bf16, so the result is the same): on the H200
   with jax 0.11.2 Triton's FP8 dot ran 15% slower than its bf16 one here; `mma_bf16=False` keeps the
-  FP8 tensor-core path.
+  FP8 tensor-core path. `entry_end` / `score_dtype`: see `reference.indexer_topk`; with bf16 scores,
+  ties (frequent) are broken by lower index, as lax.top_k does.
   """
   reference.check_inputs(q, w, k, topk, ratio)
   quantize.check_quant(quant)
@@ -240,7 +255,8 @@ def indexer_topk(q: Float[Array, "B S H D"], w: Float[Array, "B S H"], k: Float[
   for name, v in (("H", h), ("D", d), ("block_q", block_q), ("block_k", block_k)):
     if v & (v - 1):
       raise ValueError(f"triton indexer: {name}={v} must be a power of two")
-  qlp, w_eff, klp, kscale, qseg, kseg = _prepare(q, w, k, ratio, segment_ids, quant, block_k)
+  qlp, w_eff, klp, kscale, qseg, kseg, kend = _prepare(q, w, k, ratio, segment_ids, quant, block_k,
+                                                       entry_end)
   chunk = _round_up(min(chunk, _round_up(s, block_q)), block_q)
   s_pad = _round_up(s, chunk)
   pad_s = ((0, 0), (0, s_pad - s))
@@ -251,10 +267,10 @@ def indexer_topk(q: Float[Array, "B S H D"], w: Float[Array, "B S H"], k: Float[
   def one_chunk(width, c0):
     c0_arr = c0[None].astype(jnp.int32)
     sl = lambda x: jax.lax.dynamic_slice_in_dim(x, c0, chunk, axis=1)
-    scores = _scores_call(c0_arr, sl(qlp), sl(w_eff), klp, kscale, sl(qseg), kseg, ratio=ratio,
-                          n_valid=n, block_q=block_q, block_k=block_k, num_warps=num_warps,
-                          num_stages=num_stages, interpret=interpret, width=width,
-                          mma_bf16=mma_bf16)  # [B, C, width]
+    scores = _scores_call(c0_arr, sl(qlp), sl(w_eff), klp, kscale, sl(qseg), kseg, kend,
+                          ratio=ratio, n_valid=n, block_q=block_q, block_k=block_k,
+                          num_warps=num_warps, num_stages=num_stages, interpret=interpret,
+                          width=width, mma_bf16=mma_bf16, score_dtype=score_dtype)  # [B, C, width]
     return _select_call(c0_arr, scores, topk=topk, ratio=ratio, n_valid=n, interpret=interpret,
                         select_elems=select_elems)
 
