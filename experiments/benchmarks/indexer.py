@@ -8,9 +8,16 @@ For S in {8K, 32K, 128K} (N = S/4, H = 64, D = 128, topk = 512, ratio = 4, B = 1
     rate measured in the same run (bf16, and FP8 for the quantized modes);
   * compiled temp memory (XLA memory analysis) of each pipeline;
   * recall of the selected sets vs the fp32 exact selection on sampled query rows;
+  * refined quantized modes (`candidates=`: quantized scores pick c * topk candidates, rescored exactly,
+    see `v4jax.kernels.indexer.refine`), through the public api, with the refine stage also timed alone;
+  * two input families (`--inputs`): "random" (iid Gaussian, as before) and "structured" (a few keys per
+    query stand out), generated as `indexer_inputs.make_inputs` documents;
   * correctness guards: every output slot written (-1 count equals topk minus visible count), idx in
     range, no NaN, scores equal to the fp32 recomputation of their idx within the dtype's band.
-Usage: python experiments/benchmarks/indexer.py [--sizes 8192,32768,131072] [--sweep] [--out DIR]
+Usage: python experiments/benchmarks/indexer.py [--sizes 8192,32768,131072] [--inputs random,structured]
+       [--set full|refine] [--no-scores] [--sweep] [--out DIR]
+(`--set refine`: bf16, fp8, mxfp4 and their refined variants only; `--no-scores`: skip the scores-only
+timing; structured inputs skip the XLA timing and reuse the random run's XLA time of the same S.)
 Writes a markdown table to stdout and DIR/indexer_table.md, and JSON rows to DIR/indexer.json.
 """
 
@@ -30,7 +37,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from v4jax.kernels.indexer import quantize, reference, triton
+from v4jax.kernels import indexer as indexer_api
+from v4jax.kernels.indexer import quantize, reference, refine, triton
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from indexer_inputs import make_inputs
 
 H, D, TOPK, RATIO = 64, 128, 512, 4
 INTERPRET = bool(os.environ.get("INDEXER_BENCH_INTERPRET"))  # CPU smoke test of this script only
@@ -143,46 +154,52 @@ def scores_only_fn(quant, chunk, cfg):
   return jax.jit(f)
 
 
-def run_size(s, rates, results, variants, reps, quants):
+def run_size(s, rates, results, variants, reps, quants, kind="random", xla_times=None,
+             scores=True):
   n = s // RATIO
-  keys = jax.random.split(jax.random.PRNGKey(s), 3)
-  q = jax.random.normal(keys[0], (1, s, H, D), jnp.float32).astype(jnp.bfloat16)
-  k = jax.random.normal(keys[1], (1, n, D), jnp.float32).astype(jnp.bfloat16)
-  w = jax.random.normal(keys[2], (1, s, H), jnp.float32) * (H**-0.5) * (D**-0.5)
+  q, w, k = make_inputs(kind, s, jax.random.PRNGKey(s))
+  xla_times = {} if xla_times is None else xla_times
   flops = 2.0 * s * n / 2 * H * D
   rows = np.unique(np.concatenate([np.linspace(RATIO * 8, s - 1, 384).astype(int), np.arange(s - 64, s)]))
   ref_reps = max(2, min(reps, int(20 * 8192 / s)))
 
   xla = jax.jit(lambda q_, w_, k_: reference.indexer_topk(q_, w_, k_, TOPK, RATIO, chunk=2048,
                                                            score_dtype=jnp.bfloat16))
-  row = {"S": s, "N": n, "impl": "xla bf16 ref", "quant": "-"}
-  try:
-    row["ms"] = timed(xla, q, w, k, reps=ref_reps, warmup=1)
-    row["temp_MiB"] = temp_mb(xla, q, w, k)
-    row.update(check_and_recall(*xla(q, w, k), q, w, k, TOPK, RATIO, rows))
-  except Exception as e:  # noqa: BLE001
-    row["error"] = repr(e)[:300]
-    traceback.print_exc()
-  xla_ms = row.get("ms")
-  row["TFLOP/s"] = flops / row["ms"] / 1e9 if "ms" in row else None
-  results.append(row)
-  print(json.dumps(row), flush=True)
+  if s not in xla_times:
+    row = {"S": s, "N": n, "inputs": kind, "impl": "xla bf16 ref", "quant": "-"}
+    try:
+      row["ms"] = timed(xla, q, w, k, reps=ref_reps, warmup=1)
+      row["temp_MiB"] = temp_mb(xla, q, w, k)
+      row.update(check_and_recall(*xla(q, w, k), q, w, k, TOPK, RATIO, rows))
+    except Exception as e:  # noqa: BLE001
+      row["error"] = repr(e)[:300]
+      traceback.print_exc()
+    xla_times[s] = row.get("ms")
+    row["TFLOP/s"] = flops / row["ms"] / 1e9 if "ms" in row else None
+    results.append(row)
+    print(json.dumps(row), flush=True)
+  xla_ms = xla_times[s]
 
   for quant, var in variants:
     if quant not in quants:
       continue
-    row = {"S": s, "N": n, "impl": "triton", "quant": str(quant), "cfg": str(var)}
+    row = {"S": s, "N": n, "inputs": kind, "impl": "triton", "quant": str(quant), "cfg": str(var)}
     var = dict(var)
+    if "candidates" in var:
+      results.append(run_refined(row, q, w, k, quant, var["candidates"], reps, xla_ms, flops, rows))
+      print(json.dumps(results[-1]), flush=True)
+      continue
     chunk = min(var.pop("chunk", 2048), s)
     score_cfg = {"block_q": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "mma_bf16": True}
     score_cfg.update({k_: v_ for k_, v_ in var.items() if k_ in score_cfg})
     try:
-      ops = triton._prepare(q, w, k, RATIO, None, quant, var.get("block_k", 128))
-      so = scores_only_fn(quant, chunk, score_cfg)
-      row["scores_ms"] = timed(so, *ops, reps=reps)
-      row["scores_TFLOP/s"] = flops / row["scores_ms"] / 1e9
-      rate = rates["bf16" if quant is None or var.get("mma_bf16", True) else "fp8"]
-      row["scores_%peak"] = 100 * row["scores_TFLOP/s"] / rate
+      if scores:
+        ops = triton._prepare(q, w, k, RATIO, None, quant, var.get("block_k", 128))
+        so = scores_only_fn(quant, chunk, score_cfg)
+        row["scores_ms"] = timed(so, *ops, reps=reps)
+        row["scores_TFLOP/s"] = flops / row["scores_ms"] / 1e9
+        rate = rates["bf16" if quant is None or var.get("mma_bf16", True) else "fp8"]
+        row["scores_%peak"] = 100 * row["scores_TFLOP/s"] / rate
       e2e = jax.jit(functools.partial(triton.indexer_topk, topk=TOPK, ratio=RATIO, quant=quant,
                                       chunk=chunk, interpret=INTERPRET, **var))
       out = e2e(q, w, k)
@@ -190,7 +207,8 @@ def run_size(s, rates, results, variants, reps, quants):
       row["ms"] = timed(e2e, q, w, k, reps=reps)
       row["TFLOP/s"] = flops / row["ms"] / 1e9
       row["speedup_vs_xla"] = xla_ms / row["ms"] if xla_ms else None
-      row["temp_MiB"] = temp_mb(e2e, q, w, k)
+      if scores:
+        row["temp_MiB"] = temp_mb(e2e, q, w, k)
     except Exception as e:  # noqa: BLE001
       row["error"] = repr(e)[:600]
       traceback.print_exc()
@@ -198,9 +216,33 @@ def run_size(s, rates, results, variants, reps, quants):
     print(json.dumps(row), flush=True)
 
 
+def run_refined(row, q, w, k, quant, candidates, reps, xla_ms, flops, rows) -> dict:
+  """Refined quantized selection through the public api (Triton stage 1 + exact rescoring); the
+  refine stage is also timed alone on the stage-1 candidates."""
+  try:
+    e2e = jax.jit(functools.partial(indexer_api.indexer_topk, topk=TOPK, ratio=RATIO, quant=quant,
+                                    implementation="triton", interpret=INTERPRET,
+                                    candidates=candidates))
+    out = e2e(q, w, k)
+    row.update(check_and_recall(*out, q, w, k, TOPK, RATIO, rows))
+    row["ms"] = timed(e2e, q, w, k, reps=reps)
+    row["TFLOP/s"] = flops / row["ms"] / 1e9
+    row["speedup_vs_xla"] = xla_ms / row["ms"] if xla_ms else None
+    stage1 = jax.jit(functools.partial(indexer_api.indexer_topk, topk=candidates, ratio=RATIO,
+                                       quant=quant, implementation="triton", interpret=INTERPRET))
+    cand = stage1(q, w, k)[0]
+    ref = jax.jit(functools.partial(refine.refine_topk, topk=TOPK, cand_sorted=True))
+    row["refine_ms"] = timed(ref, q, w, k, cand, reps=reps)
+    row["temp_MiB"] = temp_mb(e2e, q, w, k)
+  except Exception as e:  # noqa: BLE001
+    row["error"] = repr(e)[:600]
+    traceback.print_exc()
+  return row
+
+
 def table(results, rates) -> str:
-  cols = ["S", "impl", "quant", "cfg", "ms", "speedup_vs_xla", "scores_ms", "scores_TFLOP/s",
-          "scores_%peak", "recall", "recall_vs_quant_ref", "score_rel_err", "temp_MiB", "written",
+  cols = ["S", "inputs", "impl", "quant", "cfg", "ms", "speedup_vs_xla", "refine_ms", "scores_ms",
+          "scores_TFLOP/s", "scores_%peak", "recall", "recall_vs_quant_ref", "score_rel_err", "temp_MiB", "written",
           "error"]
   lines = [(f"matmul ceilings measured in this run: bf16 {rates['bf16']:.0f} TFLOP/s, "
            f"fp8 {rates['fp8']:.0f} TFLOP/s"), "",
@@ -220,11 +262,18 @@ def main():
   ap.add_argument("--sweep", action="store_true", help="also time other score-kernel block configs")
   ap.add_argument("--quants", default="none,fp8,mxfp4")
   ap.add_argument("--reps", type=int, default=10)
+  ap.add_argument("--inputs", default="random")
+  ap.add_argument("--set", default="full", choices=("full", "refine"))
+  ap.add_argument("--no-scores", action="store_true")
   ap.add_argument("--out", default=os.environ.get("OUT", "."))
   args = ap.parse_args()
   # Variants of the end-to-end pipeline: (quant, triton.indexer_topk keyword arguments); {} = defaults.
+  refined = [("fp8", {"candidates": 2 * TOPK}), ("mxfp4", {"candidates": 2 * TOPK}),
+             ("mxfp4", {"candidates": 3 * TOPK})]
   variants = [(None, {}), (None, {"chunk": 8192}), ("fp8", {}), ("fp8", {"mma_bf16": False}),
-              ("mxfp4", {}), ("mxfp4", {"mma_bf16": False})]
+              ("mxfp4", {}), ("mxfp4", {"mma_bf16": False})] + refined
+  if args.set == "refine":
+    variants = [(None, {}), ("fp8", {}), ("mxfp4", {})] + refined
   if args.sweep:
     variants += [(None, {"select_elems": 32768}), (None, {"block_k": 64}),
                  (None, {"block_q": 128, "num_warps": 8})]
@@ -232,16 +281,17 @@ def main():
   print("device:", jax.devices()[0].device_kind, "jax", jax.__version__, flush=True)
   rates = matmul_rates()
   print("rates", rates, flush=True)
-  results = []
+  results, xla_times = [], {}
   for s in [int(x) for x in args.sizes.split(",")]:
-    run_size(s, rates, results, variants, args.reps, quants)
-    with open(os.path.join(args.out, "indexer.json"), "w") as f:
-      json.dump({"rates": rates, "rows": results}, f, indent=1)
-  md = table(results, rates)
-  header = (f"\n## Lightning indexer ({datetime.date.today()}, {jax.devices()[0].device_kind}, "
-            f"jax {jax.__version__})\n\nCommand: `python {' '.join(sys.argv)}`\n\n")
-  with open(os.path.join(args.out, "indexer_table.md"), "w") as f:
-    f.write(header + md + "\n")
+    for kind in args.inputs.split(","):
+      run_size(s, rates, results, variants, args.reps, quants, kind, xla_times, not args.no_scores)
+      with open(os.path.join(args.out, "indexer.json"), "w") as f:
+        json.dump({"rates": rates, "rows": results}, f, indent=1)
+      md = table(results, rates)
+      header = (f"\n## Lightning indexer ({datetime.date.today()}, {jax.devices()[0].device_kind}, "
+                f"jax {jax.__version__})\n\nCommand: `python {' '.join(sys.argv)}`\n\n")
+      with open(os.path.join(args.out, "indexer_table.md"), "w") as f:
+        f.write(header + md + "\n")
   print(header + md)
 
 

@@ -13,6 +13,11 @@ The order of the entries within a row depends on the backend (xla / mosaic_tpu: 
 score; triton: by increasing index): compare rows as sets; scores always belong to their idx.
 quant: None (QK in the input dtype, fp32 accumulation), "fp8" (E4M3, per-row scales) or "mxfp4"
 (Hadamard-rotated, MXFP4; on Hopper E4M3 operands, see `triton.indexer_topk(mma_bf16=...)`).
+`candidates` (static int >= topk, or None): refined selection. The backend picks `candidates` entries
+per query with the (quantized) scores, then `refine.refine_topk` rescores only those exactly (q, k in
+their input dtype, fp32 accumulation) and keeps the best topk: the scoring stays O(S*N) in the cheap
+precision while the final set is exact whenever the exact top-k lies inside the candidates (always
+when candidates >= the visible count). Refined rows come by decreasing score, with exact fp32 scores.
 `score_dtype` (static): the dtype the top-k sees (bf16 = the paper's bf16 index scores; returned in fp32).
 `topk` and `ratio` are static Python ints. The selection has no gradient, and the Pallas backends define
 no VJP: a loss on the selected scores (the indexer's KL loss) should recompute them differentiably
@@ -27,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from v4jax.kernels.indexer import quantize, reference
+from v4jax.kernels.indexer import quantize, reference, refine
 
 IMPLEMENTATIONS = ("xla", "triton", "mosaic_gpu", "mosaic_tpu")
 
@@ -65,7 +70,7 @@ def indexer_topk(q: Float[Array, "B S H D"], w: Float[Array, "B S H"], k: Float[
                  topk: int, ratio: int, segment_ids: reference.SegmentIds = None,
                  quant: str | None = None, implementation: str | None = None,
                  interpret: bool = False, *, entry_end: Int[Array, "B N"] | None = None,
-                 score_dtype=jnp.float32
+                 score_dtype=jnp.float32, candidates: int | None = None
                  ) -> tuple[Int[Array, "B S topk"], Float[Array, "B S topk"]]:
   """Top-k compressed entries per query by lightning-indexer score (module doc for semantics)."""
   reference.check_inputs(q, w, k, topk, ratio)
@@ -74,6 +79,12 @@ def indexer_topk(q: Float[Array, "B S H D"], w: Float[Array, "B S H"], k: Float[
     raise ValueError(f"score_dtype must be float32 or bfloat16, got {jnp.dtype(score_dtype)}")
   reference.entry_ends(entry_end, k.shape[0], k.shape[1], ratio)  # shape check
   impl = _pick(implementation, jax.default_backend(), interpret, q.shape[2], q.shape[3])
+  if candidates is not None:
+    if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < topk:
+      raise ValueError(f"candidates must be an int >= topk={topk} or None, got {candidates!r}")
+    cand, _ = indexer_topk(q, w, k, candidates, ratio, segment_ids, quant, impl, interpret,
+                           entry_end=entry_end, score_dtype=score_dtype)
+    return refine.refine_topk(q, w, k, cand, topk, cand_sorted=impl == "triton")
   opts = {"entry_end": entry_end, "score_dtype": score_dtype}
   if impl == "triton":
     from v4jax.kernels.indexer import triton
