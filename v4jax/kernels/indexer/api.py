@@ -17,7 +17,9 @@ quant: None (QK in the input dtype, fp32 accumulation), "fp8" (E4M3, per-row sca
 per query with the (quantized) scores, then `refine.refine_topk` rescores only those exactly (q, k in
 their input dtype, fp32 accumulation) and keeps the best topk: the scoring stays O(S*N) in the cheap
 precision while the final set is exact whenever the exact top-k lies inside the candidates (always
-when candidates >= the visible count). Refined rows come by decreasing score, with exact fp32 scores.
+when candidates >= the visible count). The rescoring runs in `refine_triton` (fused gather, Triton
+select) with the triton backend, else in XLA (`refine`); scores are the exact fp32 ones, rows in the
+backend's order (Triton: increasing index; XLA: decreasing score).
 `score_dtype` (static): the dtype the top-k sees (bf16 = the paper's bf16 index scores; returned in fp32).
 `topk` and `ratio` are static Python ints. The selection has no gradient, and the Pallas backends define
 no VJP: a loss on the selected scores (the indexer's KL loss) should recompute them differentiably
@@ -84,7 +86,10 @@ def indexer_topk(q: Float[Array, "B S H D"], w: Float[Array, "B S H"], k: Float[
       raise ValueError(f"candidates must be an int >= topk={topk} or None, got {candidates!r}")
     cand, _ = indexer_topk(q, w, k, candidates, ratio, segment_ids, quant, impl, interpret,
                            entry_end=entry_end, score_dtype=score_dtype)
-    return refine.refine_topk(q, w, k, cand, topk, cand_sorted=impl == "triton")
+    if impl == "triton":
+      from v4jax.kernels.indexer import refine_triton
+      return refine_triton.refine_topk(q, w, k, cand, topk, interpret=interpret)
+    return refine.refine_topk(q, w, k, cand, topk)
   opts = {"entry_end": entry_end, "score_dtype": score_dtype}
   if impl == "triton":
     from v4jax.kernels.indexer import triton
