@@ -1,11 +1,15 @@
 """Expert-parallel parity and step time on the devices at hand (GPUs, or fake CPU devices).
 
-    python -m v4jax.parallel.bench [--parity] [--scaling] [--out FILE]
+    python -m v4jax.parallel.bench [--parity] [--scaling] [--dispatch MODES] [--out FILE]
 
 --parity: the tiny model (float32) forward + gradients on each mesh {data=n}, {expert=n},
           {data=2, expert=n/2} vs one device: relative L2 error of logits and the worst gradient leaf.
 --scaling: train-step time (forward, backward, AdamW) of a small bf16 MoE at expert = 1, 2, 4, ...
            (data = devices / expert), median of timed steps after warm-up; compile time too.
+--dispatch: comma-separated MoE dispatch modes to compare (v4jax.parallel.dispatch), e.g.
+           `--dispatch all_gather,all_to_all,ragged_all_to_all`; each mesh with an expert axis runs once per
+           mode, in one process, so the step times compare side by side. Default: auto. A mode the platform
+           refuses (ragged_all_to_all on CPU) gets a row saying so.
 Prints a markdown table (and appends it to --out when given).
 """
 
@@ -23,6 +27,7 @@ import optax
 
 from v4jax.model import ModelConfig, Transformer, presets
 from v4jax.parallel import shardings as sh
+from v4jax.parallel.dispatch import check_dispatch, resolve_dispatch
 from v4jax.parallel.training import MeshPlan
 from v4jax.train.state import create_train_state
 
@@ -42,7 +47,19 @@ def _loss_fn(model):
     return loss
 
 
-def parity(n: int) -> list[str]:
+def _modes_for(mesh_cfg: dict, modes: list[str]) -> list[str]:
+    """Every mode when the mesh has an expert axis; otherwise one run (the dispatch mode changes nothing)."""
+    return modes if mesh_cfg.get("expert", 1) > 1 else modes[:1]
+
+
+def _label(mode: str, n_expert: int, top_k: int) -> str:
+    """The mode as given, with what "auto" resolves to on this platform."""
+    if mode != "auto":
+        return mode
+    return f"auto ({resolve_dispatch(mode, jax.devices()[0].platform, n_expert, top_k)})"
+
+
+def parity(n: int, modes: list[str]) -> list[str]:
     cfg = ModelConfig.from_config(presets.tiny())
     model = Transformer(cfg)
     tokens = jax.random.randint(jax.random.key(1), (8, 64), 0, cfg.vocab_size)
@@ -50,23 +67,30 @@ def parity(n: int) -> list[str]:
     step = jax.jit(jax.value_and_grad(_loss_fn(model), has_aux=True))
     (_, logits0), grads0 = step(variables["params"], variables["buffers"], tokens)
     gnorm = float(optax.global_norm(grads0))
+    k = cfg.num_experts_per_tok
     rows = []
     for mesh_cfg in ({"data": n}, {"expert": n}, {"data": 2, "expert": n // 2}):
         if min(mesh_cfg.values()) < 1 or (n < 4 and len(mesh_cfg) > 1):
             continue
-        plan = MeshPlan.create(mesh_cfg, model, tokens, devices=jax.devices()[:n])
-        p = jax.device_put(variables["params"], sh.named(plan.variable_specs["params"], plan.mesh))
-        b = jax.device_put(variables["buffers"], sh.named(plan.variable_specs["buffers"], plan.mesh))
-        tk = plan.put_batch({"t": np.asarray(tokens)})["t"]
-        (_, logits), grads = plan.under_mesh(step)(p, b, tk)
-        leaf_err = max(_rel(a, c) for a, c in zip(jax.tree.leaves(grads), jax.tree.leaves(grads0))
-                       if float(jnp.linalg.norm(c)) > 1e-3 * gnorm)
-        total = _rel(np.concatenate([np.ravel(x) for x in jax.tree.leaves(grads)]),
-                     np.concatenate([np.ravel(x) for x in jax.tree.leaves(grads0)]))
         name = " x ".join(f"{k}={v}" for k, v in mesh_cfg.items())
-        rows.append(f"| {name} | {_rel(logits, logits0):.2e} | {total:.2e} | {leaf_err:.2e} |")
-    return ["| mesh | logits rel err | grads rel err (all) | worst leaf (norm > 1e-3 of total) |",
-            "|---|---|---|---|", *rows]
+        for mode in _modes_for(mesh_cfg, modes):
+            plan = MeshPlan.create(mesh_cfg, model, tokens, devices=jax.devices()[:n], dispatch=mode)
+            p = jax.device_put(variables["params"], sh.named(plan.variable_specs["params"], plan.mesh))
+            b = jax.device_put(variables["buffers"], sh.named(plan.variable_specs["buffers"], plan.mesh))
+            tk = plan.put_batch({"t": np.asarray(tokens)})["t"]
+            try:
+                (_, logits), grads = plan.under_mesh(step)(p, b, tk)
+            except ValueError as err:  # a mode this platform refuses
+                rows.append(f"| {name} | {_label(mode, mesh_cfg.get('expert', 1), k)} | refused: {err} | | |")
+                continue
+            leaf_err = max(_rel(a, c) for a, c in zip(jax.tree.leaves(grads), jax.tree.leaves(grads0))
+                           if float(jnp.linalg.norm(c)) > 1e-3 * gnorm)
+            total = _rel(np.concatenate([np.ravel(x) for x in jax.tree.leaves(grads)]),
+                         np.concatenate([np.ravel(x) for x in jax.tree.leaves(grads0)]))
+            rows.append(f"| {name} | {_label(mode, mesh_cfg.get('expert', 1), k)} | {_rel(logits, logits0):.2e} | "
+                        f"{total:.2e} | {leaf_err:.2e} |")
+    return ["| mesh | moe dispatch | logits rel err | grads rel err (all) | worst leaf (norm > 1e-3 of total) |",
+            "|---|---|---|---|---|", *rows]
 
 
 def small_moe() -> ModelConfig:
@@ -78,7 +102,7 @@ def small_moe() -> ModelConfig:
     return ModelConfig.from_config(m)
 
 
-def scaling(n: int, batch: int, seq: int, steps: int) -> list[str]:
+def scaling(n: int, batch: int, seq: int, steps: int, modes: list[str]) -> list[str]:
     cfg = small_moe()
     model = Transformer(cfg)
     tokens = jax.random.randint(jax.random.key(1), (batch, seq), 0, cfg.vocab_size)
@@ -94,30 +118,40 @@ def scaling(n: int, batch: int, seq: int, steps: int) -> list[str]:
     e = 1
     while e <= n:
         mesh_cfg = {"data": n // e, "expert": e}
-        plan = MeshPlan.create(mesh_cfg, model, tokens[:1].repeat(batch, 0), devices=jax.devices()[:n])
-        state, shardings = plan.init_state(lambda: create_train_state(model, tx, tokens, 0))
-        step = plan.jit_step(train_step, shardings)
-        tk = plan.put_batch({"t": np.asarray(tokens)})["t"]
-        t0 = time.perf_counter()
-        state, value = step(state, tk)
-        first_loss = float(value)
-        compile_s = time.perf_counter() - t0
-        times, values = [], []
-        for i in range(steps + 2):
-            t0 = time.perf_counter()
-            state, value = step(state, tk)
-            values.append(float(value))
-            if i >= 2:
-                times.append(time.perf_counter() - t0)
-        med = statistics.median(times)
-        rows.append(f"| data={n // e} x expert={e} | {compile_s:.1f} | {med * 1e3:.1f} | "
-                    f"{batch * seq / med:,.0f} | {first_loss:.4f} -> {values[-1]:.4f} |")
-        del state
+        for mode in _modes_for(mesh_cfg, modes):
+            rows.append(_time_one(mesh_cfg, mode, model, tx, train_step, tokens, n, batch, seq, steps))
         e *= 2
     title = (f"small MoE: d={cfg.hidden_size}, {cfg.num_layers} layers, {cfg.n_routed_experts} experts top-"
-             f"{cfg.num_experts_per_tok}, I={cfg.moe_intermediate_size}, bf16, batch {batch} x {seq}")
-    return [title,
-            "| mesh | first step (s, compile) | step ms (median) | tokens/s | loss first -> last |", "|---|---|---|---|---|", *rows]
+             f"{cfg.num_experts_per_tok}, I={cfg.moe_intermediate_size}, {cfg.dtype}, batch {batch} x {seq}")
+    return [title, "| mesh | moe dispatch | first step (s, compile) | step ms (median) | tokens/s | loss first -> last |",
+            "|---|---|---|---|---|---|", *rows]
+
+
+def _time_one(mesh_cfg, mode, model, tx, train_step, tokens, n, batch, seq, steps) -> str:
+    """One row of the scaling table: compile + first step, then the median of `steps` timed steps."""
+    name = f"data={mesh_cfg['data']} x expert={mesh_cfg['expert']}"
+    label = _label(mode, mesh_cfg["expert"], model.cfg.num_experts_per_tok)
+    plan = MeshPlan.create(mesh_cfg, model, tokens[:1].repeat(batch, 0), devices=jax.devices()[:n], dispatch=mode)
+    state, shardings = plan.init_state(lambda: create_train_state(model, tx, tokens, 0))
+    step = plan.jit_step(train_step, shardings)
+    tk = plan.put_batch({"t": np.asarray(tokens)})["t"]
+    t0 = time.perf_counter()
+    try:
+        state, value = step(state, tk)
+    except ValueError as err:  # a mode this platform refuses
+        return f"| {name} | {label} | refused: {err} | | | |"
+    first_loss = float(value)
+    compile_s = time.perf_counter() - t0
+    times, values = [], []
+    for i in range(steps + 2):
+        t0 = time.perf_counter()
+        state, value = step(state, tk)
+        values.append(float(value))
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    med = statistics.median(times)
+    return (f"| {name} | {label} | {compile_s:.1f} | {med * 1e3:.1f} | {batch * seq / med:,.0f} | "
+            f"{first_loss:.4f} -> {values[-1]:.4f} |")
 
 
 def main() -> None:
@@ -128,13 +162,18 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--dispatch", default="auto", help="comma-separated MoE dispatch modes to compare")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    try:
+        modes = [check_dispatch(m.strip(), "--dispatch") for m in args.dispatch.split(",")]
+    except ValueError as err:
+        ap.error(str(err))
     lines = [f"{datetime.date.today()} {jax.devices()[0].device_kind} x{args.devices}, jax {jax.__version__}"]
     if args.parity:
-        lines += parity(args.devices)
+        lines += parity(args.devices, modes)
     if args.scaling:
-        lines += scaling(args.devices, args.batch, args.seq, args.steps)
+        lines += scaling(args.devices, args.batch, args.seq, args.steps, modes)
     text = "\n".join(lines)
     print(text, flush=True)
     if args.out:
