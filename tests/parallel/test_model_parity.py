@@ -14,7 +14,10 @@ from v4jax.parallel.training import MeshPlan
 from v4jax.train.state import create_train_state
 
 pytestmark = pytest.mark.slow
-MESHES = [{"data": 8}, {"expert": 8}, {"data": 2, "expert": 4}, {"fsdp": 2, "expert": 2, "tensor": 2}]
+MESHES = [{"data": 8}, {"expert": 8}, {"data": 2, "expert": 4}, {"fsdp": 2, "expert": 2, "tensor": 2},
+          # the all-to-all dispatch (v4jax.parallel.dispatch) through the config path
+          {"data": 2, "expert": 4, "moe_dispatch": "all_to_all"},
+          {"fsdp": 2, "expert": 2, "tensor": 2, "moe_dispatch": "all_to_all"}]
 
 
 def rel(a, b):
@@ -49,6 +52,7 @@ def setup():
 def test_logits_and_gradients_match_single_device(setup, mesh_cfg):
     model, tokens, variables, step, value, logits, grads = setup
     plan = MeshPlan.create(mesh_cfg, model, tokens)
+    assert plan.dispatch == mesh_cfg.get("moe_dispatch", "auto")
     params = jax.device_put(variables["params"], sh.named(plan.variable_specs["params"], plan.mesh))
     buffers = jax.device_put(variables["buffers"], sh.named(plan.variable_specs["buffers"], plan.mesh))
     batch = plan.put_batch({"tokens": np.asarray(tokens)})
