@@ -120,8 +120,8 @@ def test_worst_case_routing_fills_one_shard_and_drops_nothing(setup):
         E_loc = params["w1"].shape[0] // 4
 
         def body(idx):
-            dest = (idx.reshape(-1) // E_loc).astype(jnp.int32)  # [P]
-            return dp.exchange_routes(jnp.bincount(dest, length=4), "expert").recv_sizes[None]  # [1, n]
+            counts = jnp.bincount(idx.reshape(-1), length=4 * E_loc).reshape(4, E_loc)  # [n, E_loc]
+            return dp.exchange_routes(counts, "expert").recv_sizes[None]  # [1, n]
 
         spec = jax.sharding.PartitionSpec(("data", "fsdp", "expert"))
         return jax.shard_map(body, mesh=mesh, in_specs=spec, out_specs=spec)(idx)
@@ -203,3 +203,13 @@ def test_bad_modes_are_one_line_errors(setup):
     ("tpu", 32, 6, "ragged_all_to_all"), ("gpu", 1, 6, "all_gather")])
 def test_auto_resolution(platform, n, k, mode):
     assert dp.resolve_dispatch("auto", platform, n, k) == mode
+
+
+def test_received_experts_in_both_layouts():
+    """Two sources, 3 local experts, capacity 4: source 0 sends [e0, e2, e2], source 1 sends [e1]."""
+    counts = jnp.array([[1, 0, 2], [0, 1, 0]], jnp.int32)
+    routes = dp.Routes(counts, *([None] * 6))
+    dense = dp.received_experts(routes, 4, dense=True)
+    np.testing.assert_array_equal(np.asarray(dense), [0, 2, 2, 3, 1, 3, 3, 3])  # 3 = E_loc: padding
+    compact = dp.received_experts(routes, 4, dense=False)
+    np.testing.assert_array_equal(np.asarray(compact), [0, 2, 2, 1, 3, 3, 3, 3])

@@ -22,13 +22,18 @@ available); on GPU/TPU "ragged_all_to_all" when K < n, since it then moves fewer
 all-gather (T*K*(n-1)/n vs T*(n-1) rows each way, balanced routing), else "all_gather". This is a byte
 count, not a measurement: `python -m v4jax.parallel.bench --scaling --dispatch ...` measures the modes.
 
-The exchange metadata (all three are [n] int32 per shard, one all_to_all of n integers each):
-  send_sizes[j]      pairs this shard sends to shard j (its pairs are sorted by destination)
+The exchange metadata ([n] int32 per shard unless noted; three all_to_alls of a few integers):
+  send_counts[j, e]  pairs this shard sends to local expert e of shard j ([n, E_loc]; its pairs are
+                     sorted by destination, then by expert)
+  send_sizes[j]      pairs this shard sends to shard j                  = send_counts.sum(1)
   input_offsets[j]   where those pairs start in this shard's sorted pairs (exclusive cumsum)
-  recv_sizes[s]      pairs shard s sends here        = all_to_all(send_sizes)
+  recv_counts[s, e]  pairs shard s sends to my expert e                  = all_to_all(send_counts)
+  recv_sizes[s]      pairs shard s sends here                            = recv_counts.sum(1)
   recv_offsets[s]    where they land in the compact (ragged) receive buffer (exclusive cumsum)
   output_offsets[j]  where this shard's pairs land on shard j          = all_to_all(recv_offsets)
   source_offsets[s]  where shard s keeps the pairs it sent here        = all_to_all(input_offsets)
+The receiver knows the expert of every received row from recv_counts (each source's rows come sorted
+by expert), so only the token rows travel, never per-row expert ids.
 The results go back along the same routes reversed, and each shard combines them with its own routing
 weights (a token's K results times its K weights, summed), so the weights' gradients stay local.
 """
@@ -85,8 +90,9 @@ def resolve_dispatch(mode: str, platform: str, n_expert: int, top_k: int) -> str
 
 @dataclasses.dataclass(frozen=True)
 class Routes:
-    """The exchange metadata of one shard (see the module docstring); every field is int32 [n]."""
+    """The exchange metadata of one shard (see the module docstring); int32 [n], the counts [n, E_loc]."""
 
+    recv_counts: Array
     send_sizes: Array
     input_offsets: Array
     recv_sizes: Array
@@ -99,14 +105,35 @@ def _exclusive_cumsum(x: Int[Array, " n"]) -> Int[Array, " n"]:
     return jnp.cumsum(x) - x
 
 
-def exchange_routes(send_sizes: Int[Array, " n"], axis: str) -> Routes:
-    """All the offsets from this shard's per-destination counts, with three all_to_alls of n integers."""
-    a2a = lambda v: jax.lax.all_to_all(v, axis, 0, 0, tiled=True)  # [n] -> [n]
-    send_sizes = send_sizes.astype(jnp.int32)
+def exchange_routes(send_counts: Int[Array, "n e"], axis: str) -> Routes:
+    """All the sizes and offsets from this shard's per-(destination, local expert) pair counts, with three
+    all_to_alls of n * E_loc, n and n integers."""
+    a2a = lambda v: jax.lax.all_to_all(v, axis, 0, 0, tiled=True)  # [n, ...] -> [n, ...]
+    send_counts = send_counts.astype(jnp.int32)
+    send_sizes = jnp.sum(send_counts, axis=1)  # [n]
     input_offsets = _exclusive_cumsum(send_sizes)
-    recv_sizes = a2a(send_sizes)
+    recv_counts = a2a(send_counts)  # [n, E_loc]: row s = what shard s sends to each of my experts
+    recv_sizes = jnp.sum(recv_counts, axis=1)  # [n]
     recv_offsets = _exclusive_cumsum(recv_sizes)
-    return Routes(send_sizes, input_offsets, recv_sizes, recv_offsets, a2a(recv_offsets), a2a(input_offsets))
+    return Routes(recv_counts, send_sizes, input_offsets, recv_sizes, recv_offsets, a2a(recv_offsets),
+                  a2a(input_offsets))
+
+
+def received_experts(routes: Routes, capacity: int, dense: bool) -> Int[Array, " r"]:
+    """The local expert of every row of the receive buffer [n * capacity] (E_loc on padding rows).
+
+    Dense layout: row s*capacity + c is rank c of source s. Compact (ragged) layout: the sources' rows
+    follow each other from row 0. Either way each source's rows come sorted by expert.
+    """
+    n, E_loc = routes.recv_counts.shape
+    if dense:
+        ends = jnp.cumsum(routes.recv_counts, axis=1)  # [n, E_loc] end of each expert's rows per source
+        c = jnp.arange(capacity, dtype=jnp.int32)
+        e = jax.vmap(lambda ends_s: jnp.searchsorted(ends_s, c, side="right"))(ends)  # [n, C] in [0, E_loc]
+        return e.reshape(-1).astype(jnp.int32)
+    ends = jnp.cumsum(routes.recv_counts.reshape(-1))  # [n*E_loc] segment ends, source-major
+    seg = jnp.searchsorted(ends, jnp.arange(n * capacity, dtype=jnp.int32), side="right")  # [n*C]
+    return jnp.where(seg < n * E_loc, seg % E_loc, E_loc).astype(jnp.int32)
 
 
 # ---- the two exchanges: rows sorted by destination -> receive buffer, and back ----------------------
@@ -191,17 +218,15 @@ def a2a_expert_ffn(x: Float[Array, "t d"], idx: Int[Array, "t k"], weights: Floa
     order = jnp.argsort(flat, stable=True)  # by destination shard, then by its local expert
     token_of = order // K  # [P]
     dest = (flat // E_loc)[order].astype(jnp.int32)  # [P] destination shard of each sorted pair
-    local_e = (flat % E_loc)[order].astype(jnp.int32)  # [P] expert at the destination
     n = jax.lax.axis_size(axis)
-    routes = exchange_routes(jnp.bincount(dest, length=n), axis)
+    routes = exchange_routes(jnp.bincount(flat, length=n * E_loc).reshape(n, E_loc), axis)
     xs = x[token_of]  # [P, d] sorted by destination
 
     if mode == "all_to_all":
         xr = dense_forward(xs, 0, routes, dest, axis)  # [n*P, d]
-        er = dense_forward(local_e, E_loc, routes, dest, axis)  # [n*P] local expert, E_loc on padding
     else:
         xr = ragged_forward(xs, 0, routes, axis, ragged_collective)  # [n*P, d]
-        er = ragged_forward(local_e, E_loc, routes, axis, ragged_collective)  # [n*P]
+    er = received_experts(routes, flat.shape[0], dense=mode == "all_to_all")  # [n*P] local expert, E_loc: padding
 
     # the received rows sorted by local expert; padding (key E_loc) sorts last, into no group
     o2 = jnp.argsort(er, stable=True)  # [n*P]
