@@ -105,33 +105,73 @@ def dense_ref(x, w):
     return jnp.dot(x.astype(jnp.float32), wd.T, precision=HIGHEST)
 
 
-DECODE_CONFIGS = [  # (block_n, block_k, split_k, num_warps, num_stages)
-    (64, 256, 4, 4, 3),
-    (32, 512, 4, 4, 3),
-    (64, 512, 2, 4, 3),
-    (128, 256, 4, 4, 4),
-    (32, 256, 8, 4, 3),
-    (64, 256, 8, 4, 4),
+B = BlockConfig  # (block_m, block_n, block_k, split_k, num_warps, num_stages, decode, swap_ab)
+DECODE_CONFIGS = [  # M = 16 (one MMA row block); M = 1 and 8 also try their FMA configs below
+    B(16, 32, 1024, 1, 4, 3, "asm", fuse_x=True),
+    B(16, 64, 512, 1, 4, 3, "asm", fuse_x=True),
+    B(16, 32, 512, 4, 4, 3, "asm"),
+    B(16, 128, 512, 1, 4, 3, "asm", True, fuse_x=True),
 ]
-PREFILL_CONFIGS = [  # (block_m, block_n, block_k, num_warps, num_stages)
-    (128, 128, 64, 8, 3),
-    (128, 128, 128, 8, 3),
-    (128, 256, 64, 8, 3),
-    (256, 128, 64, 8, 3),
-    (64, 128, 128, 4, 4),
+FMA_CONFIGS = {  # CUDA-core decode of 1 or 8 rows
+    1: [B(1, 32, 1024, 1, 4, 3, "asm", fuse_x=True), B(1, 16, 1024, 1, 4, 3, "asm", fuse_x=True)],
+    8: [B(8, 32, 1024, 1, 4, 3, "asm", fuse_x=True)],
+}
+M64_CONFIGS = [
+    B(64, 64, 512, 1, 4, 3, "asm", True),
+    B(64, 32, 512, 1, 4, 3, "asm", fuse_x=True),
+]
+PREFILL_CONFIGS = [
+    B(128, 128, 128, 1, 8, 3, "asm", True),
+    B(128, 128, 64, 1, 8, 3, "asm"),
+]
+DEQUANT_CONFIGS = [
+    B(16, 64, 256, 1, 4, 3, "asm"),
+    B(16, 32, 512, 1, 4, 3, "asm"),
 ]
 GROUPED_DECODE_CONFIGS = [
-    (16, 64, 256, 1, 4, 3),
-    (16, 32, 512, 1, 4, 3),
-    (16, 128, 256, 1, 4, 4),
-    (16, 64, 512, 1, 4, 4),
+    B(16, 128, 256, 1, 4, 3, "asm", True),
+    B(16, 64, 512, 1, 4, 3, "asm", True),
+    B(16, 64, 256, 1, 4, 3, "asm"),
 ]
 GROUPED_PREFILL_CONFIGS = [
-    (128, 128, 64, 1, 8, 3),
-    (128, 128, 128, 1, 8, 3),
-    (128, 256, 64, 1, 8, 3),
-    (64, 128, 128, 1, 4, 4),
+    B(128, 128, 64, 1, 8, 3, "asm", True),
+    B(128, 128, 128, 1, 8, 3, "asm"),
 ]
+
+
+def dequant_route(x, ws, n1, n2, interpret, ref):
+    """The prefill alternative: our dequantize kernel (best of DEQUANT_CONFIGS), then XLA's bf16 dot.
+    Returns (route seconds, dequantize config, dequantize-alone seconds)."""
+    n = ws[0].shape[0]
+
+    def route(cfg, transpose=False):
+        if transpose:  # W.T [K, N] straight from the kernel: a plain NN GEMM
+            return lambda a, w: jnp.dot(
+                a, triton.dequantize(w.values, w.scales, cfg=cfg, transpose=True, interpret=interpret),
+                preferred_element_type=jnp.float32).astype(a.dtype)
+        return lambda a, w: jnp.dot(
+            a, triton.dequantize(w.values, w.scales, cfg=cfg, interpret=interpret).T,
+            preferred_element_type=jnp.float32).astype(a.dtype)
+
+    cfgs = DEQUANT_CONFIGS[:1] if SMOKE else DEQUANT_CONFIGS
+    if SMOKE:
+        cfgs = [dataclasses.replace(c, decode="jnp") for c in cfgs]
+    alone, best_cfg, _ = sweep(
+        f"dequantize N=K={n}", cfgs,
+        lambda cfg: per_call_seconds(
+            lambda w: triton.dequantize(w.values, w.scales, cfg=cfg, interpret=interpret), [(w,) for w in ws],
+            n1 if SMOKE else 2, n2 if SMOKE else 6),
+        lambda cfg: rel_err(poisoned_call(route(cfg), x, ws[0], out_shape=ref.shape, dtype=jnp.bfloat16), ref))
+    if best_cfg is None:
+        return None, None, None
+    t_route = per_call_seconds(route(best_cfg), [(x, w) for w in ws], n1, n2)
+    err_t = rel_err(poisoned_call(route(best_cfg, True), x, ws[0], out_shape=ref.shape, dtype=jnp.bfloat16), ref)
+    t_route_t = per_call_seconds(route(best_cfg, True), [(x, w) for w in ws], n1, n2) if err_t <= 1e-2 else 1e9
+    print(f"  [dequantize route] NT {t_route * 1e6:.1f} us, NN (transposed dequantize, err {err_t:.2e}) "
+          f"{t_route_t * 1e6:.1f} us (dequantize alone {alone * 1e6:.1f} us)", flush=True)
+    if t_route_t < t_route:
+        return t_route_t, dataclasses.replace(best_cfg, swap_ab=True), alone  # swap_ab marks "transposed"
+    return t_route, best_cfg, alone
 
 
 def sweep(name, configs, run_cfg, check):
@@ -192,6 +232,9 @@ def section_dense(rows, table, bw, interpret):
                 reference.fp4_matmul_reference, [(x, w) for w in ws], n1, n2
             )
             ref = dense_ref(x, ws[0])
+            t_deq_route, deq_cfg, t_deq_alone = (
+                dequant_route(x, ws, n1, n2, interpret, ref) if prefill else (None, None, None)
+            )
 
             def check(cfg):
                 y = poisoned_call(
@@ -216,22 +259,22 @@ def section_dense(rows, table, bw, interpret):
                 )
 
             if prefill:
-                cfgs = [
-                    BlockConfig(bm, bn, bk, 1, nw, ns)
-                    for bm, bn, bk, nw, ns in PREFILL_CONFIGS
-                ]
-            elif m < 16 and winner16 is not None:
-                cfgs = [winner16]
+                cfgs = list(PREFILL_CONFIGS)
+            elif m == 64:
+                cfgs = list(M64_CONFIGS)
+            elif m < 16:
+                cfgs = FMA_CONFIGS.get(m, []) + ([winner16] if winner16 else [])
             else:
-                cfgs = [
-                    BlockConfig(16 if m <= 16 else 64, bn, bk, sk, nw, ns)
-                    for bn, bk, sk, nw, ns in DECODE_CONFIGS
-                ]
+                cfgs = list(DECODE_CONFIGS)
+            if SMOKE:
+                cfgs = [dataclasses.replace(c, decode="jnp") for c in cfgs[:2]]
             t, cfg, timings = sweep(f"dense M={m} K=N={kn}", cfgs, run_cfg, check)
             if m == 16:
                 winner16 = cfg
             if prefill and t:
-                prefill_vs_xla_fp4.append(t_ref / t)
+                prefill_vs_xla_fp4.append((t_deq_route or t_ref) / t)
+                if deq_cfg:
+                    table["dequantize"] = [{"max_m": None, "config": dataclasses.asdict(deq_cfg)}]
             err = check(cfg) if cfg else float("nan")
             rows.append(
                 {
@@ -246,6 +289,11 @@ def section_dense(rows, table, bw, interpret):
                     "xla_bf16_tflops": flops / t_xla / 1e12,
                     "ratio_vs_xla_bf16": t and t_xla / t,
                     "ratio_vs_xla_fp4": t and t_ref / t,
+                    "dequant_route_us": t_deq_route and t_deq_route * 1e6,
+                    "dequant_route_ratio_vs_xla_bf16": t_deq_route and t_xla / t_deq_route,
+                    "dequant_kernel_us": t_deq_alone and t_deq_alone * 1e6,
+                    "dequant_kernel_tbps": t_deq_alone and (packed + 2 * n * k) / t_deq_alone / 1e12,
+                    "dequant_config": dataclasses.asdict(deq_cfg) if deq_cfg else None,
                     "rel_err": err,
                     "config": dataclasses.asdict(cfg) if cfg else None,
                 }
@@ -274,7 +322,7 @@ def section_dense(rows, table, bw, interpret):
                 }
             )
     # From prefill sizes on, route to dequantize + cuBLAS when it beat our fused kernel on every prefill shape.
-    table["dense_xla_min_m"] = (
+    table["dense_dequant_min_m"] = (
         1024 if prefill_vs_xla_fp4 and max(prefill_vs_xla_fp4) < 1.0 else None
     )
 
@@ -320,6 +368,13 @@ def section_grouped(rows, table, bw, interpret):
             a, jnp.swapaxes(quant.dequantize(q).astype(jnp.bfloat16), 1, 2), gsz
         )
         t_deq = per_call_seconds(deq, [(x, w, gs)] * n2, n1, n2) if prefill else None
+        # ... and with our dequantize kernel (the table's dequantize config) in place of XLA's
+        dcfg = BlockConfig(**table["dequantize"][0]["config"]) if table.get("dequantize") else DEQUANT_CONFIGS[0]
+        if SMOKE:
+            dcfg = dataclasses.replace(dcfg, decode="jnp")
+        deq_k = lambda a, q, gsz: tk(
+            a, triton.dequantize(q.values, q.scales, cfg=dcfg, transpose=True, interpret=interpret), gsz)
+        t_deq_k = per_call_seconds(deq_k, [(x, w, gs)] * n2, n1, n2) if prefill else None
         # Reference on the rows of the first few groups only: XLA's ragged_dot on GPU is a dense masked GEMM
         # (G times the work), which in float32 HIGHEST at M = 49152 ran for minutes (run 2 timed out there).
         sizes = np.asarray(gs)
@@ -362,10 +417,9 @@ def section_grouped(rows, table, bw, interpret):
                 n2,
             )
 
-        cfgs = [
-            BlockConfig(*c)
-            for c in (GROUPED_PREFILL_CONFIGS if prefill else GROUPED_DECODE_CONFIGS)
-        ]
+        cfgs = list(GROUPED_PREFILL_CONFIGS if prefill else GROUPED_DECODE_CONFIGS)
+        if SMOKE:
+            cfgs = [dataclasses.replace(c, decode="jnp") for c in cfgs[:2]]
         if tokens < 64 and winners.get(64):
             cfgs = [winners[64]]
         t, cfg, _ = sweep(f"grouped tokens={tokens}", cfgs, run_cfg, check)
@@ -383,6 +437,10 @@ def section_grouped(rows, table, bw, interpret):
                 "ratio_vs_baseline": t and t_tk / t,
                 "dequant_then_bf16_us": t_deq and t_deq * 1e6,
                 "dequant_then_bf16_ratio": t_deq and t_tk / t_deq,
+                "dequant_kernel_then_bf16_us": t_deq_k and t_deq_k * 1e6,
+                "dequant_kernel_then_bf16_ratio": t_deq_k and t_tk / t_deq_k,
+                "dequant_kernel_route_rel_err": (
+                    rel_err(jax.jit(deq_k)(x, w, gs)[:ref_rows], ref) if prefill else None),
                 "rel_err": check(cfg) if cfg else float("nan"),
                 "config": dataclasses.asdict(cfg) if cfg else None,
             }

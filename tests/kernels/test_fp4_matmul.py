@@ -199,3 +199,82 @@ def test_bad_inputs_raise_one_line_errors():
         fp4_matmul.fp4_grouped_matmul(
             x, _weight(jax.random.key(1), (3, 64, 256)), jnp.ones((2,), jnp.int32)
         )
+
+
+def test_word_plane_decode_is_exact_for_every_byte_and_scale():
+    """The GPU kernels' decode (uint32 words, 8 nibble planes, float16 detour) equals quant.dequantize
+    for all 256 byte values under all 256 E8M0 scales (255 = NaN)."""
+    from v4jax.quant.qarray import QArray
+
+    values = jnp.tile(jnp.arange(256, dtype=jnp.uint8), (256, 1))  # [256 rows, 256 bytes]: K = 512
+    scales = jnp.tile(jnp.arange(256, dtype=jnp.uint8)[:, None], (1, 16))  # row r: scale byte r
+    w = QArray(values=values, scales=scales, global_scale=None, fmt=quant.get_format("mxfp4"),
+               shape=(256, 512), dtype=jnp.float32, axis=1)
+    ref = np.asarray(quant.dequantize(w), np.float32)
+    words = common.as_words(values)  # [256, 64]
+    s = common.scale_per_word(scales)
+    planes = np.stack([np.asarray(common.decode_plane(words, j, s)) for j in range(common.PLANES)], -1)
+    np.testing.assert_array_equal(planes.reshape(256, 512), ref)  # NaN rows compare equal as NaN
+
+
+@pytest.mark.parametrize(
+    "m, cfg",
+    [
+        (1, block_sizes.BlockConfig(1, 32, 256, 1, fuse_x=True)),  # CUDA-core FMA path, one row
+        (5, block_sizes.BlockConfig(8, 32, 128, 2)),  # FMA, padded rows, split-K
+        (16, block_sizes.BlockConfig(16, 32, 256, 2, fuse_x=True)),  # MMA, strided x planes, split-K
+        (32, block_sizes.BlockConfig(32, 32, 128, 1, swap_ab=True)),  # y.T = W x.T with bm == bn
+        (20, block_sizes.BlockConfig(16, 64, 256, 1, swap_ab=True, fuse_x=True)),
+    ],
+)
+def test_dense_kernel_variants(m, cfg):
+    from v4jax.kernels.fp4_matmul import triton
+
+    kx, kw = jax.random.split(jax.random.key(np.random.randint(1 << 30)))
+    x = jax.random.normal(kx, (m, 512), jnp.float32)
+    w = _weight(kw, (64, 512))
+    y = triton.dense(x, w.values, w.scales, cfg=cfg, interpret=True)
+    assert y.shape == (m, 64)
+    assert _rel(y, _ref_dense(x, w)) < 1e-5
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_dequantize_kernel_is_exact(transpose):
+    from v4jax.kernels.fp4_matmul import triton
+
+    w = _weight(jax.random.key(np.random.randint(1 << 30)), (3, 64, 512))  # [G, N, K]
+    cfg = block_sizes.BlockConfig(16, 32, 256)
+    got = triton.dequantize(w.values, w.scales, cfg=cfg, dtype=jnp.float32, transpose=transpose,
+                            interpret=True)
+    ref = quant.dequantize(w)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(jnp.swapaxes(ref, 1, 2) if transpose else ref))
+    w2 = _weight(jax.random.key(3), (64, 256))  # 2-D weights keep their rank
+    got2 = triton.dequantize(w2.values, w2.scales, cfg=cfg, dtype=jnp.bfloat16, interpret=True)
+    np.testing.assert_array_equal(np.asarray(got2, np.float32),
+                                  np.asarray(quant.dequantize(w2).astype(jnp.bfloat16), np.float32))
+
+
+def test_dequantize_routes_value_and_grad():
+    """The prefill routes (dequantize kernel, then the bf16 GEMM) against the references, with gradients."""
+    from v4jax.kernels.fp4_matmul import api
+
+    kx, kw, kg = jax.random.split(jax.random.key(np.random.randint(1 << 30)), 3)
+    x = jax.random.normal(kx, (24, 256), jnp.float32)
+    w = _weight(kw, (64, 256))
+    f = lambda xx: jnp.sum(api._dequantize_then_dot(xx, w, True) ** 2)
+    g = lambda xx: jnp.sum(reference.fp4_matmul_reference(xx, w) ** 2)
+    (v, dx), (v_ref, dx_ref) = jax.value_and_grad(f)(x), jax.value_and_grad(g)(x)
+    assert abs(float(v) - float(v_ref)) <= 1e-5 * abs(float(v_ref)) and _rel(dx, dx_ref) < 1e-5
+    wg = _weight(kg, (3, 64, 256))
+    sizes = jnp.array([7, 0, 12], jnp.int32)
+    y = api._dequantize_then_grouped(x, wg, sizes, True)
+    assert _rel(y, _ref_grouped(x, wg, np.asarray(sizes))) < 1e-5
+    np.testing.assert_array_equal(np.asarray(y[19:]), 0)
+
+
+def test_stored_h200_table_routes():
+    table = block_sizes.load_table("nvidia_h200")
+    assert table["dense_dequant_min_m"] == 1024 and table["grouped_dequant_min_m"] == 4096
+    for op in ("dense", "grouped", "dequantize"):
+        for entry in table[op]:
+            block_sizes.BlockConfig(**entry["config"])  # every stored config is a valid BlockConfig

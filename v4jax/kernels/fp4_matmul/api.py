@@ -75,18 +75,31 @@ def fp4_matmul(
                 f"fp4_matmul: {impl} needs N % 16 == 0 and K % 64 == 0, got N={n}, K={k}"
             )
         impl = "xla"
-    if impl == "xla" or (implementation is None and _prefers_xla(x.shape[0])):
+    if impl == "xla":
         return reference.fp4_matmul_reference(x, w)
+    if implementation is None and impl == "triton" and _prefers_dequantize("dense", x.shape[0]):
+        return _dequantize_then_dot(x, w, interpret)
     return _dense_vjp(x, w, impl, interpret)
 
 
-def _prefers_xla(m: int) -> bool:
-    """The stored table's `dense_xla_min_m`: from this M on, dequantize + cuBLAS beat our fused kernel."""
+def _prefers_dequantize(op: str, m: int) -> bool:
+    """The stored table's `<op>_dequant_min_m`: from this M on, our dequantize kernel then the bf16 GEMM
+    (cuBLAS; tokamax for grouped) beat the fused kernel, measured on the chip."""
     if jax.default_backend() != "gpu":
         return False
-    chip = block_sizes.chip_name(jax.devices()[0].device_kind)
-    min_m = block_sizes.load_table(chip).get("dense_xla_min_m")
+    table = block_sizes.load_table(block_sizes.chip_name(jax.devices()[0].device_kind))
+    min_m = table.get(f"{op}_dequant_min_m")
     return min_m is not None and m >= min_m
+
+
+def _dequantize_then_dot(x, w: QArray, interpret: bool):
+    """Prefill route: W to x's dtype with the Triton dequantize kernel (memory speed), then one XLA dot.
+    The kernel's input is integer, so autodiff w.r.t. x sees a plain dot."""
+    from v4jax.kernels.fp4_matmul import triton  # lazy: GPU-only imports
+
+    cfg = block_sizes.select("dequantize", w.shape[0], chip="interpret" if interpret else None)
+    wd = triton.dequantize(w.values, w.scales, cfg=cfg, dtype=x.dtype, interpret=interpret)  # [N, K]
+    return jnp.einsum("mk,nk->mn", x, wd, preferred_element_type=jnp.float32).astype(x.dtype)  # [M, N]
 
 
 def _dense_forward(x, w: QArray, impl: str, interpret: bool):
@@ -145,7 +158,21 @@ def fp4_grouped_matmul(
         impl = "xla"
     if impl == "xla":
         return reference.fp4_grouped_matmul_reference(x, w, group_sizes)
+    if implementation is None and impl == "triton" and _prefers_dequantize("grouped", x.shape[0]):
+        return _dequantize_then_grouped(x, w, group_sizes, interpret)
     return _grouped_vjp(x, w, group_sizes, impl, interpret)
+
+
+def _dequantize_then_grouped(x, w: QArray, group_sizes, interpret: bool):
+    """Grouped prefill route: every expert to x's dtype in the "x @ w" layout [G, K, N] with the Triton
+    dequantize kernel, then the bf16 grouped GEMM (`grouped_matmul`: tokamax on GPU)."""
+    from v4jax.kernels.fp4_matmul import triton  # lazy: GPU-only imports
+    from v4jax.kernels.grouped_matmul.api import grouped_matmul  # lazy: that api imports this one
+
+    cfg = block_sizes.select("dequantize", w.shape[1], chip="interpret" if interpret else None)
+    wd = triton.dequantize(w.values, w.scales, cfg=cfg, dtype=x.dtype, transpose=True,
+                           interpret=interpret)  # [G, K, N]
+    return grouped_matmul(x, wd, group_sizes)
 
 
 def _grouped_forward(x, w: QArray, group_sizes, impl: str, interpret: bool):

@@ -26,10 +26,15 @@ class BlockConfig:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 3
+    decode: str = "jnp"  # "jnp" (shifts and masks, runs everywhere) or "asm" (bf16x2 PTX, GPU only)
+    swap_ab: bool = False  # compute y.T = W x.T so the decoded weights are the MMA's register operand
+    fuse_x: bool = False  # dense: read x's column planes in the kernel (strided) instead of an XLA transpose
 
     def fit(self, m: int, n: int, k: int) -> BlockConfig:
         """The config shrunk to divide the shape: bn | N and bk | K (powers of two), split | K/bk, bm <= M's pow2."""
-        bm = max(16, min(self.block_m, _next_pow2(m)))
+        # block_m < 16 means CUDA-core FMAs instead of MMA (decode of a few rows); MMA tiles need 16 rows
+        floor = 1 if self.block_m < 16 else 16
+        bm = max(floor, min(self.block_m, _next_pow2(m)))
         bn = _largest_pow2_divisor(n, self.block_n)
         bk = _largest_pow2_divisor(k, self.block_k)
         split = max(d for d in range(1, self.split_k + 1) if (k // bk) % d == 0)
@@ -110,6 +115,11 @@ DEFAULTS = {
 }
 
 
+DEFAULTS["dequantize"] = [
+    {"max_m": None, "config": {"block_m": 16, "block_n": 64, "block_k": 256, "num_warps": 4, "num_stages": 3}},
+]
+
+
 def chip_name(device_kind: str) -> str:
     """'NVIDIA H200' -> 'nvidia_h200' (the table's file stem)."""
     return "_".join(device_kind.lower().split())
@@ -126,7 +136,7 @@ def load_table(chip: str) -> dict:
 
 
 def select(op: str, m: int, chip: str | None = None) -> BlockConfig:
-    """The config for `op` ("dense" or "grouped") at M rows on `chip` (default: the first device's kind)."""
+    """The config for `op` ("dense", "grouped" or "dequantize") at M rows on `chip` (default: the first device's kind)."""
     if chip is None:
         import jax  # lazy: keeps this module importable without a backend
 
