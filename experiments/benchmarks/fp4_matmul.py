@@ -41,6 +41,16 @@ from v4jax.kernels.fp4_matmul import block_sizes, reference, triton
 from v4jax.kernels.fp4_matmul.block_sizes import BlockConfig
 
 TOKENS: list[int] = []  # --tokens: grouped token counts to run (default: all)
+SIZES: list[int] = []  # --sizes: dense K = N values to run (default: 4096, 7168)
+MS: list[int] = []  # --ms: dense M values to run (default: 16, 1, 8, 64, 4096)
+DEADLINE = [float("inf")]  # --budget-s: no new shape starts after this wall time (results so far are kept)
+
+
+def out_of_budget(what: str) -> bool:
+    if time.time() < DEADLINE[0]:
+        return False
+    print(f"budget reached: skipping {what} and the rest of the section", flush=True)
+    return True
 SMOKE = False  # --smoke: tiny shapes in interpret mode on CPU (checks this script only)
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -200,10 +210,8 @@ def sweep(name, configs, run_cfg, check):
 
 
 def section_dense(rows, table, bw, interpret):
-    sizes = [256] if SMOKE else [4096, 7168]
-    ms = [16, 1, 8, 64] + (
-        [] if SMOKE else [4096]
-    )  # M=1, 8 reuse M=16's winner (same 16-row tile)
+    sizes = [256] if SMOKE else (SIZES or [4096, 7168])
+    ms = MS or ([16, 1, 8, 64] + ([] if SMOKE else [4096]))  # M=1, 8 also try M=16's winner
     best_decode, prefill_vs_xla_fp4 = {}, []
     for kn in sizes:
         winner16 = None
@@ -216,6 +224,8 @@ def section_dense(rows, table, bw, interpret):
         wbf = [quant.dequantize(w).astype(jnp.bfloat16) for w in ws]
         packed = n * k // 2 + n * k // 32
         for m in ms:
+            if out_of_budget(f"dense M={m} K=N={kn}"):
+                break
             prefill = m >= 1024
             x = jax.random.normal(keys[-1], (m, k), jnp.bfloat16)
             n1, n2 = (1, 3) if (prefill or SMOKE) else (2, copies)
@@ -350,6 +360,8 @@ def section_grouped(rows, table, bw, interpret):
         tk = lambda a, b, gs: jax.lax.ragged_dot(a, b, gs)
     table["grouped"] = []
     for tokens in tokens_list:
+        if out_of_budget(f"grouped tokens={tokens}"):
+            break
         kk = jax.random.fold_in(key, tokens)
         experts = jnp.argsort(jax.random.uniform(kk, (tokens, g)), axis=-1)[
             :, :topk
@@ -461,12 +473,19 @@ def main():
     ap.add_argument("--sections", default="decode,grouped")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--tokens", default="")
+    ap.add_argument("--sizes", default="", help="dense K = N values, e.g. 4096,7168")
+    ap.add_argument("--ms", default="", help="dense M values, e.g. 16,1,4096")
+    ap.add_argument("--budget-s", type=float, default=float("inf"),
+                    help="start no new shape after this many seconds; what ran is still written")
     ap.add_argument(
         "--grouped-prefill-configs", type=int, default=len(GROUPED_PREFILL_CONFIGS)
     )
     args = ap.parse_args()
     SMOKE = args.smoke
     TOKENS[:] = [int(t) for t in args.tokens.split(",") if t]
+    SIZES[:] = [int(t) for t in args.sizes.split(",") if t]
+    MS[:] = [int(t) for t in args.ms.split(",") if t]
+    DEADLINE[0] = time.time() + args.budget_s
     del GROUPED_PREFILL_CONFIGS[args.grouped_prefill_configs :]
     interpret = SMOKE
     dev = jax.devices()[0]
