@@ -26,8 +26,16 @@ import transformers
 from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import hf_goldens_layouts as layouts  # noqa: E402
-from hf_goldens_model import CSA, HCA, SLIDING, build_model, capture, count_indexer_rows, margins  # noqa: E402
+import hf_goldens_layouts as layouts
+from hf_goldens_model import (
+    CSA,
+    HCA,
+    SLIDING,
+    build_model,
+    capture,
+    count_indexer_rows,
+    margins,
+)
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "goldens")
 MIN_MARGIN = 1e-4

@@ -145,7 +145,7 @@ def capture(model: DeepseekV4ForCausalLM, input_ids: torch.Tensor) -> Capture:
             h.remove()
 
     n_layers = len(layers)
-    npy = lambda t: t.detach().cpu().numpy()  # noqa: E731
+    npy = lambda t: t.detach().cpu().numpy()
     return Capture(
         logits=npy(out.logits).astype(np.float32),
         hidden_in=[npy(store["hin"][i]) for i in range(n_layers)],

@@ -22,7 +22,7 @@ def test_ci_runs_the_readme_test_command():
 
 
 def test_run_rejects_unknown_subcommand_without_setup():
-    result = subprocess.run([str(REPO / "run"), "nope"], capture_output=True, text=True, timeout=30)
+    result = subprocess.run([str(REPO / "run"), "nope"], capture_output=True, text=True, timeout=30, check=False)
     assert result.returncode == 2 and "usage" in result.stderr
 
 
@@ -33,5 +33,5 @@ def test_ci_fails_when_no_tests_are_collected(tmp_path, pytest_status, ci_status
     fake = tmp_path / "run"
     fake.write_text(f"#!/usr/bin/env bash\n[ \"$1\" = test ] && exit {pytest_status}\nexit 99\n")
     fake.chmod(0o755)
-    result = subprocess.run(["bash", str(tmp_path / ".ci" / "run")], capture_output=True, text=True, timeout=30)
+    result = subprocess.run(["bash", str(tmp_path / ".ci" / "run")], capture_output=True, text=True, timeout=30, check=False)
     assert result.returncode == ci_status

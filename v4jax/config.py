@@ -15,8 +15,14 @@ import ml_collections
 
 from v4jax.model.config import ConfigError
 
-__all__ = ["ConfigError", "default_config", "default_train_config", "default_mesh_config", "validate",
-           "model_fingerprint"]
+__all__ = [
+    "ConfigError",
+    "default_config",
+    "default_mesh_config",
+    "default_train_config",
+    "model_fingerprint",
+    "validate",
+]
 
 MTP_WEIGHT_SCHEDULES = ("constant", "paper")
 MESH_AXES = ("data", "fsdp", "expert", "tensor")

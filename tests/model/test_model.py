@@ -1,7 +1,6 @@
 """Model behaviour that needs no HF reference: presets and parameter counts, config validation, packed
 documents, the MTP wiring (spec section 6), and forward+backward under jit."""
 
-import dataclasses
 
 import flax
 import jax

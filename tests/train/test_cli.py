@@ -1,6 +1,5 @@
 """The CLI's bad-input contract: one line on stderr, exit status 2, nothing written to the workdir."""
 
-import os
 import pathlib
 import subprocess
 import sys
@@ -12,7 +11,7 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 
 def run_cli(workdir, *overrides, config="configs/tiny.py"):
     cmd = [sys.executable, "-m", "v4jax.train", f"--config={config}", f"--workdir={workdir}", *overrides]
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
 
 
 def assert_one_line_error(result, pattern):

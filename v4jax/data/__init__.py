@@ -11,7 +11,12 @@ state = it.get_state()        # JSON; it.set_state(state) resumes exactly
 
 from v4jax.data.config import default_data_config, validate_data_config
 from v4jax.data.corpus import Corpus, load_corpus
-from v4jax.data.pipeline import DataIterator, build_pipeline, next_token_targets, process_rows
+from v4jax.data.pipeline import (
+    DataIterator,
+    build_pipeline,
+    next_token_targets,
+    process_rows,
+)
 from v4jax.data.stats import corpus_stats
 from v4jax.data.tokenizer import ByteTokenizer, HFTokenizer, build_tokenizer
 

@@ -1,7 +1,12 @@
 """The DeepSeek-V4 model in Flax linen (functional: init/apply, params are plain pytrees)."""
 
 from v4jax.model import presets
-from v4jax.model.config import ConfigError, ModelConfig, default_model_config, validate_model_config
+from v4jax.model.config import (
+    ConfigError,
+    ModelConfig,
+    default_model_config,
+    validate_model_config,
+)
 from v4jax.model.transformer import (
     ModelOutput,
     Transformer,

@@ -25,7 +25,7 @@ E2M1_LUT = E2M1_VALUES + tuple(-v for v in E2M1_VALUES)
 _MIDPOINTS = ((0.25, False), (0.75, True), (1.25, False), (1.75, True), (2.5, False), (3.5, True), (5.0, False))
 
 
-def encode_e2m1(y: Float[Array, "..."]) -> UInt8[Array, "..."]:
+def encode_e2m1(y: Float[Array, ...]) -> UInt8[Array, ...]:
     """Rounds float32 `y` to nearest-even E2M1 (saturating at +-6) and returns nibble codes 0..15 as uint8."""
     y = y.astype(jnp.float32)
     mag = jnp.abs(y)
@@ -36,7 +36,7 @@ def encode_e2m1(y: Float[Array, "..."]) -> UInt8[Array, "..."]:
     return index | (sign << 3)
 
 
-def decode_e2m1(codes: UInt8[Array, "..."]) -> Float[Array, "..."]:
+def decode_e2m1(codes: UInt8[Array, ...]) -> Float[Array, ...]:
     """Nibble codes (0..15) to float32, the values of E2M1_LUT.
 
     Decoded arithmetically (exponent e = bits 1-2, mantissa m = bit 0: m/2 if e == 0 else

@@ -49,14 +49,14 @@ from v4jax.quant.quantize import (
 STE_MODES = ("plain", "clipped")
 
 
-def not_saturated(x: Float[Array, "..."], fmt: QuantFormat, axis: int) -> jax.Array:
+def not_saturated(x: Float[Array, ...], fmt: QuantFormat, axis: int) -> jax.Array:
     """Boolean mask, x's shape: True where |x / s| <= qmax, i.e. where the quantizer does not clip."""
     xm = to_blocked_layout(x, axis, fmt).astype(jnp.float32)
     y = scale_elements(xm, compute_block_scales(xm, fmt), fmt)
     return from_blocked_layout(jnp.abs(y) <= fmt.qmax, axis, x.ndim)
 
 
-def stochastic_round_bf16(g: Float[Array, "..."], key: jax.Array) -> Float[Array, "..."]:
+def stochastic_round_bf16(g: Float[Array, ...], key: jax.Array) -> Float[Array, ...]:
     """Unbiased stochastic rounding of float32 values to bfloat16-representable float32 values."""
     g32 = g.astype(jnp.float32)
     bits = jax.lax.bitcast_convert_type(g32, jnp.uint32)
@@ -65,7 +65,7 @@ def stochastic_round_bf16(g: Float[Array, "..."], key: jax.Array) -> Float[Array
     return jnp.where(jnp.isfinite(g32), rounded, g32)
 
 
-def stochastic_round_to_grid(y: Float[Array, "..."], key: jax.Array, fmt: QuantFormat) -> Float[Array, "..."]:
+def stochastic_round_to_grid(y: Float[Array, ...], key: jax.Array, fmt: QuantFormat) -> Float[Array, ...]:
     """Rounds scaled values y (float32) stochastically onto the element grid of `fmt` (E2M1 or E4M3).
 
     The grid spacing at |y| is 2**(max(floor(log2 |y|), emin) - mantissa_bits); |y| is first clipped to qmax.
@@ -114,14 +114,14 @@ _fake_quant.defvjp(_fake_quant_fwd, _fake_quant_bwd)
 
 @functools.partial(jax.jit, static_argnames=("fmt", "axis", "ste", "grad_format"))
 def fake_quant(
-    x: Float[Array, "..."],
+    x: Float[Array, ...],
     fmt: str | QuantFormat = "mxfp4",
     *,
     axis: int = -1,
     ste: str = "plain",
     stochastic_rounding_key: jax.Array | None = None,
     grad_format: str | QuantFormat | None = None,
-) -> Float[Array, "..."]:
+) -> Float[Array, ...]:
     """dequantize(quantize(x, fmt, axis)) with an STE backward; see the module docstring for the options.
 
     Jitted (everything but x and the key static), so eager calls compile once.
@@ -141,7 +141,7 @@ def fake_quant(
     return _fake_quant(fmt, axis, ste, grad_fmt, x, stochastic_rounding_key)
 
 
-def round_to_dtype(x: Float[Array, "..."], dtype=jnp.bfloat16) -> Float[Array, "..."]:
+def round_to_dtype(x: Float[Array, ...], dtype=jnp.bfloat16) -> Float[Array, ...]:
     """x rounded to `dtype` (nearest even) and returned in x's dtype; the convert's gradient is the identity.
 
     Used for the index scores, which DeepSeek-V4 casts from FP32 to BF16 before top-k (spec/dsv4.md 7.1).

@@ -65,7 +65,7 @@ class QATPolicy:
     grad_format: str | None = None
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any] | ml_collections.ConfigDict) -> "QATPolicy":
+    def from_config(cls, cfg: Mapping[str, Any] | ml_collections.ConfigDict) -> QATPolicy:
         """Validates `config.qat` and freezes it."""
         d = cfg.to_dict() if isinstance(cfg, ml_collections.ConfigDict) else dict(cfg)
         validate_qat_config(d)
@@ -152,14 +152,14 @@ def qat_active(step: int | jax.Array, total_steps: int, policy: QATPolicy) -> Fl
 
 
 def apply_qat(
-    x: Float[Array, "..."],
+    x: Float[Array, ...],
     tensor: str,
     policy: QATPolicy,
     factor: Float[Array, ""] | float,
     *,
     axis: int = -1,
     key: jax.Array | None = None,
-) -> Float[Array, "..."]:
+) -> Float[Array, ...]:
     """x blended towards fake_quant(x) by `factor` per the policy's format for `tensor` (identity when off).
 
     `key` is needed when the policy asks for stochastic rounding of the gradients.
@@ -183,7 +183,7 @@ def apply_qat(
     return jnp.where(factor >= 1, fq, jnp.where(factor <= 0, x, blend))
 
 
-def cast_index_scores(scores: Float[Array, "..."], policy: QATPolicy) -> Float[Array, "..."]:
+def cast_index_scores(scores: Float[Array, ...], policy: QATPolicy) -> Float[Array, ...]:
     """Index scores rounded to bf16 (kept in their dtype) when the policy says so; identity otherwise."""
     if policy.enabled and policy.index_scores_bf16:
         return scores.astype(jnp.bfloat16).astype(scores.dtype)

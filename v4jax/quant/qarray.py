@@ -42,7 +42,7 @@ class QArray:
     def ndim(self) -> int:
         return len(self.shape)
 
-    def shardings_like(self, mesh: jax.sharding.Mesh, spec: PartitionSpec) -> "QArray":
+    def shardings_like(self, mesh: jax.sharding.Mesh, spec: PartitionSpec) -> QArray:
         """A QArray-shaped tree of NamedShardings: `spec` (of the logical array) for values and scales,
         replicated for the scalar per-tensor scale. Use with `jax.device_put` or `out_shardings`."""
         sharded = NamedSharding(mesh, spec)

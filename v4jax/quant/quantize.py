@@ -127,7 +127,7 @@ def scale_elements(xm: jax.Array, scales: BlockScales, fmt: QuantFormat) -> jax.
 
 
 @functools.partial(jax.jit, static_argnames=("fmt", "axis"))
-def quantize(x: Float[Array, "..."], fmt: str | QuantFormat = "mxfp4", *, axis: int = -1) -> QArray:
+def quantize(x: Float[Array, ...], fmt: str | QuantFormat = "mxfp4", *, axis: int = -1) -> QArray:
     """Quantizes `x` into a `QArray` in format `fmt` (a preset name or a QuantFormat), blocks along `axis`.
 
     Jitted (fmt and axis static) so that eager calls compile once instead of dispatching op by op.
@@ -165,7 +165,7 @@ def effective_scales(q: QArray) -> jax.Array:
 
 
 @jax.jit
-def dequantize(q: QArray) -> Float[Array, "..."]:
+def dequantize(q: QArray) -> Float[Array, ...]:
     """The QArray's values times their block scales, in its logical shape and dtype."""
     ndim = q.ndim
     vals = jnp.moveaxis(q.values, q.axis, -1)

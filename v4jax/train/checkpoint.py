@@ -67,7 +67,7 @@ def check_compatible(directory: str, fingerprint: str) -> None:
     for step in reversed(steps):
         try:
             meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-        except Exception:  # unreadable: the restore path falls back past it and says so
+        except Exception:  # noqa: BLE001, S112  unreadable: the restore path falls back past it and says so
             continue
         if meta.get("model_fingerprint") != fingerprint:
             raise CheckpointMismatchError(
@@ -108,7 +108,7 @@ class Checkpointer:
                 return (step, *self._restore(step, template))
             except CheckpointMismatchError:
                 raise
-            except Exception as err:  # orbax raises many types for damaged files; all mean "unreadable"
+            except Exception as err:  # noqa: BLE001  orbax raises many types for damaged files; all mean "unreadable"
                 fallback = f"step {steps[i - 1]}" if i > 0 else "a fresh start"
                 print(f"warning: checkpoint at step {step} is unreadable; falling back to {fallback} "
                       f"({type(err).__name__})", file=sys.stderr, flush=True)

@@ -13,7 +13,6 @@ import functools
 import json
 import math
 import os
-import sys
 import time
 from typing import Any
 
@@ -29,9 +28,15 @@ from v4jax.train import checkpoint as ckpt_lib
 from v4jax.train import metrics as metrics_lib
 from v4jax.train.anticipation import LookaheadQueue
 from v4jax.train.sample import sample_text
-from v4jax.train.state import TrainState, create_train_state, init_variables
-from v4jax.train.step import lr_decay_start, make_eval_step, make_route_step, make_train_step, mtp_weight_fn
 from v4jax.train.stability import AnticipationController, SpikeDetector
+from v4jax.train.state import TrainState, create_train_state, init_variables
+from v4jax.train.step import (
+    lr_decay_start,
+    make_eval_step,
+    make_route_step,
+    make_train_step,
+    mtp_weight_fn,
+)
 
 
 @dataclasses.dataclass
@@ -183,7 +188,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
         if anticipating:
             params, buffers = state.params, state.buffers
             anticipation_forwards += queue.anticipate(
-                lambda b: route_step(params, buffers, plan.put_batch(b, process_local=True)))
+                lambda b: route_step(params, buffers, plan.put_batch(b, process_local=True)))  # noqa: B023  (called now)
         entry = queue.pop()
         routed = None if entry.routed_indices is None else jnp.asarray(entry.routed_indices)
         state, step_metrics = train_step(state, plan.put_batch(entry.batch, process_local=True), routed)

@@ -10,7 +10,8 @@ outside optax, because it is a buffer driven by counts, not by gradients.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp

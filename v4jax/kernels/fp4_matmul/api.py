@@ -167,7 +167,9 @@ def _dequantize_then_grouped(x, w: QArray, group_sizes, interpret: bool):
     """Grouped prefill route: every expert to x's dtype in the "x @ w" layout [G, K, N] with the Triton
     dequantize kernel, then the bf16 grouped GEMM (`grouped_matmul`: tokamax on GPU)."""
     from v4jax.kernels.fp4_matmul import triton  # lazy: GPU-only imports
-    from v4jax.kernels.grouped_matmul.api import grouped_matmul  # lazy: that api imports this one
+    from v4jax.kernels.grouped_matmul.api import (
+        grouped_matmul,  # lazy: that api imports this one
+    )
 
     cfg = block_sizes.select("dequantize", w.shape[1], chip="interpret" if interpret else None)
     wd = triton.dequantize(w.values, w.scales, cfg=cfg, dtype=x.dtype, transpose=True,
