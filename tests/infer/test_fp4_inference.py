@@ -1,5 +1,7 @@
 """Inference on packed FP4 experts equals the QAT fake-quant forward; expert memory drops ~3.7x vs bf16."""
 
+import dataclasses
+
 import flax
 import jax
 import jax.numpy as jnp
@@ -30,6 +32,22 @@ def test_packed_logits_equal_fake_quant_logits(setup):
         base = jax.jit(Transformer(cfg).apply)(v, tokens).logits
     np.testing.assert_allclose(pk, fq, rtol=1e-6, atol=1e-6)
     assert float(jnp.max(jnp.abs(fq - base))) > 1e-3  # quantisation really changed the experts
+
+
+def test_packed_experts_run_on_the_fp4_kernels(setup):
+    """The MoE's packed experts go through `grouped_matmul` -> our FP4 grouped kernel (Triton, interpret
+    mode here; asserted by the pallas_call in the program) with the numbers of the XLA dequantize path."""
+    cfg, tokens, v = setup
+    packed = {"params": pack_experts(v["params"]), "buffers": v["buffers"]}
+    kernel_cfg = dataclasses.replace(cfg, fp4_impl="triton", fp4_interpret=True)
+    fwd = jax.jit(Transformer(kernel_cfg).apply)
+    assert "fp4_grouped_matmul_triton" in str(jax.make_jaxpr(fwd)(packed, tokens))
+    with jax.default_matmul_precision("highest"):
+        got = fwd(packed, tokens).logits
+        ref = jax.jit(Transformer(dataclasses.replace(cfg, fp4_impl="xla")).apply)(packed, tokens).logits
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    w1 = flax.traverse_util.flatten_dict(packed["params"], sep="/")["seg1/layer0/moe/experts/w1_fp4"]
+    assert w1.shape[-2:] == (cfg.moe_intermediate_size, cfg.hidden_size // 2)  # [.., E, out, in/2]
 
 
 def test_expert_memory_drops_3_7x(setup):

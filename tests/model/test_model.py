@@ -56,6 +56,8 @@ BAD = [
     (dict(csa_ratio=1), "config.model.csa_ratio"),
     (dict(indexer_impl="cuda"), "config.model.indexer_impl"),
     (dict(indexer_interpret="yes"), "config.model.indexer_interpret"),
+    (dict(fp4_impl="cuda"), "config.model.fp4_impl"),
+    (dict(fp4_interpret=1), "config.model.fp4_interpret"),
 ]
 
 

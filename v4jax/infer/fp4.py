@@ -1,13 +1,15 @@
 """Inference on packed FP4 expert weights: convert trained routed experts to MXFP4 `QArray`s.
 
 Each expert matrix is quantised with 1x32 blocks along its input axis (K) and E8M0 scales, 4.25 bits per
-weight, as in the released checkpoints. The model dequantises them inside the jitted forward (`Experts`);
-the Pallas FP4 kernels (`v4jax.kernels.fp4_matmul`) replace that dequantisation where available.
+weight, as in the released checkpoints, and stored transposed ([E, out, in/2] values, [E, out, in/32]
+scales): the layout the FP4 kernels read, so the model's expert GEMMs run on the packed bytes
+(`v4jax.kernels.fp4_matmul` through `grouped_matmul`) without a copy per call.
 """
 
 from __future__ import annotations
 
 import flax
+import jax.numpy as jnp
 import numpy as np
 
 from v4jax import quant
@@ -20,14 +22,15 @@ def is_expert_weight(path: str) -> bool:
 
 def pack_experts(params: dict) -> dict:
     """A copy of `params` whose routed-expert weights `w{1,2,3}` [.., E, in, out] become MXFP4 leaves
-    `w{n}_fp4` (uint8, two values per byte along `in`) and `w{n}_fp4_scale` (E8M0 bytes, one per 32 inputs).
+    `w{n}_fp4` (uint8 [.., E, out, in/2], two values per byte along `in`) and `w{n}_fp4_scale` (E8M0 bytes
+    [.., E, out, in/32], one per 32 inputs).
 
     Plain arrays rather than a `QArray` leaf, so that scanned layers slice them like any other parameter.
     """
     out = {}
     for k, v in flax.traverse_util.flatten_dict(params, sep="/").items():
         if is_expert_weight(k) and not k.endswith(("_fp4", "_fp4_scale")):
-            q = quant.quantize(v, "mxfp4", axis=v.ndim - 2)
+            q = quant.quantize(jnp.swapaxes(v, -1, -2), "mxfp4", axis=v.ndim - 1)  # [.., E, out, in] along in
             out[k + PACKED_SUFFIX], out[k + SCALE_SUFFIX] = q.values, q.scales
         else:
             out[k] = v

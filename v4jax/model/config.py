@@ -17,6 +17,7 @@ LAYER_KINDS = ("sliding", "csa", "hca")
 MOE_KINDS = ("hash", "learned")
 DTYPES = ("float32", "bfloat16", "float16")
 INDEXER_IMPLS = ("auto", "xla", "triton", "mosaic_tpu")  # "auto": kernels.indexer's own platform choice
+FP4_IMPLS = ("auto", "xla", "triton", "mosaic_tpu")  # "auto": kernels.fp4_matmul's own platform choice
 
 
 class ConfigError(ValueError):
@@ -45,6 +46,8 @@ class ModelConfig:
     index_topk: int = 512
     indexer_impl: str = "auto"      # backend of the indexer's scores + top-k (v4jax.kernels.indexer)
     indexer_interpret: bool = False  # run a Pallas indexer backend in interpret mode (CPU tests, debugging)
+    fp4_impl: str = "auto"  # backend of packed-FP4 expert GEMMs (v4jax.kernels.fp4_matmul); "auto": its choice
+    fp4_interpret: bool = False  # run a Pallas FP4 backend in interpret mode (CPU tests, debugging)
     # rope: main (sliding layers) and compress (CSA/HCA layers, with YaRN when yarn_factor > 0)
     rope_theta: float = 10000.0
     compress_rope_theta: float = 160000.0
@@ -149,7 +152,7 @@ def validate_model_config(d: Mapping[str, Any]) -> None:
     for name in ("yarn_factor", "swiglu_limit", "hc_init_alpha", "yarn_beta_fast", "yarn_beta_slow", "hc_init_comb_diag"):
         if not isinstance(d[name], (int, float)) or isinstance(d[name], bool) or d[name] < 0:
             raise _err(name, f"must be a non-negative number, got {d[name]!r}")
-    for name in ("scan_layers", "remat", "rope_restart_per_document", "indexer_interpret"):
+    for name in ("scan_layers", "remat", "rope_restart_per_document", "indexer_interpret", "fp4_interpret"):
         if not isinstance(d[name], bool):
             raise _err(name, f"must be True or False, got {d[name]!r}")
     for name in ("param_dtype", "dtype"):
@@ -157,6 +160,8 @@ def validate_model_config(d: Mapping[str, Any]) -> None:
             raise _err(name, f"must be one of {DTYPES}, got {d[name]!r}")
     if d["indexer_impl"] not in INDEXER_IMPLS:
         raise _err("indexer_impl", f"must be one of {INDEXER_IMPLS}, got {d['indexer_impl']!r}")
+    if d["fp4_impl"] not in FP4_IMPLS:
+        raise _err("fp4_impl", f"must be one of {FP4_IMPLS}, got {d['fp4_impl']!r}")
 
     if d["rope_head_dim"] % 2:
         raise _err("rope_head_dim", f"must be even (interleaved pairs), got {d['rope_head_dim']}")

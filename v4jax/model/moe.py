@@ -115,7 +115,9 @@ class Experts(nn.Module):
     """The routed experts, stacked [E, ...], run as grouped GEMMs over token-expert pairs sorted by expert.
 
     Weights may be float arrays (training; fake-quantised along their input axis when a QAT policy is on)
-    or packed MXFP4 `QArray`s (inference on FP4 weights, dequantised inside the jitted forward).
+    or packed MXFP4 leaves (inference, `v4jax.infer.fp4.pack_experts`), stored [E, out, in/2] in the FP4
+    kernels' layout and handed to `grouped_matmul` as `QArray`s, so the GEMMs run on the packed bytes
+    (`v4jax.kernels.fp4_matmul`, backend `config.model.fp4_impl`).
     Under an active multi-device mesh (`jax.set_mesh`) the same computation runs expert-parallel through
     `v4jax.parallel.expert.routed_experts_parallel`; otherwise the single-device path below.
     """
@@ -133,32 +135,53 @@ class Experts(nn.Module):
         w2 = self._weight("w2", (E, I, d), ("experts", "mlp", "embed"), qat_factor)
         if expert_parallel_active():  # a multi-device mesh is set: dispatch under shard_map (v4jax.parallel)
             activation = functools.partial(clamped_swiglu, limit=cfg.swiglu_limit)
-            return routed_experts_parallel(x.astype(dtype), idx, weights, w1.astype(dtype), w3.astype(dtype),
-                                           w2.astype(dtype), activation).astype(dtype)
+            w1, w3, w2 = (_as_float(w, dtype) for w in (w1, w3, w2))
+            return routed_experts_parallel(x.astype(dtype), idx, weights, w1, w3, w2, activation).astype(dtype)
+        impl = None if cfg.fp4_impl == "auto" else cfg.fp4_impl
+
+        def gmm(a, w, sizes):  # fp4_impl picks the backend of packed weights only; float ones: the api's choice
+            if isinstance(w, quant.QArray):
+                return grouped_matmul(a, w, sizes, implementation=impl, interpret=cfg.fp4_interpret)
+            return grouped_matmul(a, w, sizes)
+
         flat_e = idx.reshape(-1)  # [T*K] expert of each token-expert pair
         order = jnp.argsort(flat_e, stable=True)
         token_of = order // K
         group_sizes = jnp.bincount(flat_e, length=E)
         xs = x.astype(dtype)[token_of]  # [T*K, d] sorted by expert
-        gate = grouped_matmul(xs, w1.astype(dtype), group_sizes)  # [T*K, I]
-        up = grouped_matmul(xs, w3.astype(dtype), group_sizes)  # [T*K, I]
+        gate = gmm(xs, _cast(w1, dtype), group_sizes)  # [T*K, I]
+        up = gmm(xs, _cast(w3, dtype), group_sizes)  # [T*K, I]
         h = clamped_swiglu(gate, up, cfg.swiglu_limit)
         h = h * weights.reshape(-1)[order][:, None].astype(dtype)  # routing weight before w2, as the reference
-        ys = grouped_matmul(h, w2.astype(dtype), group_sizes)  # [T*K, d]
+        ys = gmm(h, _cast(w2, dtype), group_sizes)  # [T*K, d]
         return jnp.zeros(x.shape, jnp.float32).at[token_of].add(ys.astype(jnp.float32)).astype(dtype)
 
     def _weight(self, name, shape, axes, qat_factor):
-        """The expert tensor `name` [E, in, out] as a float array (packed FP4 leaves are dequantised here)."""
+        """The expert tensor `name`: a float array [E, in, out], or for packed FP4 leaves a `QArray` of its
+        transpose [E, out, in] quantised along `in` (the layout the FP4 kernels read, no copy per call)."""
         if self.has_variable("params", name + PACKED_SUFFIX):
-            q = quant.QArray(values=self.get_variable("params", name + PACKED_SUFFIX),
-                             scales=self.get_variable("params", name + SCALE_SUFFIX), global_scale=None,
-                             fmt=quant.get_format("mxfp4"), shape=shape, dtype=np.dtype(np.float32), axis=1)
-            return quant.dequantize(q)
+            e, d_in, d_out = shape
+            return quant.QArray(values=self.get_variable("params", name + PACKED_SUFFIX),
+                                scales=self.get_variable("params", name + SCALE_SUFFIX), global_scale=None,
+                                fmt=quant.get_format("mxfp4"), shape=(e, d_out, d_in),
+                                dtype=np.dtype(np.float32), axis=2)
         w = declare(self, name, normal_init(self.cfg.init_std), shape, axes, dtype_of(self.cfg.param_dtype))
         if self.qat is not None and self.qat.enabled:
             # MXFP4 blocks run along each expert matrix's input axis (K), as in the released checkpoints
             return quant.apply_qat(w, "experts", self.qat, 1.0 if qat_factor is None else qat_factor, axis=-2)
         return w
+
+
+def _cast(w, dtype):
+    """Float weights to the compute dtype; packed FP4 weights stay packed (the kernels decode them)."""
+    return w if isinstance(w, quant.QArray) else w.astype(dtype)
+
+
+def _as_float(w, dtype) -> jax.Array:
+    """Expert weights as a float [E, in, out] array (the expert-parallel path dequantises packed ones)."""
+    if isinstance(w, quant.QArray):
+        return jnp.swapaxes(quant.dequantize(w), -1, -2).astype(dtype)  # [E, out, in] -> [E, in, out]
+    return w.astype(dtype)
 
 
 class MoE(nn.Module):

@@ -44,10 +44,12 @@ def _tokamax_ragged_dot():
 
 
 def grouped_matmul(x: Float[Array, "m k"], w: Float[Array, "g k n"] | QArray, group_sizes: Int[Array, " g"],
-                   implementation: str | None = None) -> Float[Array, "m n"]:
-    """`y[rows of group i] = x[rows of group i] @ w[i]`; rows beyond sum(group_sizes) give zeros."""
+                   implementation: str | None = None, interpret: bool = False) -> Float[Array, "m n"]:
+    """`y[rows of group i] = x[rows of group i] @ w[i]`; rows beyond sum(group_sizes) give zeros.
+
+    `interpret` runs a Pallas FP4 backend in interpret mode (QArray weights only; CPU tests)."""
     if isinstance(w, QArray):
-        return _fp4_grouped(x, w, group_sizes, implementation)
+        return _fp4_grouped(x, w, group_sizes, implementation, interpret)
     if implementation not in (None, *IMPLEMENTATIONS):
         raise ValueError(f"grouped_matmul: unknown implementation {implementation!r} (known: {IMPLEMENTATIONS})")
     if implementation is None:
@@ -60,11 +62,11 @@ def grouped_matmul(x: Float[Array, "m k"], w: Float[Array, "g k n"] | QArray, gr
     return jax.lax.ragged_dot(x, w, group_sizes.astype("int32"))
 
 
-def _fp4_grouped(x, w: QArray, group_sizes, implementation):
+def _fp4_grouped(x, w: QArray, group_sizes, implementation, interpret):
     from v4jax.kernels import fp4_matmul  # lazy: fp4_matmul's VJP imports this module
 
     if w.ndim != 3 or w.axis not in (1, 2):
         raise ValueError(f"grouped_matmul: a QArray w must be [G, N, K] (axis 2) or [G, K, N] (axis 1), got axis {w.axis}")
     if w.axis == 1:
         w = fp4_matmul.transpose_kn_to_nk(w)  # [G, N, K]
-    return fp4_matmul.fp4_grouped_matmul(x, w, group_sizes, implementation=implementation)
+    return fp4_matmul.fp4_grouped_matmul(x, w, group_sizes, implementation=implementation, interpret=interpret)
