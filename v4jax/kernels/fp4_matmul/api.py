@@ -158,9 +158,16 @@ def fp4_grouped_matmul(
         impl = "xla"
     if impl == "xla":
         return reference.fp4_grouped_matmul_reference(x, w, group_sizes)
-    if implementation is None and impl == "triton" and _prefers_dequantize("grouped", x.shape[0]):
+    if (implementation is None and impl == "triton" and _prefers_dequantize("grouped", x.shape[0])
+            and _has_tokamax()):  # without tokamax the bf16 grouped GEMM is XLA's dense masked one: slower
         return _dequantize_then_grouped(x, w, group_sizes, interpret)
     return _grouped_vjp(x, w, group_sizes, impl, interpret)
+
+
+def _has_tokamax() -> bool:
+    from v4jax.kernels.grouped_matmul.api import _tokamax_ragged_dot  # lazy: that api imports this one
+
+    return _tokamax_ragged_dot() is not None
 
 
 def _dequantize_then_grouped(x, w: QArray, group_sizes, interpret: bool):
