@@ -80,6 +80,11 @@ def _decode_planes(words: jax.Array, scale: jax.Array, dtype, how: str) -> list[
     return [common.decode_plane(words, j, scale).astype(dtype) for j in range(P)]
 
 
+def _for_backend(cfg: BlockConfig, interpret: bool) -> BlockConfig:
+    """The interpreter cannot run PTX: it takes the "jnp" decoder, which gives the same numbers."""
+    return dataclasses.replace(cfg, decode="jnp") if interpret and cfg.decode == "asm" else cfg
+
+
 def _partial_product(xs, planes, swap_ab: bool, fma: bool) -> jax.Array:
     """sum_p x_p [bm, b] . W_p [bn, b] over b -> float32 [bm, bn] ([bn, bm] when swap_ab)."""
     acc = None
@@ -139,7 +144,7 @@ def dense(
     """y = x @ W.T for x [M, K], W given as packed `values` [N, K/2] and E8M0 `scales` [N, K/32]."""
     m, k = x.shape
     n = values.shape[0]
-    cfg = cfg.fit(m, n, k)
+    cfg = _for_backend(cfg, interpret).fit(m, n, k)
     mp = common.round_up(m, cfg.block_m)
     xp = jnp.pad(x, ((0, mp - m), (0, 0))) if mp != m else x
     k_per_split = k // cfg.split_k
@@ -193,7 +198,7 @@ def dequantize(values: jax.Array, scales: jax.Array, cfg: BlockConfig, dtype=jnp
     """
     *lead, n, kh = values.shape
     k, g = 2 * kh, math.prod(lead)
-    cfg = cfg.fit(16, n, k)
+    cfg = _for_backend(cfg, interpret).fit(16, n, k)
     out = (g, k, n) if transpose else (g, n, k)
     w = pl.pallas_call(
         functools.partial(_dequant_kernel, cfg=cfg, transpose=transpose),
@@ -244,7 +249,7 @@ def grouped(
     """y[rows of g] = x[rows] @ W[g].T; x [M, K] sorted by group, W [G, N, K] as `values`/`scales`."""
     m, k = x.shape
     n = values.shape[1]
-    cfg = dataclasses.replace(cfg, block_m=max(cfg.block_m, 16)).fit(m, n, k)  # grouped tiles are MMA tiles
+    cfg = dataclasses.replace(_for_backend(cfg, interpret), block_m=max(cfg.block_m, 16)).fit(m, n, k)  # MMA tiles
     mp = common.round_up(m, cfg.block_m)
     xp = jnp.pad(x, ((0, mp - m), (0, 0))) if mp != m else x
     sched = common.tile_schedule(group_sizes, m, cfg.block_m)
