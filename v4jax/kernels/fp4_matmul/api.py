@@ -165,7 +165,9 @@ def fp4_grouped_matmul(
 
 
 def _has_tokamax() -> bool:
-    from v4jax.kernels.grouped_matmul.api import _tokamax_ragged_dot  # lazy: that api imports this one
+    from v4jax.kernels.grouped_matmul.api import (
+        _tokamax_ragged_dot,  # lazy: that api imports this one
+    )
 
     return _tokamax_ragged_dot() is not None
 
