@@ -7,7 +7,8 @@
 Both compute x @ dequantize(w).T (per group) with float32 accumulation, returned in x's dtype.
 Implementations: "xla" (reference.py: dequantize, then one dot), "triton" (triton.py, GPU), "mosaic_tpu"
 (mosaic_tpu.py, TPU; no TPU was available, so it is tested in interpret mode only), "mosaic_gpu"
-(reserved; not written yet: it raises). `None` picks "triton" on GPU, "mosaic_tpu" on TPU, else "xla";
+(mosaic_gpu.py, Hopper: TMA + wgmma; dense only, opt-in: interpret-tested and lowered for CUDA, not yet
+timed on a GPU). `None` picks "triton" on GPU, "mosaic_tpu" on TPU, else "xla";
 on GPU the stored H200 table may route large-M dense calls to "xla" where dequantize + cuBLAS is faster.
 `interpret=True` runs a Pallas backend on CPU.
 
@@ -43,18 +44,17 @@ def _pick(implementation: str | None, name: str) -> str:
         raise ValueError(
             f"{name}: unknown implementation {implementation!r} (known: {IMPLEMENTATIONS})"
         )
-    if implementation == "mosaic_gpu":
-        raise NotImplementedError(
-            f"{name}: implementation='mosaic_gpu' is not written yet; use 'triton' on GPU"
-        )
     if implementation is not None:
         return implementation
     backend = jax.default_backend()
     return {"gpu": "triton", "tpu": "mosaic_tpu"}.get(backend, "xla")
 
 
-def _kernel_friendly(n: int, k: int) -> bool:
-    """The Pallas backends need N a multiple of 16 and K of 64 (bf16 MMA tiles, whole scale blocks per tile)."""
+def _kernel_friendly(n: int, k: int, impl: str = "triton") -> bool:
+    """The Pallas backends need N a multiple of 16 and K of 64 (bf16 MMA tiles, whole scale blocks per tile);
+    mosaic_gpu needs N % 64 (one warpgroup's wgmma rows) and K % 256 (128-byte swizzled half-word rows)."""
+    if impl == "mosaic_gpu":
+        return n % 64 == 0 and k % 256 == 0
     return n % 16 == 0 and k % 64 == 0
 
 
@@ -69,11 +69,10 @@ def fp4_matmul(
     n, k = w.shape
     _check_x(x, k, "fp4_matmul")
     impl = _pick(implementation, "fp4_matmul")
-    if impl != "xla" and not _kernel_friendly(n, k):
+    if impl != "xla" and not _kernel_friendly(n, k, impl):
         if implementation is not None:
-            raise ValueError(
-                f"fp4_matmul: {impl} needs N % 16 == 0 and K % 64 == 0, got N={n}, K={k}"
-            )
+            need = "N % 64 == 0 and K % 256 == 0" if impl == "mosaic_gpu" else "N % 16 == 0 and K % 64 == 0"
+            raise ValueError(f"fp4_matmul: {impl} needs {need}, got N={n}, K={k}")
         impl = "xla"
     if impl == "xla":
         return reference.fp4_matmul_reference(x, w)
@@ -103,9 +102,8 @@ def _dequantize_then_dot(x, w: QArray, interpret: bool):
 
 
 def _dense_forward(x, w: QArray, impl: str, interpret: bool):
-    cfg = block_sizes.select(
-        "dense", x.shape[0], chip=None if not interpret else "interpret"
-    )
+    op = "dense_mosaic" if impl == "mosaic_gpu" else "dense"  # the Mosaic kernel tiles differently
+    cfg = block_sizes.select(op, x.shape[0], chip=None if not interpret else "interpret")
     backend = _backend_module(impl)
     return backend.dense(x, w.values, w.scales, cfg=cfg, interpret=interpret)
 
@@ -150,6 +148,8 @@ def fp4_grouped_matmul(
             f"fp4_grouped_matmul: group_sizes must be [G={g}], got shape {group_sizes.shape}"
         )
     impl = _pick(implementation, "fp4_grouped_matmul")
+    if impl == "mosaic_gpu":
+        raise NotImplementedError("fp4_grouped_matmul: mosaic_gpu has no grouped kernel yet; use 'triton' on GPU")
     if impl != "xla" and not _kernel_friendly(n, k):
         if implementation is not None:
             raise ValueError(
@@ -231,6 +231,10 @@ def _backend_module(impl: str):
         from v4jax.kernels.fp4_matmul import mosaic_tpu  # lazy: TPU-only imports
 
         return mosaic_tpu
+    if impl == "mosaic_gpu":
+        from v4jax.kernels.fp4_matmul import mosaic_gpu  # lazy: GPU-only imports
+
+        return mosaic_gpu
     raise ValueError(f"fp4_matmul: no Pallas backend {impl!r}")
 
 

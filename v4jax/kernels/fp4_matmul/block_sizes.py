@@ -119,6 +119,14 @@ DEFAULTS["dequantize"] = [
     {"max_m": None, "config": {"block_m": 16, "block_n": 64, "block_k": 256, "num_warps": 4, "num_stages": 3}},
 ]
 
+# The Mosaic GPU dense kernel (mosaic_gpu.py): block_m caps the rows of x per CTA (wgmma N, padded to 8),
+# block_k the K per pipeline step, num_stages the TMA pipeline depth; N tiles are always 64 rows (one
+# warpgroup). Not tuned on a GPU yet: split-K 2 gives 4096 / 64 * 2 = 128 CTAs for the 132 SMs at decode.
+DEFAULTS["dense_mosaic"] = [
+    {"max_m": 64, "config": {"block_m": 64, "block_k": 512, "split_k": 2, "num_stages": 4}},
+    {"max_m": None, "config": {"block_m": 128, "block_k": 256, "split_k": 1, "num_stages": 2}},
+]
+
 
 def chip_name(device_kind: str) -> str:
     """'NVIDIA H200' -> 'nvidia_h200' (the table's file stem)."""
@@ -136,7 +144,7 @@ def load_table(chip: str) -> dict:
 
 
 def select(op: str, m: int, chip: str | None = None) -> BlockConfig:
-    """The config for `op` ("dense", "grouped" or "dequantize") at M rows on `chip` (default: the first device's kind)."""
+    """The config for `op` ("dense", "dense_mosaic", "grouped" or "dequantize") at M rows on `chip` (default: the first device's kind)."""
     if chip is None:
         import jax  # lazy: keeps this module importable without a backend
 
