@@ -16,7 +16,12 @@ poisoned (a NaN buffer of the output's size freed just before the call, so the a
 Timing: each op runs n1 and n2 times inside one jitted call (distinct weight copies, so decode reads
 do not come from L2); time = (T(n2) - T(n1)) / (n2 - n1) with T the median wall time of many calls,
 which removes dispatch overhead.
+With --mosaic, each dense shape also gets a "<section>-mosaic" row: the Pallas Mosaic GPU kernel
+(mosaic_gpu.py: TMA pipeline + wgmma, best of MOSAIC_*_CONFIGS, decoded weights in registers or staged in
+shared memory), with its ratios to XLA bf16 and to the Triton kernel measured in the same run; the winners
+go to the table's "dense_mosaic" entry.
 Usage: python experiments/benchmarks/fp4_matmul.py [--out DIR] [--sections decode,prefill,grouped] [--smoke]
+       [--mosaic]
 """
 
 # ruff: noqa: B023  (closures are called inside the loop iteration that defines them)
@@ -43,6 +48,8 @@ from v4jax.kernels.fp4_matmul.block_sizes import BlockConfig
 TOKENS: list[int] = []  # --tokens: grouped token counts to run (default: all)
 SIZES: list[int] = []  # --sizes: dense K = N values to run (default: 4096, 7168)
 MS: list[int] = []  # --ms: dense M values to run (default: 16, 1, 8, 64, 4096)
+MOSAIC = [False]  # --mosaic: also time the Mosaic GPU dense kernel beside the Triton rows
+BW = [float("nan")]  # the copy bandwidth measured in this run (bytes/s)
 DEADLINE = [float("inf")]  # --budget-s: no new shape starts after this wall time (results so far are kept)
 
 
@@ -138,6 +145,21 @@ DEQUANT_CONFIGS = [
     B(16, 64, 256, 1, 4, 3, "asm"),
     B(16, 32, 512, 1, 4, 3, "asm"),
 ]
+# Mosaic GPU dense (mosaic_gpu.py reads block_m = cap on rows of x per CTA, block_k = K per pipeline step,
+# split_k, num_stages = TMA pipeline depth; N tiles are 64 rows). Each is tried with the decoded weights as
+# wgmma's register operand and staged through shared memory (the second element).
+MOSAIC_DECODE_CONFIGS = [
+    (B(64, 64, 512, 2, num_stages=4), True),
+    (B(64, 64, 1024, 1, num_stages=3), True),
+    (B(64, 64, 512, 4, num_stages=3), True),
+    (B(64, 64, 256, 4, num_stages=6), True),
+    (B(64, 64, 512, 2, num_stages=4), False),
+]
+MOSAIC_PREFILL_CONFIGS = [
+    (B(128, 64, 256, 1, num_stages=2), True),
+    (B(64, 64, 512, 1, num_stages=2), True),
+    (B(128, 64, 256, 1, num_stages=2), False),
+]
 GROUPED_DECODE_CONFIGS = [
     B(16, 128, 256, 1, 4, 3, "asm", True),
     B(16, 64, 512, 1, 4, 3, "asm", True),
@@ -209,10 +231,69 @@ def sweep(name, configs, run_cfg, check):
     return best, best_cfg, timings
 
 
+def mosaic_dense_row(rows, best, x, ws, ref, n1, n2, interpret, triton_us, t_xla, shape, prefill, packed, flops):
+    """Times the Mosaic GPU kernel on the same inputs and appends its row; best[bucket][cfg] collects timings."""
+    from v4jax.kernels.fp4_matmul import (
+        mosaic_gpu,  # lazy: its import needs jax's Mosaic GPU Pallas module
+    )
+
+    m, n = x.shape[0], ws[0].shape[0]
+
+    def call(cfg_regs):
+        cfg, regs = cfg_regs
+        return lambda a, w: mosaic_gpu.dense(a, w.values, w.scales, cfg=cfg, interpret=interpret,
+                                             a_in_registers=regs and not interpret)
+
+    def check(cfg_regs):
+        y = poisoned_call(call(cfg_regs), x, ws[0], out_shape=(m, n), dtype=jnp.bfloat16)
+        return rel_err(y, ref)
+
+    def run_cfg(cfg_regs):
+        return per_call_seconds(call(cfg_regs), [(x, w) for w in ws], n1, n2)
+
+    cfgs = list(MOSAIC_PREFILL_CONFIGS if prefill else MOSAIC_DECODE_CONFIGS)
+    if SMOKE:
+        cfgs = [(dataclasses.replace(c, block_k=256), False) for c, _ in cfgs[:2]]
+    t, cfg, timings = sweep(f"mosaic {shape}", cfgs, run_cfg, check)
+    bucket = "prefill" if prefill else ("m16" if m <= 16 else "m64")
+    for c, tc, _ in timings:
+        if tc:
+            best.setdefault(bucket, {}).setdefault(c, []).append(tc)
+    rows.append({
+        "section": ("prefill" if prefill else "decode") + "-mosaic",
+        "shape": shape,
+        "kernel_us": t and t * 1e6,
+        "xla_bf16_us": t_xla * 1e6,
+        "kernel_tbps": t and packed / t / 1e12,
+        "pct_copy_bw": t and 100 * packed / t / BW[0],
+        "kernel_tflops": t and flops / t / 1e12,
+        "ratio_vs_xla_bf16": t and t_xla / t,
+        "triton_us": triton_us and triton_us * 1e6,
+        "ratio_vs_triton": t and triton_us and triton_us / t,
+        "rel_err": check(cfg) if cfg else float("nan"),
+        "config": {**dataclasses.asdict(cfg[0]), "a_in_registers": cfg[1]} if cfg else None,
+    })
+    print(rows[-1], flush=True)
+
+
+
+
+def mosaic_table(best) -> list[dict]:
+    """The "dense_mosaic" table entries: per M bucket, the config with the least total time over the shapes
+    where every config ran (a_in_registers is the kernel's GPU default, so only the BlockConfig is stored)."""
+    out = []
+    for bucket, max_m in (("m16", 16), ("m64", 64), ("prefill", None)):
+        runs = best.get(bucket, {})
+        full = {c: sum(v) for c, v in runs.items() if c[1] and len(v) == max(map(len, runs.values()))}
+        if full:
+            out.append({"max_m": max_m, "config": dataclasses.asdict(min(full, key=full.get)[0])})
+    return out
+
+
 def section_dense(rows, table, bw, interpret):
     sizes = [256] if SMOKE else (SIZES or [4096, 7168])
     ms = MS or ([16, 1, 8, 64] + ([] if SMOKE else [4096]))  # M=1, 8 also try M=16's winner
-    best_decode, prefill_vs_xla_fp4 = {}, []
+    best_decode, prefill_vs_xla_fp4, best_mosaic = {}, [], {}
     for kn in sizes:
         winner16 = None
         n = k = kn
@@ -309,6 +390,12 @@ def section_dense(rows, table, bw, interpret):
                 }
             )
             print(rows[-1], flush=True)
+            if MOSAIC[0]:
+                try:
+                    mosaic_dense_row(rows, best_mosaic, x, ws, ref, n1, n2, interpret, t, t_xla,
+                                     f"M={m} K=N={kn}", prefill, packed, flops)
+                except Exception:  # noqa: BLE001  keep the Triton rows when the Mosaic kernel fails
+                    traceback.print_exc()
             bucket = (
                 "prefill"
                 if prefill
@@ -331,6 +418,8 @@ def section_dense(rows, table, bw, interpret):
                     "config": dataclasses.asdict(min(cands, key=cands.get)),
                 }
             )
+    if best_mosaic:
+        table["dense_mosaic"] = mosaic_table(best_mosaic)
     # From prefill sizes on, route to dequantize + cuBLAS when it beat our fused kernel on every prefill shape.
     table["dense_dequant_min_m"] = (
         1024 if prefill_vs_xla_fp4 and max(prefill_vs_xla_fp4) < 1.0 else None
@@ -477,6 +566,8 @@ def main():
     ap.add_argument("--ms", default="", help="dense M values, e.g. 16,1,4096")
     ap.add_argument("--budget-s", type=float, default=float("inf"),
                     help="start no new shape after this many seconds; what ran is still written")
+    ap.add_argument("--mosaic", action="store_true",
+                    help="also time the Mosaic GPU dense kernel (mosaic_gpu.py) beside each Triton dense row")
     ap.add_argument(
         "--grouped-prefill-configs", type=int, default=len(GROUPED_PREFILL_CONFIGS)
     )
@@ -486,11 +577,13 @@ def main():
     SIZES[:] = [int(t) for t in args.sizes.split(",") if t]
     MS[:] = [int(t) for t in args.ms.split(",") if t]
     DEADLINE[0] = time.time() + args.budget_s
+    MOSAIC[0] = args.mosaic
     del GROUPED_PREFILL_CONFIGS[args.grouped_prefill_configs :]
     interpret = SMOKE
     dev = jax.devices()[0]
     print(f"device {dev.device_kind}, jax {jax.__version__}", flush=True)
     bw = copy_bandwidth()
+    BW[0] = bw
     print(
         f"copy bandwidth (read+write, XLA elementwise): {bw / 1e12:.2f} TB/s",
         flush=True,
@@ -535,8 +628,8 @@ def markdown(rows, bw) -> str:
     lines = [
         f"copy bandwidth {bw / 1e12:.2f} TB/s",
         "",
-        "| section | shape | kernel us | TB/s (packed) | % copy BW | TFLOP/s | baseline us | x vs baseline | x vs xla fp4 | rel err |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| section | shape | kernel us | TB/s (packed) | % copy BW | TFLOP/s | baseline us | x vs baseline | x vs xla fp4 | x vs triton | rel err |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         base = r.get("xla_bf16_us", r.get("baseline_bf16_us"))
@@ -544,7 +637,8 @@ def markdown(rows, bw) -> str:
         lines.append(
             f"| {r['section']} | {r['shape']} | {fmt(r['kernel_us'], '.1f')} | {fmt(r['kernel_tbps'], '.2f')} | "
             f"{fmt(r['pct_copy_bw'], '.0f')} | {fmt(r['kernel_tflops'], '.0f')} | {fmt(base, '.1f')} | "
-            f"{fmt(ratio, '.2f')} | {fmt(r.get('ratio_vs_xla_fp4'), '.2f')} | {fmt(r['rel_err'], '.1e')} |"
+            f"{fmt(ratio, '.2f')} | {fmt(r.get('ratio_vs_xla_fp4'), '.2f')} | {fmt(r.get('ratio_vs_triton'), '.2f')} | "
+            f"{fmt(r['rel_err'], '.1e')} |"
         )
     return "\n".join(lines)
 
