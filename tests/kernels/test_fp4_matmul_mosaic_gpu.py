@@ -41,26 +41,24 @@ def _key():
     return jax.random.key(np.random.randint(1 << 30))
 
 
-def test_halfword_decode_is_exact_for_every_halfword():
-    """The kernel's decode (uint16 half-words, 4 nibble planes, float16 detour) equals quant.dequantize for
-    all 65536 half-words, under scales from 2**-100 to 2**100 and the NaN scale."""
-    hw = jnp.arange(1 << 16, dtype=jnp.uint32).astype(jnp.uint16).reshape(256, 256)  # [256 rows, 256 half-words]
-    values = jax.lax.bitcast_convert_type(hw, jnp.uint8).reshape(256, 512)  # [256, K/2], K = 1024
-    sbytes = jnp.array([27, 100, 127, 130, 200, 227, 255, 120], jnp.uint8)
-    scales = jnp.tile(sbytes, (256, 4))  # [256, K/32]: block b has scale byte sbytes[b % 8]
+def test_byte_plane_decode_is_exact_for_every_byte_and_scale():
+    """The kernel's decode (packed bytes zero-extended to uint16, 2 nibble planes, float16 detour) equals
+    quant.dequantize for all 256 byte values under all 256 E8M0 scales (255 = NaN)."""
+    values = jnp.tile(jnp.arange(256, dtype=jnp.uint8), (256, 1))  # [256 rows, 256 bytes]: K = 512
+    scales = jnp.tile(jnp.arange(256, dtype=jnp.uint8)[:, None], (1, 16))  # row r: scale byte r
     w = QArray(values=values, scales=scales, global_scale=None, fmt=quant.get_format("mxfp4"),
-               shape=(256, 1024), dtype=jnp.float32, axis=1)
-    ref = np.asarray(quant.dequantize(w), np.float32)  # [256, 1024]
-    h = mosaic_gpu.as_halfwords(values)  # [256, 256]
-    s = jnp.repeat(common.e8m0_to_f32(scales), 8, axis=1)  # [256, 256]: one scale per half-word
-    planes = [np.asarray(mosaic_gpu.decode_halfword_plane(h, p, s), np.float32) for p in range(4)]
-    got = np.stack(planes, -1).reshape(256, 1024)  # element 4u + p = plane p, half-word u
-    np.testing.assert_array_equal(got, ref.astype(jnp.bfloat16).astype(np.float32))
+               shape=(256, 512), dtype=jnp.float32, axis=1)
+    ref = np.asarray(quant.dequantize(w), np.float32)  # [256, 512]
+    s = jnp.repeat(common.e8m0_to_f32(scales), common.BYTES_PER_SCALE, axis=1)  # [256, 256]: one per byte
+    planes = [np.asarray(mosaic_gpu.decode_plane16(values.astype(jnp.uint16), p, s), np.float32) for p in (0, 1)]
+    got = np.stack(planes, -1).reshape(256, 512)  # element 2b + p = plane p, byte b
+    np.testing.assert_array_equal(got, ref.astype(jnp.bfloat16).astype(np.float32))  # NaN rows equal as NaN
 
 
 @pytest.mark.parametrize("dtype, m, tol", [(jnp.bfloat16, 5, 1e-2), (jnp.float32, 13, 1e-5)])
 def test_dense_api_matches_reference(dtype, m, tol):
-    """Through fp4_matmul: M not a multiple of the 8-row tile; f32 x runs as three bf16 terms."""
+    """Through fp4_matmul: M not a multiple of the 8-row tile; f32 x runs as three bf16 terms. bf16: K = 512 is
+    one pipeline step of two 128-byte decode chunks; f32 (39 rows): bk = 256 in two K splits."""
     kx, kw = jax.random.split(_key())
     x = jax.random.normal(kx, (m, 512), dtype)
     w = _weight(kw, (128, 512))

@@ -6,14 +6,17 @@ feeds `wgmma` with float32 accumulators. Swap-AB: the decoded weights are wgmma'
 the wgmma M tile) and the activations its B operand, so a decode-sized M (1..64 rows, padded to a multiple
 of 8, wgmma's smallest N) costs no padding to 64 rows: the bytes, not the FLOPs, bound it.
 
-Layout (why half-words): the packed bytes are read as little-endian uint16 half-words, 4 nibbles each
-(half-word u of a row holds K elements 4u..4u+3). Loaded in the WGMMA register layout, the 8 columns of a
-register tile are 8 consecutive half-words = 32 K elements = exactly one E8M0 scale block, so each row's
-scale is constant over a register tile: it is a [64] row vector broadcast over 8 columns (`_tile_scales`),
-with no gather and no shuffle. Nibble plane p (K columns 4u + p) decodes with shifts and masks through the
-float16 bit pattern (as `common.decode_plane`: exact, subnormal E2M1 included), and the activations come
-split into the same 4 column planes, so y.T = sum_p W_p @ x_p.T keeps the K order. The scales are read
-transposed ([K/32, N], a small XLA transpose) so that one scale block of a tile is one contiguous row.
+Layout (why bytes): the packed uint8 tile goes to shared memory by TMA as it is stored (no per-call XLA
+bitcast or copy of the weights: the kernel's only weight traffic is one read of values + scales). Loaded in
+the WGMMA register layout, each register tile covers 8 consecutive bytes of a row = 16 K elements, half an
+E8M0 scale block, so each row's scale is constant over a register tile: a [64] row vector broadcast over 16
+columns (`_tile_scales`), with no gather. Byte b holds K elements 2b (low nibble, plane 0) and 2b+1 (high,
+plane 1); a plane decodes with shifts and masks through the float16 bit pattern (as
+`common.decode_plane`: exact, E2M1 subnormal included), and the activations come split into the same 2
+column planes, so y.T = W_0 @ x_0.T + W_1 @ x_1.T keeps the K order. Each pipeline step decodes its tile in
+chunks of 128 bytes per row (8 scale blocks) to bound the live registers. The scales are read transposed
+([K/32, N], a small XLA transpose: 1/16 of the packed bytes) so that one scale block of a tile is one
+contiguous row.
 
 A operand: in registers on the GPU (`a_in_registers`, the fast path: no shared-memory round trip). The
 Mosaic GPU interpreter (jax 0.11.2) only runs wgmma with A in shared memory, so interpret mode stores the
@@ -21,7 +24,7 @@ decoded tile to shared memory first; everything else (TMA pipeline, decode, scal
 is the same code. Both variants lower for CUDA without a GPU (tests/kernels/test_fp4_matmul_mosaic_gpu.py).
 
 Float32 x: wgmma multiplies bf16 (or tf32) operands, so an f32 x is split into three bf16 terms
-(x = hi + mid + lo, exact to float32's 24 bits) stacked along M; the decoded weights are exact in bf16
+(x = hi + mid + lo: 3 x 8 significand bits, float32's 24) stacked along M; the decoded weights are exact in bf16
 (2-bit significands, power-of-two scales), so the f32 result matches the reference to float32 rounding.
 At decode sizes this triples only the (tiny) activation bytes, not the weight bytes.
 
@@ -43,10 +46,13 @@ from jaxtyping import Array, Float, UInt8
 from v4jax.kernels.fp4_matmul import common
 from v4jax.kernels.fp4_matmul.block_sizes import BlockConfig
 
-P4 = 4  # nibbles per uint16 half-word: the number of column planes
+PLANES = 2  # nibbles per packed byte: the number of column planes
 BN = 64  # weight rows per CTA: the wgmma M tile of one warpgroup
-SWIZZLE = 128  # bytes: 64 bf16 / uint16 per swizzled row
-TRANSFORMS16 = (plgpu.TilingTransform((8, SWIZZLE // 2)), plgpu.SwizzleTransform(SWIZZLE))
+CHUNK = 128  # packed bytes per row decoded at once (256 K elements, 8 scale blocks): bounds live registers
+BYTES_PER_SCALE = common.BYTES_PER_SCALE  # 16 packed bytes share one E8M0 scale
+SWIZZLE = 128  # bytes per swizzled shared-memory row
+TRANSFORMS8 = (plgpu.TilingTransform((8, SWIZZLE)), plgpu.SwizzleTransform(SWIZZLE))  # uint8 tiles
+TRANSFORMS16 = (plgpu.TilingTransform((8, SWIZZLE // 2)), plgpu.SwizzleTransform(SWIZZLE))  # bf16 tiles
 SMEM_BUDGET = 200 * 1024  # bytes of shared memory a CTA may use (the H200 allows 227 KiB)
 
 
@@ -63,8 +69,8 @@ class Tiles:
 def smem_bytes(bm: int, bk: int, stages: int, a_in_registers: bool) -> int:
     """Shared memory of one CTA: `stages` pipeline buffers (x planes bf16, half-words, scales), the decoded
     A tile when it is staged in shared memory, and the float32 output tile."""
-    per_stage = P4 * bm * (bk // P4) * 2 + BN * (bk // P4) * 2 + (bk // common.SCALE_BLOCK) * BN
-    a_buf = 0 if a_in_registers else BN * (bk // P4) * 2
+    per_stage = bm * bk * 2 + BN * (bk // PLANES) + (bk // common.SCALE_BLOCK) * BN
+    a_buf = 0 if a_in_registers else BN * CHUNK * 2
     return stages * per_stage + a_buf + BN * bm * 4
 
 
@@ -84,16 +90,10 @@ def tiles(cfg: BlockConfig, m: int, k: int, a_in_registers: bool) -> Tiles:
     return Tiles(bm=bm, bk=bk, split=split, stages=min(stages, steps // split))
 
 
-def x_planes4(x: jax.Array) -> jax.Array:
-    """Activations [M, K] -> column planes [4, M, K/4]: plane p holds columns p, p+4, p+8, ..."""
+def x_planes2(x: jax.Array) -> jax.Array:
+    """Activations [M, K] -> column planes [2, M, K/2]: plane 0 the even columns, plane 1 the odd ones."""
     m, k = x.shape
-    return jnp.transpose(x.reshape(m, k // P4, P4), (2, 0, 1))  # [4, M, K/4]
-
-
-def as_halfwords(values: jax.Array) -> jax.Array:
-    """Packed bytes uint8 [N, K/2] -> little-endian uint16 half-words [N, K/4] (4 nibbles each)."""
-    n, kh = values.shape
-    return jax.lax.bitcast_convert_type(values.reshape(n, kh // 2, 2), jnp.uint16)  # [N, K/4]
+    return jnp.transpose(x.reshape(m, k // PLANES, PLANES), (2, 0, 1))  # [2, M, K/2]
 
 
 def split_f32(x: jax.Array) -> jax.Array:
@@ -109,8 +109,8 @@ def _shift(v: jax.Array, s: int) -> jax.Array:
     return v << s if s >= 0 else v >> -s
 
 
-def decode_halfword_plane(h: jax.Array, p: int, scale: jax.Array) -> jax.Array:
-    """Nibble p of uint16 half-words `h` times float32 `scale` (same shape) -> bf16.
+def decode_plane16(h: jax.Array, p: int, scale: jax.Array) -> jax.Array:
+    """Nibble p (0..3) of uint16 `h` (packed bytes zero-extended: p in {0, 1}) times float32 `scale` -> bf16.
 
     E2M1 sign|exponent(2)|mantissa(1) placed at float16 bits 15 | 11..10 | 9 reads as the E2M1 value times
     2**-14, exactly (the E2M1 subnormal lands on a float16 subnormal); float16 -> float32 keeps it, then two
@@ -122,39 +122,42 @@ def decode_halfword_plane(h: jax.Array, p: int, scale: jax.Array) -> jax.Array:
     return ((v * 16384.0) * scale).astype(jnp.bfloat16)
 
 
-def _tile_scales(s_smem, groups: int) -> jax.Array:
-    """Scale tile [groups, 64] uint8 (transposed: one scale block per row) -> float32 [64, 8 * groups] in the
-    WGMMA layout, scale block g repeated over register tile g (8 half-word columns)."""
+def _tile_scales(s_smem, g0: int, groups: int) -> jax.Array:
+    """Scale blocks g0 .. g0 + groups of the tile [G, 64] uint8 (transposed: one scale block per row) ->
+    float32 [64, 16 * groups] in the WGMMA layout: block g repeated over its 16 byte columns (2 register tiles)."""
     cols = []
-    for g in range(groups):
+    for g in range(g0, g0 + groups):
         row = plgpu.load(s_smem.at[g], layout=plgpu.Layout.WGMMA.reduce(1))  # [64] uint8, one per weight row
         sc = common.e8m0_to_f32(row)  # [64] float32
-        cols.append(jnp.broadcast_to(sc[:, None], (BN, 8)))  # [64, 8]
-    return jnp.concatenate(cols, axis=1)  # [64, 8 * groups]
+        cols.append(jnp.broadcast_to(sc[:, None], (BN, BYTES_PER_SCALE)))  # [64, 16]
+    return jnp.concatenate(cols, axis=1)  # [64, 16 * groups]
 
 
-def _kernel(x_gmem, h_gmem, s_gmem, o_gmem, o_smem, *a_smem, t: Tiles, k: int):
+def _kernel(x_gmem, v_gmem, s_gmem, o_gmem, o_smem, *a_smem, t: Tiles, k: int):
     """One CTA: weight rows [n*64, n*64 + 64) x activation rows [m*bm, m*bm + bm), K split `s`."""
     bm, bk = t.bm, t.bk
-    kw = bk // P4  # half-words per row per K step
+    kb = bk // PLANES  # packed bytes per row per K step
     groups = bk // common.SCALE_BLOCK
     steps = k // bk // t.split
     ni, mi, si = (jax.lax.axis_index(a) for a in ("n", "m", "s"))
 
     def scope(acc_ref):
-        def body(_, x_smem, h_smem, s_smem):
-            h = plgpu.load(h_smem, layout=plgpu.Layout.WGMMA)  # [64, bk/4] uint16
-            scale = _tile_scales(s_smem, groups)  # [64, bk/4] float32
-            for p in range(P4):
-                a = decode_halfword_plane(h, p, scale)  # [64, bk/4] bf16: W[n rows, K columns 4u + p]
-                b = x_smem.at[p].transpose((1, 0))  # [bk/4, bm]: x plane p, transposed view
-                if a_smem:  # interpret mode: the interpreter runs wgmma with A in shared memory only
-                    a_smem[0][...] = a
-                    plgpu.commit_smem()
-                    plgpu.wgmma(acc_ref, a_smem[0], b)  # acc [64, bm] += W_p [64, bk/4] @ x_p.T
-                    plgpu.wgmma_wait(0)  # the A buffer is rewritten for the next plane
-                else:
-                    plgpu.wgmma(acc_ref, a, b)  # acc [64, bm] += W_p [64, bk/4] @ x_p.T, A in registers
+        def body(_, x_smem, v_smem, s_smem):
+            for c in range(kb // CHUNK):  # K chunks of 128 bytes: bounds the registers a decoded chunk needs
+                cols = pl.ds(c * CHUNK, CHUNK)
+                byte = plgpu.load(v_smem.at[:, cols], layout=plgpu.Layout.WGMMA)  # [64, 128] uint8
+                byte = byte.astype(jnp.uint16)
+                scale = _tile_scales(s_smem, c * CHUNK // BYTES_PER_SCALE, CHUNK // BYTES_PER_SCALE)  # [64, 128]
+                for p in range(PLANES):
+                    a = decode_plane16(byte, p, scale)  # [64, 128] bf16: W[n rows, K columns 2b + p]
+                    b = x_smem.at[p, :, cols].transpose((1, 0))  # [128, bm]: x plane p, transposed view
+                    if a_smem:  # interpret mode: the interpreter runs wgmma with A in shared memory only
+                        a_smem[0][...] = a
+                        plgpu.commit_smem()
+                        plgpu.wgmma(acc_ref, a_smem[0], b)  # acc [64, bm] += W_p [64, 128] @ x_p.T
+                        plgpu.wgmma_wait(0)  # the A buffer is rewritten next
+                    else:
+                        plgpu.wgmma(acc_ref, a, b)  # acc [64, bm] += W_p [64, 128] @ x_p.T, A in registers
             plgpu.wgmma_wait(0)
 
         k0 = si * steps
@@ -162,12 +165,12 @@ def _kernel(x_gmem, h_gmem, s_gmem, o_gmem, o_smem, *a_smem, t: Tiles, k: int):
             body,
             grid=(steps,),
             in_specs=[
-                plgpu.BlockSpec((P4, bm, kw), lambda kk: (0, mi, k0 + kk), transforms=TRANSFORMS16),
-                plgpu.BlockSpec((BN, kw), lambda kk: (ni, k0 + kk), transforms=TRANSFORMS16),
+                plgpu.BlockSpec((PLANES, bm, kb), lambda kk: (0, mi, k0 + kk), transforms=TRANSFORMS16),
+                plgpu.BlockSpec((BN, kb), lambda kk: (ni, k0 + kk), transforms=TRANSFORMS8),
                 plgpu.BlockSpec((groups, BN), lambda kk: (k0 + kk, ni)),
             ],
             max_concurrent_steps=t.stages,
-        )(x_gmem, h_gmem, s_gmem)
+        )(x_gmem, v_gmem, s_gmem)
         o_smem[...] = acc_ref[...]  # [64, bm] float32
 
     pl.run_scoped(scope, plgpu.ACC((BN, bm), jnp.float32))
@@ -212,7 +215,7 @@ def dense(
     xb = jnp.pad(xb, ((0, mp - rows), (0, 0))) if mp != rows else xb
     scratch = [plgpu.SMEM((BN, t.bm), jnp.float32)]
     if not a_in_registers:
-        scratch.append(plgpu.SMEM((BN, t.bk // P4), jnp.bfloat16, transforms=TRANSFORMS16))
+        scratch.append(plgpu.SMEM((BN, CHUNK), jnp.bfloat16, transforms=TRANSFORMS16))
     call = plgpu.kernel(
         functools.partial(_kernel, t=t, k=k),
         out_type=jax.ShapeDtypeStruct((t.split, n, mp), jnp.float32),
@@ -222,7 +225,7 @@ def dense(
         interpret=_interpret_params(detect_races) if interpret else None,
         kernel_name="fp4_matmul_mosaic_gpu",
     )
-    yt = call(x_planes4(xb), as_halfwords(values), scales.T)  # [split, N, Mp] float32 partial sums
+    yt = call(x_planes2(xb), values, scales.T)  # [split, N, Mp] float32 partial sums
     y = jnp.sum(yt, axis=0).T[:rows]  # [T*M, N]
     if x.dtype == jnp.float32:
         y = y[:m] + y[m : 2 * m] + y[2 * m :]  # the three bf16 terms of x
