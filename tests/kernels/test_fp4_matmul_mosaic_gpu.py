@@ -78,6 +78,9 @@ def test_dense_pipeline_split_k_and_m_tiles_race_free():
     assert (t.bm, t.bk, t.split, t.stages) == (24, 256, 2, 2)
     y = mosaic_gpu.dense(x, w.values, w.scales, cfg=cfg, interpret=True, detect_races=True)
     assert _rel(y, _ref_dense(x, w)) < 1e-5
+    from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call  # the detector's record (private)
+
+    assert not interpret_pallas_call.get_races().races_found
 
 
 def test_dense_vjp_matches_reference():
