@@ -55,10 +55,11 @@ def test_byte_plane_decode_is_exact_for_every_byte_and_scale():
     np.testing.assert_array_equal(got, ref.astype(jnp.bfloat16).astype(np.float32))  # NaN rows equal as NaN
 
 
-@pytest.mark.parametrize("dtype, m, tol", [(jnp.bfloat16, 5, 1e-2), (jnp.float32, 13, 1e-5)])
+@pytest.mark.parametrize("dtype, m, tol", [(jnp.bfloat16, 5, 1e-2), (jnp.float32, 13, 1e-5), (jnp.bfloat16, 130, 1e-2)])
 def test_dense_api_matches_reference(dtype, m, tol):
     """Through fp4_matmul: M not a multiple of the 8-row tile; f32 x runs as three bf16 terms. bf16: K = 512 is
-    one pipeline step of two 128-byte decode chunks; f32 (39 rows): bk = 256 in two K splits."""
+    one pipeline step of two 128-byte decode chunks; f32 (39 rows): bk = 256 in two K splits; M = 130: the
+    large-M table entry, 128-row tiles (wgmma N = 128), two of them."""
     kx, kw = jax.random.split(_key())
     x = jax.random.normal(kx, (m, 512), dtype)
     w = _weight(kw, (128, 512))
@@ -78,7 +79,9 @@ def test_dense_pipeline_split_k_and_m_tiles_race_free():
     assert (t.bm, t.bk, t.split, t.stages) == (24, 256, 2, 2)
     y = mosaic_gpu.dense(x, w.values, w.scales, cfg=cfg, interpret=True, detect_races=True)
     assert _rel(y, _ref_dense(x, w)) < 1e-5
-    from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call  # the detector's record (private)
+    from jax._src.pallas.mosaic_gpu.interpret import (
+        interpret_pallas_call,  # the detector's record (private)
+    )
 
     assert not interpret_pallas_call.get_races().races_found
 
@@ -94,13 +97,14 @@ def test_dense_vjp_matches_reference():
     assert abs(float(v) - float(v_ref)) <= 1e-5 * abs(float(v_ref)) and _rel(dx, dx_ref) < 1e-5
 
 
-@pytest.mark.parametrize("a_in_registers", [True, False])
-def test_dense_lowers_for_cuda_without_a_gpu(a_in_registers):
+@pytest.mark.parametrize("a_in_registers, m", [(True, 16), (False, 16), (True, 300)])
+def test_dense_lowers_for_cuda_without_a_gpu(a_in_registers, m):
     """Pallas lowers the kernel to the Mosaic GPU dialect at lowering time: the CUDA module holds one
-    mosaic_gpu custom call whose serialized kernel has TMA loads, mbarrier waits and wgmma instructions."""
-    x = jnp.ones((16, 1024), jnp.bfloat16)
+    mosaic_gpu custom call whose serialized kernel has TMA loads, mbarrier waits and wgmma instructions
+    (decode-sized M, and M = 300 with the large-M tiles: 128 rows of x per CTA)."""
+    x = jnp.ones((m, 1024), jnp.bfloat16)
     w = _weight(jax.random.key(0), (256, 1024))
-    cfg = block_sizes.select("dense_mosaic", 16, chip="interpret")
+    cfg = block_sizes.select("dense_mosaic", m, chip="interpret")
     f = lambda xx, v, s: mosaic_gpu.dense(xx, v, s, cfg=cfg, a_in_registers=a_in_registers)
     text = jax.jit(f).trace(x, w.values, w.scales).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("custom_call @mosaic_gpu_v2") == 1
