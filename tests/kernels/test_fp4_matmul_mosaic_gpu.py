@@ -130,3 +130,13 @@ def test_tiles_fit_shared_memory_and_bad_shapes_raise():
         w64 = _weight(jax.random.key(2), (64, 256))
         mosaic_gpu.dense(jnp.ones((4, 256)), w64.values, w64.scales, cfg=block_sizes.BlockConfig(),
                          interpret=True, a_in_registers=True)
+
+
+def test_mosaic_gpu_is_opt_in(monkeypatch):
+    """On GPU, implementation=None keeps picking Triton until the Mosaic kernel is measured there."""
+    from v4jax.kernels.fp4_matmul import api
+
+    monkeypatch.setattr(api.jax, "default_backend", lambda: "gpu")
+    assert api._pick(None, "fp4_matmul") == "triton"
+    assert api._pick("mosaic_gpu", "fp4_matmul") == "mosaic_gpu"
+    assert api._backend_module("mosaic_gpu") is mosaic_gpu
