@@ -32,10 +32,9 @@ Not yet measured on a GPU (no device time in the session that wrote it): speed, 
 path numerically (`experiments/benchmarks/fp4_matmul.py --sections decode --mosaic` times and checks both
 A variants beside the Triton rows). Only the "dense" op; grouped stays on Triton. Leads for that session,
 unmeasured: the jnp decode costs about 10 scalar ops per element (20 per packed byte), which at one op per
-lane per cycle caps the kernel near 1.6 TB/s of packed bytes on 132 SMs (less where integer ops run at half
-rate), so the next step is likely a
-bf16x2 decoder in inline PTX (`plgpu.inline_mgpu`, as Mosaic's own int4 -> bf16 upcast does; GPU-only,
-the interpreter cannot run it); the XLA ops around the call (x planes, scales.T, the split-K sum and the
+lane per cycle caps the kernel near 1.6 TB/s of packed bytes on 132 SMs (less where integer ops run at
+half rate), so the next step is likely a bf16x2 decoder in inline PTX (`plgpu.inline_mgpu`, as Mosaic's
+own int4 -> bf16 upcast does; GPU-only, the interpreter cannot run it); the XLA ops around the call (x planes, scales.T, the split-K sum and the
 output transpose) are small but each is a launch.
 """
 
