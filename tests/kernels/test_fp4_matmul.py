@@ -10,6 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from fp4_reference import ref_dense as _ref_dense
+from fp4_reference import ref_grouped as _ref_grouped
+from fp4_reference import rel as _rel
+from fp4_reference import weight as _weight
 
 from v4jax import quant
 from v4jax.kernels import fp4_matmul
@@ -18,33 +22,6 @@ from v4jax.kernels.grouped_matmul import grouped_matmul
 from v4jax.quant import e2m1, e8m0
 
 KERNELS = ("triton", "mosaic_tpu")
-
-
-def _weight(key, shape, axis=-1):
-    """Random W whose 1x32 blocks span several octaves, so the E8M0 scales differ between blocks."""
-    k1, k2 = jax.random.split(key)
-    w = jax.random.normal(k1, shape, jnp.float32)
-    octave = jnp.exp2(jax.random.randint(k2, shape, -4, 4).astype(jnp.float32))
-    return quant.quantize(w * octave, "mxfp4", axis=axis)
-
-
-def _rel(y, ref):
-    y, ref = np.asarray(y, np.float64), np.asarray(ref, np.float64)
-    assert np.all(np.isfinite(y)), "output has NaN/inf (an element was never written)"
-    return np.linalg.norm(y - ref) / np.linalg.norm(ref)
-
-
-def _ref_dense(x, w):
-    return np.asarray(x, np.float64) @ np.asarray(quant.dequantize(w), np.float64).T
-
-
-def _ref_grouped(x, w, group_sizes):
-    wd = np.asarray(quant.dequantize(w), np.float64)
-    x, out, start = np.asarray(x, np.float64), np.zeros((x.shape[0], w.shape[1])), 0
-    for g, size in enumerate(np.asarray(group_sizes)):
-        out[start : start + size] = x[start : start + size] @ wd[g].T
-        start += size
-    return out
 
 
 def test_decoders_match_quant():

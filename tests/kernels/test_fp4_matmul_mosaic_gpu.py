@@ -12,29 +12,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from fp4_reference import ref_dense as _ref_dense
+from fp4_reference import rel as _rel
+from fp4_reference import weight as _weight
 
 from v4jax import quant
 from v4jax.kernels import fp4_matmul
 from v4jax.kernels.fp4_matmul import block_sizes, common, mosaic_gpu, reference
 from v4jax.quant.qarray import QArray
-
-
-def _weight(key, shape):
-    """Random W whose 1x32 blocks span several octaves, so the E8M0 scales differ between blocks."""
-    k1, k2 = jax.random.split(key)
-    w = jax.random.normal(k1, shape, jnp.float32)
-    octave = jnp.exp2(jax.random.randint(k2, shape, -4, 4).astype(jnp.float32))
-    return quant.quantize(w * octave, "mxfp4")
-
-
-def _rel(y, ref):
-    y, ref = np.asarray(y, np.float64), np.asarray(ref, np.float64)
-    assert np.all(np.isfinite(y)), "output has NaN/inf (an element was never written)"
-    return np.linalg.norm(y - ref) / np.linalg.norm(ref)
-
-
-def _ref_dense(x, w):
-    return np.asarray(x, np.float64) @ np.asarray(quant.dequantize(w), np.float64).T
 
 
 def _key():
