@@ -39,7 +39,7 @@ from jaxtyping import Array, Float
 from ml_collections.config_dict import placeholder
 
 # ConfigError lives with the model config so that every config error in v4jax is one exception type.
-from v4jax.model.config import ConfigError
+from v4jax.errors import ConfigError
 from v4jax.quant.fake_quant import STE_MODES, fake_quant
 from v4jax.quant.formats import FORMATS, QuantFormat, get_format
 
