@@ -4,7 +4,10 @@ The MoE layer's expert GEMMs all go through this function. Backends for a float 
 - "xla": `jax.lax.ragged_dot` (the reference; fine on CPU, but it lowers to a dense masked GEMM on GPU);
 - "tokamax": tokamax's Pallas `ragged_dot` (GPU/TPU), a well-kept library we use rather than writing a bf16
   grouped GEMM of our own. It is an optional dependency (the `cuda`/`tpu` extras) imported lazily.
-`implementation=None` picks tokamax on GPU/TPU when it imports, else XLA.
+`implementation=None` picks tokamax on GPU/TPU for 16-bit inputs when it imports, else XLA: float32 inputs stay
+on XLA, whose ragged_dot keeps float32 precision (the parity tests' dtype), where tokamax's kernel targets
+bf16 and compiles a kernel per shape. `default_implementation("xla")` overrides the choice for
+everything traced inside it (benchmarks compare backends with it).
 
 Packed MXFP4 weights (a `quant.QArray`) go to our FP4 kernels (`v4jax.kernels.fp4_matmul`), which
 compute y = x @ dequantize(w) per group. Two storage layouts are accepted, told apart by the QArray's axis:
@@ -24,14 +27,28 @@ annotated-types typing-inspection tensorboardx typing-extensions`, install them 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import jax
+import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from v4jax.quant.qarray import QArray
 
 IMPLEMENTATIONS = ("xla", "tokamax")
+# the backend `implementation=None` means; None: by platform and dtype. A jax user context, so that it is part
+# of jit's cache key like the MoE dispatch mode (v4jax.parallel.dispatch)
+_DEFAULT = jax.make_user_context(None)
+
+
+@contextlib.contextmanager
+def default_implementation(implementation: str | None):
+    """Makes `implementation=None` mean `implementation` for float weights traced inside (None: the automatic choice)."""
+    if implementation not in (None, *IMPLEMENTATIONS):
+        raise ValueError(f"grouped_matmul: unknown implementation {implementation!r} (known: {IMPLEMENTATIONS})")
+    with _DEFAULT(implementation):
+        yield
 
 
 @functools.cache
@@ -41,6 +58,12 @@ def _tokamax_ragged_dot():
     except Exception:  # noqa: BLE001  (any import failure means "not available")
         return None
     return tokamax.ragged_dot
+
+
+def auto_implementation(x_dtype, w_dtype, backend: str, have_tokamax: bool) -> str:
+    """What `implementation=None` picks: tokamax for 16-bit operands on GPU/TPU when installed, else XLA."""
+    sixteen_bit = jnp.dtype(x_dtype).itemsize == 2 and jnp.dtype(w_dtype).itemsize == 2
+    return "tokamax" if sixteen_bit and backend in ("gpu", "tpu") and have_tokamax else "xla"
 
 
 def grouped_matmul(x: Float[Array, "m k"], w: Float[Array, "g k n"] | QArray, group_sizes: Int[Array, " g"],
@@ -53,7 +76,10 @@ def grouped_matmul(x: Float[Array, "m k"], w: Float[Array, "g k n"] | QArray, gr
     if implementation not in (None, *IMPLEMENTATIONS):
         raise ValueError(f"grouped_matmul: unknown implementation {implementation!r} (known: {IMPLEMENTATIONS})")
     if implementation is None:
-        implementation = "tokamax" if jax.default_backend() in ("gpu", "tpu") and _tokamax_ragged_dot() else "xla"
+        implementation = _DEFAULT.value
+    if implementation is None:
+        implementation = auto_implementation(x.dtype, w.dtype, jax.default_backend(),
+                                             _tokamax_ragged_dot() is not None)
     if implementation == "tokamax":
         fn = _tokamax_ragged_dot()
         if fn is None:
