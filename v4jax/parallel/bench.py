@@ -10,7 +10,10 @@
            `--dispatch all_gather,all_to_all,ragged_all_to_all`; each mesh with an expert axis runs once per
            mode, in one process, so the step times compare side by side. Default: auto. A mode the platform
            refuses (ragged_all_to_all on CPU) gets a row saying so.
-Prints a markdown table (and appends it to --out when given).
+--grouped-impl: backend of the expert GEMMs (v4jax.kernels.grouped_matmul); auto picks XLA for the float32
+           parity model and tokamax for the bf16 one on GPU/TPU when installed.
+Prints markdown tables row by row as they are measured (and appends each row to --out when given), so a run
+cut short by a time limit keeps what it measured.
 """
 
 from __future__ import annotations
@@ -19,12 +22,14 @@ import argparse
 import datetime
 import statistics
 import time
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from v4jax.kernels.grouped_matmul import default_implementation
 from v4jax.model import ModelConfig, Transformer, presets
 from v4jax.parallel import shardings as sh
 from v4jax.parallel.dispatch import check_dispatch, resolve_dispatch
@@ -59,7 +64,7 @@ def _label(mode: str, n_expert: int, top_k: int) -> str:
     return f"auto ({resolve_dispatch(mode, jax.devices()[0].platform, n_expert, top_k)})"
 
 
-def parity(n: int, modes: list[str]) -> list[str]:
+def parity(n: int, modes: list[str]) -> Iterator[str]:
     cfg = ModelConfig.from_config(presets.tiny())
     model = Transformer(cfg)
     tokens = jax.random.randint(jax.random.key(1), (8, 64), 0, cfg.vocab_size)
@@ -68,7 +73,8 @@ def parity(n: int, modes: list[str]) -> list[str]:
     (_, logits0), grads0 = step(variables["params"], variables["buffers"], tokens)
     gnorm = float(optax.global_norm(grads0))
     k = cfg.num_experts_per_tok
-    rows = []
+    yield "| mesh | moe dispatch | logits rel err | grads rel err (all) | worst leaf (norm > 1e-3 of total) |"
+    yield "|---|---|---|---|---|"
     for mesh_cfg in ({"data": n}, {"expert": n}, {"data": 2, "expert": n // 2}):
         if min(mesh_cfg.values()) < 1 or (n < 4 and len(mesh_cfg) > 1):
             continue
@@ -81,16 +87,14 @@ def parity(n: int, modes: list[str]) -> list[str]:
             try:
                 (_, logits), grads = plan.under_mesh(step)(p, b, tk)
             except ValueError as err:  # a mode this platform refuses
-                rows.append(f"| {name} | {_label(mode, mesh_cfg.get('expert', 1), k)} | refused: {err} | | |")
+                yield f"| {name} | {_label(mode, mesh_cfg.get('expert', 1), k)} | refused: {err} | | |"
                 continue
             leaf_err = max(_rel(a, c) for a, c in zip(jax.tree.leaves(grads), jax.tree.leaves(grads0))
                            if float(jnp.linalg.norm(c)) > 1e-3 * gnorm)
             total = _rel(np.concatenate([np.ravel(x) for x in jax.tree.leaves(grads)]),
                          np.concatenate([np.ravel(x) for x in jax.tree.leaves(grads0)]))
-            rows.append(f"| {name} | {_label(mode, mesh_cfg.get('expert', 1), k)} | {_rel(logits, logits0):.2e} | "
-                        f"{total:.2e} | {leaf_err:.2e} |")
-    return ["| mesh | moe dispatch | logits rel err | grads rel err (all) | worst leaf (norm > 1e-3 of total) |",
-            "|---|---|---|---|---|", *rows]
+            yield (f"| {name} | {_label(mode, mesh_cfg.get('expert', 1), k)} | {_rel(logits, logits0):.2e} | "
+                   f"{total:.2e} | {leaf_err:.2e} |")
 
 
 def small_moe() -> ModelConfig:
@@ -102,7 +106,7 @@ def small_moe() -> ModelConfig:
     return ModelConfig.from_config(m)
 
 
-def scaling(n: int, batch: int, seq: int, steps: int, modes: list[str]) -> list[str]:
+def scaling(n: int, batch: int, seq: int, steps: int, modes: list[str]) -> Iterator[str]:
     cfg = small_moe()
     model = Transformer(cfg)
     tokens = jax.random.randint(jax.random.key(1), (batch, seq), 0, cfg.vocab_size)
@@ -114,17 +118,16 @@ def scaling(n: int, batch: int, seq: int, steps: int, modes: list[str]) -> list[
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         return state.replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state), value
 
-    rows = []
+    yield (f"small MoE: d={cfg.hidden_size}, {cfg.num_layers} layers, {cfg.n_routed_experts} experts top-"
+           f"{cfg.num_experts_per_tok}, I={cfg.moe_intermediate_size}, {cfg.dtype}, batch {batch} x {seq}")
+    yield "| mesh | moe dispatch | first step (s, compile) | step ms (median) | tokens/s | loss first -> last |"
+    yield "|---|---|---|---|---|---|"
     e = 1
     while e <= n:
         mesh_cfg = {"data": n // e, "expert": e}
         for mode in _modes_for(mesh_cfg, modes):
-            rows.append(_time_one(mesh_cfg, mode, model, tx, train_step, tokens, n, batch, seq, steps))
+            yield _time_one(mesh_cfg, mode, model, tx, train_step, tokens, n, batch, seq, steps)
         e *= 2
-    title = (f"small MoE: d={cfg.hidden_size}, {cfg.num_layers} layers, {cfg.n_routed_experts} experts top-"
-             f"{cfg.num_experts_per_tok}, I={cfg.moe_intermediate_size}, {cfg.dtype}, batch {batch} x {seq}")
-    return [title, "| mesh | moe dispatch | first step (s, compile) | step ms (median) | tokens/s | loss first -> last |",
-            "|---|---|---|---|---|---|", *rows]
 
 
 def _time_one(mesh_cfg, mode, model, tx, train_step, tokens, n, batch, seq, steps) -> str:
@@ -163,22 +166,34 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--dispatch", default="auto", help="comma-separated MoE dispatch modes to compare")
+    ap.add_argument("--grouped-impl", default="auto", choices=["auto", "xla", "tokamax"],
+                    help="backend of the expert GEMMs (auto: tokamax for bf16 on GPU/TPU when installed, else XLA)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     try:
         modes = [check_dispatch(m.strip(), "--dispatch") for m in args.dispatch.split(",")]
     except ValueError as err:
         ap.error(str(err))
-    lines = [f"{datetime.date.today()} {jax.devices()[0].device_kind} x{args.devices}, jax {jax.__version__}"]
+    if args.devices > len(jax.devices()):
+        ap.error(f"--devices {args.devices}: only {len(jax.devices())} devices are visible")
+    impl = None if args.grouped_impl == "auto" else args.grouped_impl
+    header = (f"{datetime.date.today()} {jax.devices()[0].device_kind} x{args.devices}, jax {jax.__version__}, "
+              f"expert GEMMs: {args.grouped_impl}")
+    sections = [[header]]
     if args.parity:
-        lines += parity(args.devices, modes)
+        sections.append(parity(args.devices, modes))
     if args.scaling:
-        lines += scaling(args.devices, args.batch, args.seq, args.steps, modes)
-    text = "\n".join(lines)
-    print(text, flush=True)
+        sections.append(scaling(args.devices, args.batch, args.seq, args.steps, modes))
+    with default_implementation(impl):
+        for section in sections:  # each row is printed (and appended to --out) as soon as it is measured
+            for line in section:
+                print(line, flush=True)
+                if args.out:
+                    with open(args.out, "a") as f:
+                        f.write(line + "\n")
     if args.out:
         with open(args.out, "a") as f:
-            f.write(text + "\n\n")
+            f.write("\n")
 
 
 if __name__ == "__main__":
