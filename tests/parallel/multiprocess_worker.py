@@ -1,6 +1,8 @@
-"""One process of the two-process CPU test (test_multiprocess.py): `python multiprocess_worker.py PID N PORT OUT`.
+"""One process of the two-process test (test_multiprocess.py): `python multiprocess_worker.py PID N PORT OUT [gpu]`.
 
-Each process owns 4 fake CPU devices; `jax.distributed` joins them into one 8-device job (gloo collectives).
+CPU (default): each process owns 4 fake CPU devices; `jax.distributed` joins them into one 8-device job (gloo
+collectives). `gpu`: each process owns the GPUs CUDA_VISIBLE_DEVICES gives it (NCCL collectives), float32
+matmuls at full precision; the launcher is experiments/multihost/two_process_gpu.sh.
 It checks, and writes to OUT as JSON:
 - data: the pipeline's per-process block (process_index/count from jax) assembled with
   `MeshPlan.put_batch(..., process_local=True)` equals the global batch every process builds whole;
@@ -13,11 +15,16 @@ import os
 import sys
 
 pid, count, port, out_path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+on_gpu = sys.argv[5:] == ["gpu"]
+if not on_gpu:
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
 
 import jax
 
-jax.config.update("jax_cpu_collectives_implementation", "gloo")
+if on_gpu:
+    jax.config.update("jax_default_matmul_precision", "highest")  # float32 parity, not TF32
+else:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=count, process_id=pid)
 
 import functools
@@ -40,7 +47,8 @@ def rel(a, b):
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-report = {"process_index": jax.process_index(), "process_count": jax.process_count(),
+report = {"process_index": jax.process_index(), "process_count": jax.process_count(), "platform": jax.devices()[0].platform,
+          "device_kind": jax.devices()[0].device_kind,
           "devices": len(jax.devices()), "local_devices": len(jax.local_devices())}
 
 # ---- data: per-process blocks -> one global array ---------------------------------------------------
@@ -50,7 +58,8 @@ build = functools.partial(build_pipeline, cfg, tokenizer=tok, split="train", seq
                           corpus=corpus)
 local_it = build(process_index=jax.process_index(), process_count=jax.process_count())
 global_it = build()
-plan = MeshPlan(make_mesh({"data": 2, "expert": 4}), ShardingRules(), {"params": {}, "buffers": {}})
+n_dev = len(jax.devices())
+plan = MeshPlan(make_mesh({"data": count, "expert": n_dev // count}), ShardingRules(), {"params": {}, "buffers": {}})
 same, rows = True, []
 for _ in range(3):
     local, whole = next(local_it), next(global_it)
@@ -88,7 +97,7 @@ with jax.default_device(jax.local_devices()[0]):  # the single-device reference,
     (_, y_ref), g_ref = grads_of(functools.partial(local_expert_ffn, first_expert=0, activation=act))(
         idx, x, wt, w1, w3, w2)
 
-mesh = make_mesh({"expert": 8})  # spans both processes: the dispatch crosses hosts
+mesh = make_mesh({"expert": n_dev})  # spans both processes: the dispatch crosses hosts
 tok_s = w_s = NamedSharding(mesh, P("expert"))
 
 
@@ -101,7 +110,7 @@ def gather(a):
 
 
 report["moe"] = {}
-for mode in ("all_gather", "all_to_all"):
+for mode in ("all_gather", "all_to_all") + (("ragged_all_to_all",) if on_gpu else ()):
     fn = functools.partial(routed_experts_parallel, activation=act, rules=ShardingRules(), mesh=mesh, dispatch=mode)
     (_, y), g = grads_of(fn)(put(idx, tok_s), put(x, tok_s), put(wt, tok_s), put(w1, w_s), put(w3, w_s),
                             put(w2, w_s))

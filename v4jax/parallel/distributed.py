@@ -43,6 +43,9 @@ def maybe_initialize_distributed() -> bool:
         kwargs["num_processes"] = int(os.environ["JAX_NUM_PROCESSES"])
     if os.environ.get("JAX_PROCESS_ID"):
         kwargs["process_id"] = int(os.environ["JAX_PROCESS_ID"])
+    # CPU processes need a cross-process collectives backend (XLA:CPU has none by default); this setting
+    # changes nothing on GPU/TPU, where NCCL / ICI carry the collectives
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(**kwargs)
     _initialized = True
     return True

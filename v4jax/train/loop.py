@@ -98,8 +98,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     tokenizer, corpus = loaded["tokenizer"], loaded["corpus"]
     t = config.train
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    if jax.process_index() == 0:  # several processes share the workdir; one writes it
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
     model_cfg = ModelConfig.from_config(config.model)
     # QAT (config.qat): the model fake-quantizes per the policy, blended in by a factor computed from the
@@ -154,8 +155,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     if restored is not None:
         start_step, state = restored
         _say(f"resumed from step {start_step} ({os.path.join(workdir, 'checkpoints', str(start_step))})")
-    metrics_lib.truncate_jsonl(os.path.join(workdir, "metrics.jsonl"), start_step)
-    writer = metrics_lib.MetricsWriter(workdir)
+    primary = jax.process_index() == 0  # several processes share the workdir: the first one writes the logs
+    if primary:
+        metrics_lib.truncate_jsonl(os.path.join(workdir, "metrics.jsonl"), start_step)
+    writer = metrics_lib.MetricsWriter(workdir, primary=primary)
 
     def evaluate(params, buffers, step: int) -> tuple[float, float]:
         # with QAT, the factor of the last trained step (the one logged with this evaluation)
@@ -175,7 +178,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
 
     # ---- train -----------------------------------------------------------------------------------
     tokens_per_step = t.batch_size * t.seq_len
-    progress = metrics_lib.Progress(t.progress, t.steps, start_step)
+    progress = metrics_lib.Progress(t.progress and primary, t.steps, start_step)
     eval_loss = bits_per_byte = None
     started = window_start = time.perf_counter()
     window_steps, anticipation_forwards = 0, 0
@@ -245,7 +248,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
                          temperature=float(t.sample_temperature), seed=t.seed)
     writer.write_text(int(state.step), "sample", sample)
     writer.close()
-    history = _read_history(writer.jsonl_path)
+    history = _read_history(writer.jsonl_path) if primary else writer.records
     train_loss = float(history[-1]["lm_loss"]) if history else float("nan")
     ran = t.steps - start_step
     steady = seconds - (first_step_seconds or 0.0)  # excludes the first (compiling) step

@@ -45,13 +45,18 @@ def truncate_jsonl(path: str, last_step: int) -> None:
 
 
 class MetricsWriter:
-    """Appends metrics to DIR/metrics.jsonl and DIR/tensorboard/ ."""
+    """Appends metrics to DIR/metrics.jsonl and DIR/tensorboard/ .
 
-    def __init__(self, workdir: str, *, tensorboard: bool = True):
+    `primary=False` (every process but the first of a multi-process run, which share the workdir) writes no
+    file and keeps its records in `records`, so that one run has one metrics.jsonl and one event file."""
+
+    def __init__(self, workdir: str, *, tensorboard: bool = True, primary: bool = True):
         self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
-        self._jsonl = open(self.jsonl_path, "a")
+        self.primary = primary
+        self.records: list[dict[str, Any]] = []
+        self._jsonl = open(self.jsonl_path, "a") if primary else None
         self._tb = None
-        if tensorboard:
+        if tensorboard and primary:
             from tensorboardX import SummaryWriter
 
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
@@ -59,6 +64,9 @@ class MetricsWriter:
     def write(self, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
         """Logs `metrics` at `step`; returns the JSON record written."""
         record = {"step": int(step), **{k: to_python(v) for k, v in metrics.items()}}
+        self.records.append(record)
+        if self._jsonl is None:
+            return record
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
         if self._tb is not None:
@@ -77,7 +85,8 @@ class MetricsWriter:
             self._tb.add_text(tag, text, step)
 
     def close(self) -> None:
-        self._jsonl.close()
+        if self._jsonl is not None:
+            self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
 
