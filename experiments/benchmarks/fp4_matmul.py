@@ -13,9 +13,12 @@ error vs a float32 HIGHEST-precision reference on fresh random inputs (grouped: 
 4 experts; every row is checked for NaN), no NaN, and the output memory
 poisoned (a NaN buffer of the output's size freed just before the call, so the allocator hands it back).
 
-Timing: each op runs n1 and n2 times inside one jitted call (distinct weight copies, so decode reads
-do not come from L2); time = (T(n2) - T(n1)) / (n2 - n1) with T the median wall time of many calls,
-which removes dispatch overhead.
+Timing (--timing device, the default): the summed duration of the GPU kernels one call launches, read from
+a profiler trace (`device_seconds`), over calls rotating among distinct weight copies so that decode reads
+do not come from L2. Wall-clock timing (--timing wall: each op n1 and n2 times inside one jitted call,
+time = (T(n2) - T(n1)) / (n2 - n1)) was used until session 3; it carries the host's launch cost, about
+20 us per XLA op on the H200 machine, which swamped every decode-size row (a plain XLA read of 8.5 MB
+timed 15.7 us wall and 8.8 us on the device: experiments/benchmarks/fp4_decode_diagnose.py).
 With --mosaic, each dense shape also gets a "<section>-mosaic" row: the Pallas Mosaic GPU kernel
 (mosaic_gpu.py: TMA pipeline + wgmma, best of MOSAIC_*_CONFIGS, decoded weights in registers or staged in
 shared memory), with its ratios to XLA bf16 and to the Triton kernel measured in the same run; the winners
@@ -72,8 +75,17 @@ def wall(fn, *args, reps: int = 15) -> float:
     return statistics.median(ts)
 
 
+TIMING = ["device"]  # --timing: "device" (profiler kernel time, when the platform reports it) or "wall"
+
+
 def per_call_seconds(op, arg_sets, n1: int, n2: int, reps: int = 15) -> float:
-    """Seconds per op call: (T(n2) - T(n1)) / (n2 - n1), op run on the first n arg sets in one jit."""
+    """Seconds per op call. --timing device (default): `device_seconds` over the first n2 arg sets (GPU kernel
+    time, launch gaps excluded); wall, or where no kernel events come back: (T(n2) - T(n1)) / (n2 - n1), op
+    run on the first n arg sets in one jit."""
+    if TIMING[0] == "device" and not SMOKE:
+        t = device_seconds(op, arg_sets[:n2])
+        if t:
+            return t
 
     def make(n):
         return jax.jit(lambda sets: tuple(op(*a) for a in sets[:n]))
@@ -82,11 +94,49 @@ def per_call_seconds(op, arg_sets, n1: int, n2: int, reps: int = 15) -> float:
     return max((t2 - t1) / (n2 - n1), 1e-9)
 
 
+def device_seconds(op, arg_sets, reps: int = 10) -> float | None:
+    """Seconds of GPU kernel time per op call, from a profiler trace (CUPTI kernel events on the device's
+    stream lines): the sum of the durations of every kernel the call launches, launch gaps excluded.
+
+    Host launch overhead dominates the wall-clock time of a lone call of a few microseconds (each XLA op costs
+    the host ~20 us on the H200 machine: an XLA copy of 8.5 MB timed like per_call_seconds took 22 us), so
+    kernel efficiency is read here. None when the trace has no GPU kernel events (CPU, interpret mode)."""
+    import glob
+    import tempfile
+
+    from jax.profiler import ProfileData
+
+    fn = jax.jit(op)
+    for a in arg_sets:
+        jax.block_until_ready(fn(*a))
+    tmp = tempfile.mkdtemp(prefix="fp4_trace_")
+    with jax.profiler.trace(tmp):
+        outs = [fn(*a) for _ in range(reps) for a in arg_sets]
+        jax.block_until_ready(outs)
+    paths = glob.glob(os.path.join(tmp, "**", "*.xplane.pb"), recursive=True)
+    if not paths:
+        return None
+    total_ns, kernels = 0.0, 0
+    for plane in ProfileData.from_file(paths[0]).planes:
+        if not plane.name.startswith("/device:GPU"):
+            continue
+        for line in plane.lines:
+            if not line.name.startswith("Stream"):
+                continue
+            for ev in line.events:
+                if "memcpy" in ev.name.lower() or "memset" in ev.name.lower():
+                    continue
+                total_ns += ev.duration_ns
+                kernels += 1
+    calls = reps * len(arg_sets)
+    return total_ns * 1e-9 / calls if kernels else None
+
+
 def copy_bandwidth() -> float:
     """Bytes read + written per second by an XLA elementwise op over 1 GiB (the roofline we compare to)."""
     n = (1 << 20) if SMOKE else (1 << 29)
     sets = [(jnp.full((n,), i, jnp.bfloat16),) for i in range(4)]
-    t = per_call_seconds(lambda a: a * 2, sets, 1, 4)
+    t = per_call_seconds(lambda a: a * 2, sets, 1, 4, reps=5)
     return 2 * n * 2 / t
 
 
@@ -131,7 +181,7 @@ DECODE_CONFIGS = [  # M = 16 (one MMA row block); M = 1 and 8 also try their FMA
 ]
 FMA_CONFIGS = {  # CUDA-core decode of 1 or 8 rows
     1: [B(1, 32, 1024, 1, 4, 3, "asm", fuse_x=True), B(1, 16, 1024, 1, 4, 3, "asm", fuse_x=True)],
-    8: [B(8, 32, 1024, 1, 4, 3, "asm", fuse_x=True)],
+    # 8 rows: only M=16's MMA winner (the 8-row FMA config took 3 minutes to compile and ran at 4137 us, session 3)
 }
 M64_CONFIGS = [
     B(64, 64, 512, 1, 4, 3, "asm", True),
@@ -566,6 +616,9 @@ def main():
     ap.add_argument("--ms", default="", help="dense M values, e.g. 16,1,4096")
     ap.add_argument("--budget-s", type=float, default=float("inf"),
                     help="start no new shape after this many seconds; what ran is still written")
+    ap.add_argument("--timing", choices=["device", "wall"], default="device",
+                    help="device: summed GPU kernel time per call from a profiler trace (kernel efficiency); wall: "
+                         "host wall time per call inside one jit (includes the host's ~20 us per XLA op)")
     ap.add_argument("--mosaic", action="store_true",
                     help="also time the Mosaic GPU dense kernel (mosaic_gpu.py) beside each Triton dense row")
     ap.add_argument(
@@ -578,11 +631,12 @@ def main():
     MS[:] = [int(t) for t in args.ms.split(",") if t]
     DEADLINE[0] = time.time() + args.budget_s
     MOSAIC[0] = args.mosaic
+    TIMING[0] = args.timing
     del GROUPED_PREFILL_CONFIGS[args.grouped_prefill_configs :]
     interpret = SMOKE
     dev = jax.devices()[0]
     print(f"device {dev.device_kind}, jax {jax.__version__}", flush=True)
-    bw = copy_bandwidth()
+    bw = copy_bandwidth()  # device-timed too under --timing device
     BW[0] = bw
     print(
         f"copy bandwidth (read+write, XLA elementwise): {bw / 1e12:.2f} TB/s",
@@ -605,6 +659,7 @@ def main():
                 "jax": jax.__version__,
                 "command": " ".join(sys.argv),
                 "copy_tbps": bw / 1e12,
+                "timing": TIMING[0],
                 "rows": rows,
             },
             f,

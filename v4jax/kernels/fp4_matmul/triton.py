@@ -142,8 +142,21 @@ def dense(
     interpret: bool = False,
 ) -> jax.Array:
     """y = x @ W.T for x [M, K], W given as packed `values` [N, K/2] and E8M0 `scales` [N, K/32]."""
+    return dense_words(x, common.as_words(values), scales, cfg, interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "interpret"))
+def dense_words(
+    x: jax.Array,
+    words: jax.Array,
+    scales: jax.Array,
+    cfg: BlockConfig,
+    interpret: bool = False,
+) -> jax.Array:
+    """`dense` on the packed bytes already read as uint32 words [N, K/8] (`common.as_words`), for callers
+    that keep weights in that form (and for timing the kernel without the conversion)."""
     m, k = x.shape
-    n = values.shape[0]
+    n = words.shape[0]
     cfg = _for_backend(cfg, interpret).fit(m, n, k)
     mp = common.round_up(m, cfg.block_m)
     xp = jnp.pad(x, ((0, mp - m), (0, 0))) if mp != m else x
@@ -160,7 +173,7 @@ def dense(
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
         name="fp4_matmul_triton",
-    )(xp if cfg.fuse_x else common.x_planes(xp), common.as_words(values), scales)
+    )(xp if cfg.fuse_x else common.x_planes(xp), words, scales)
     if cfg.split_k > 1:
         y = jnp.sum(y, axis=0).astype(x.dtype)  # [Mp, N]
     return y[:m]
