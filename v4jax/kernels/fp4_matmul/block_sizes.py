@@ -121,7 +121,8 @@ DEFAULTS["dequantize"] = [
 
 # The Mosaic GPU dense kernel (mosaic_gpu.py): block_m caps the rows of x per CTA (wgmma N, padded to 8),
 # block_k the K per pipeline step, num_stages the TMA pipeline depth; N tiles are always 64 rows (one
-# warpgroup). Not tuned on a GPU yet: split-K 2 gives 4096 / 64 * 2 = 128 CTAs for the 132 SMs at decode.
+# warpgroup). Split-K 2 gives 4096 / 64 * 2 = 128 CTAs for the 132 SMs at decode. The H200 table's M <= 16
+# entry was measured (session 3); these defaults, and its larger-M entries, were not.
 DEFAULTS["dense_mosaic"] = [
     {"max_m": 64, "config": {"block_m": 64, "block_k": 512, "split_k": 2, "num_stages": 4}},
     {"max_m": None, "config": {"block_m": 128, "block_k": 256, "split_k": 1, "num_stages": 2}},
