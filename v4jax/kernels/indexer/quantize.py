@@ -66,11 +66,16 @@ def _mxfp4_as_fp8_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
   return (xq / row_scale[..., None]).astype(jnp.float8_e4m3fn), row_scale
 
 
-def kernel_operands(q: jax.Array, k: jax.Array, quant: str | None):
-  """(q_lowp, q_scale [B,S,H], k_lowp, k_scale [B,N]) for a kernel; scales are None for quant=None."""
+def quantize_rows(x: jax.Array, quant: str | None) -> tuple[jax.Array, jax.Array | None]:
+  """(x_lowp, row scale [...]) of one operand as the kernel reads it; (x, None) for quant=None.
+  Row-local, so it can run on any slice of the rows (the Triton indexer quantizes q chunk by chunk)."""
   check_quant(quant)
   if quant is None:
-    return q, None, k, None
-  rows = _fp8_rows if quant == "fp8" else _mxfp4_as_fp8_rows
-  (q8, qs), (k8, ks) = rows(q), rows(k)
+    return x, None
+  return (_fp8_rows if quant == "fp8" else _mxfp4_as_fp8_rows)(x)
+
+
+def kernel_operands(q: jax.Array, k: jax.Array, quant: str | None):
+  """(q_lowp, q_scale [B,S,H], k_lowp, k_scale [B,N]) for a kernel; scales are None for quant=None."""
+  (q8, qs), (k8, ks) = quantize_rows(q, quant), quantize_rows(k, quant)
   return q8, qs, k8, ks

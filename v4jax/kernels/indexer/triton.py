@@ -18,7 +18,8 @@ merge per key tile would cost more than the QK product. Instead queries go in ch
      then ties at T by increasing entry index until k are taken (deterministic); the picks are
      compacted with a prefix sum and scattered. The score FLOPs are spent once (no second pass).
 
-Memory: O(S * topk) outputs plus one fp32 [B, chunk, W] row-block. Output order within a row:
+Memory: O(S * topk) outputs plus one fp32 [B, chunk, W] row-block; quantized modes quantize q one chunk
+at a time inside the same step (keys whole: N = S / ratio rows). Output order within a row:
 increasing entry index (compare rows as sets); scores are those of the returned indices; unused slots
 hold idx -1 and score -inf. fp32 scores (not bf16) keep the selection exact, with no bf16 ties.
 Quantized modes: q and k arrive as E4M3 with one positive fp32 scale per row (see `quantize`); the query
@@ -207,12 +208,14 @@ def chunk_scores(q, w, k, ratio, segment_ids=None, quant=None, *, c0: int = 0, c
                       num_warps=num_warps, num_stages=num_stages, interpret=interpret)
 
 
-def _prepare(q, w, k, ratio, segment_ids, quant, block_k, entry_end=None):
+def _prepare(q, w, k, ratio, segment_ids, quant, block_k, entry_end=None, quantize_q=True):
   """Kernel operands: low-precision q/k, folded weights, key scales, segments, entry ends (padded
-  slots never visible); keys padded to a power of two >= block_k."""
+  slots never visible); keys padded to a power of two >= block_k. `quantize_q=False` leaves q (and
+  w) as given, for a caller that quantizes q per chunk (`quantize.quantize_rows` is row-local)."""
   b, s, _h, _d = q.shape
   n = k.shape[1]
-  qlp, qscale, klp, kscale = quantize.kernel_operands(q, k, quant)
+  qlp, qscale = quantize.quantize_rows(q, quant if quantize_q else None)
+  klp, kscale = quantize.quantize_rows(k, quant)
   w_eff = w.astype(jnp.float32) * (1.0 if qscale is None else qscale)
   if kscale is None:
     kscale = jnp.ones((b, n), jnp.float32)
@@ -255,19 +258,27 @@ def indexer_topk(q: Float[Array, "B S H D"], w: Float[Array, "B S H"], k: Float[
   for name, v in (("H", h), ("D", d), ("block_q", block_q), ("block_k", block_k)):
     if v & (v - 1):
       raise ValueError(f"triton indexer: {name}={v} must be a power of two")
+  # quantized modes quantize q inside each chunk's step: the whole-q prologue held fp32 copies of q
+  # (rotation, scales), 5.7 / 12.5 GiB at S = 128K on the H200 (session 2), where a chunk's are 1/64 of it
+  q_per_chunk = quant is not None
   qlp, w_eff, klp, kscale, qseg, kseg, kend = _prepare(q, w, k, ratio, segment_ids, quant, block_k,
-                                                       entry_end)
+                                                       entry_end, quantize_q=not q_per_chunk)
   chunk = _round_up(min(chunk, _round_up(s, block_q)), block_q)
   s_pad = _round_up(s, chunk)
-  pad_s = ((0, 0), (0, s_pad - s))
-  qlp = jnp.pad(qlp, pad_s + ((0, 0), (0, 0)))
-  w_eff = jnp.pad(w_eff, pad_s + ((0, 0),))
-  qseg = jnp.pad(qseg, pad_s, constant_values=-2)
+  if s_pad != s:  # (no copy of q when S is a multiple of the chunk)
+    pad_s = ((0, 0), (0, s_pad - s))
+    qlp = jnp.pad(qlp, pad_s + ((0, 0), (0, 0)))
+    w_eff = jnp.pad(w_eff, pad_s + ((0, 0),))
+    qseg = jnp.pad(qseg, pad_s, constant_values=-2)
 
   def one_chunk(width, c0):
     c0_arr = c0[None].astype(jnp.int32)
     sl = lambda x: jax.lax.dynamic_slice_in_dim(x, c0, chunk, axis=1)
-    scores = _scores_call(c0_arr, sl(qlp), sl(w_eff), klp, kscale, sl(qseg), kseg, kend,
+    q_c, w_c = sl(qlp), sl(w_eff)
+    if q_per_chunk:  # [B, C, H, D] -> low precision + row scales [B, C, H], folded into the weights
+      q_c, q_scale = quantize.quantize_rows(q_c, quant)
+      w_c = w_c * q_scale
+    scores = _scores_call(c0_arr, q_c, w_c, klp, kscale, sl(qseg), kseg, kend,
                           ratio=ratio, n_valid=n, block_q=block_q, block_k=block_k,
                           num_warps=num_warps, num_stages=num_stages, interpret=interpret,
                           width=width, mma_bf16=mma_bf16, score_dtype=score_dtype)  # [B, C, width]
