@@ -76,3 +76,18 @@ def test_bad_candidates_are_one_line_errors():
     with pytest.raises(ValueError, match="candidates") as err:
       indexer.indexer_topk(q, w, k, 6, 4, quant="fp8", candidates=bad)
     assert "\n" not in str(err.value)
+
+
+def test_triton_refine_with_candidates_not_a_power_of_two():
+  """96 candidates in a 128-wide row (block_c 32): 3 blocks are rescored, the last is only -inf padding;
+  the picks equal the XLA refine's, as sets per row, with the same exact scores."""
+  from v4jax.kernels.indexer import refine_triton
+
+  q, w, k = _inputs(np.random.randint(1 << 30), s=256, h=4, d=32)
+  cand, _ = indexer.indexer_topk(q, w, k, 96, 4, quant="mxfp4")  # [1, 256, 96], -1 where fewer visible
+  want_idx, want_vals = refine.refine_topk(q, w, k, cand, 8)
+  idx, vals = refine_triton.refine_topk(q, w, k, cand, 8, block_c=32, interpret=True)
+  idx, vals, want_idx, want_vals = map(np.asarray, (idx, vals, want_idx, want_vals))
+  for r in range(idx.shape[1]):
+    assert set(idx[0, r][idx[0, r] >= 0]) == set(want_idx[0, r][want_idx[0, r] >= 0]), r
+  np.testing.assert_allclose(np.sort(vals, -1), np.sort(want_vals, -1), rtol=1e-5, atol=1e-5)

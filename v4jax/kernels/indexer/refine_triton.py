@@ -23,8 +23,10 @@ from v4jax.kernels.indexer import triton as _tr
 
 
 def _rescore_kernel(q_ref, w_ref, cand_ref, k_ref, o_ref, *, block_c: int, num_blocks: int,
-                    exact_fp32: bool):
-  """Scores of one query's candidates: sum_h w[h] relu(q[h] . k[cand[c]]), -inf where cand < 0."""
+                    live_blocks: int, exact_fp32: bool):
+  """Scores of one query's candidates: sum_h w[h] relu(q[h] . k[cand[c]]), -inf where cand < 0.
+  Only the first `live_blocks` blocks hold candidates; the rest of the row (the select kernel's
+  power-of-two padding, e.g. 1536 candidates in a 2048 row) is written -inf without a gather or dot."""
   q = q_ref[...]  # [H, D]
   w = w_ref[...]  # [H]
 
@@ -37,15 +39,23 @@ def _rescore_kernel(q_ref, w_ref, cand_ref, k_ref, o_ref, *, block_c: int, num_b
     o_ref[pl.ds(c0, block_c)] = jnp.where(idx >= 0, sc, -jnp.inf)
     return carry
 
-  jax.lax.fori_loop(0, num_blocks, one_block, 0)
+  jax.lax.fori_loop(0, live_blocks, one_block, 0)
+
+  def empty_block(j, carry):
+    o_ref[pl.ds(pl.multiple_of(j * block_c, block_c), block_c)] = jnp.full((block_c,), -jnp.inf, jnp.float32)
+    return carry
+
+  jax.lax.fori_loop(live_blocks, num_blocks, empty_block, 0)
 
 
-def _rescore_call(q, w, cand, k, *, block_c, num_warps, interpret):
-  """fp32 scores [B, C, Cp] of the candidates of queries q [B, C, H, D] (Cp = padded candidates)."""
+def _rescore_call(q, w, cand, k, *, block_c, num_warps, interpret, live: int | None = None):
+  """fp32 scores [B, C, Cp] of the candidates of queries q [B, C, H, D] (Cp = padded candidates; only
+  the first `live` columns can hold candidates, default all)."""
   b, c, h, d = q.shape
   cp, n = cand.shape[-1], k.shape[1]
+  live_blocks = -(-(cp if live is None else live) // block_c)
   kernel = functools.partial(_rescore_kernel, block_c=block_c, num_blocks=cp // block_c,
-                             exact_fp32=q.dtype == jnp.float32)
+                             live_blocks=live_blocks, exact_fp32=q.dtype == jnp.float32)
   return pl.pallas_call(
       kernel,
       grid=(b, c),
@@ -91,7 +101,7 @@ def refine_topk(q: Float[Array, "B S H D"], w: Float[Array, "B S H"], k: Float[A
     sl = lambda x: jax.lax.dynamic_slice_in_dim(x, c0, chunk, axis=1)
     cand_c = sl(cand_p)  # [B, chunk, Cp]
     scores = _rescore_call(sl(qp), sl(wp), cand_c, kp, block_c=block_c, num_warps=num_warps,
-                           interpret=interpret)  # [B, chunk, Cp]
+                           interpret=interpret, live=c)  # [B, chunk, Cp]
     pos, vals = _tr._select_call(full, scores, topk=topk, ratio=1, n_valid=cp,
                                  interpret=interpret)  # [B, chunk, topk_pad]
     idx = jnp.take_along_axis(cand_c, jnp.maximum(pos, 0), axis=-1)
