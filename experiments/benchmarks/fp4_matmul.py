@@ -174,10 +174,11 @@ def dense_ref(x, w):
 
 B = BlockConfig  # (block_m, block_n, block_k, split_k, num_warps, num_stages, decode, swap_ab)
 DECODE_CONFIGS = [  # M = 16 (one MMA row block); M = 1 and 8 also try their FMA configs below
-    B(16, 32, 1024, 1, 4, 3, "asm", fuse_x=True),
-    B(16, 64, 512, 1, 4, 3, "asm", fuse_x=True),
-    B(16, 32, 512, 4, 4, 3, "asm"),
-    B(16, 128, 512, 1, 4, 3, "asm", True, fuse_x=True),
+    B(16, 32, 512, 4, 4, 3, "asm"),  # session 3's device-timed winner at 4096 (13.5 us)
+    B(16, 64, 256, 4, 4, 3, "asm", fuse_x=True),  # the diagnose run's best at both sizes (13.4 / 30.2 us)
+    B(16, 32, 512, 4, 4, 3, "asm", prefetch=True),  # the same with the next K tile loaded ahead (not run yet)
+    B(16, 64, 256, 4, 4, 3, "asm", fuse_x=True, prefetch=True),
+    B(16, 32, 1024, 1, 4, 3, "asm", fuse_x=True),  # session 2's wall-clock winner (19.4 us on the device)
 ]
 FMA_CONFIGS = {  # CUDA-core decode of 1 or 8 rows
     1: [B(1, 32, 1024, 1, 4, 3, "asm", fuse_x=True), B(1, 16, 1024, 1, 4, 3, "asm", fuse_x=True)],

@@ -64,6 +64,24 @@ def test_dense_split_k_and_xla_path():
     assert _rel(fp4_matmul.fp4_matmul(x, w), ref) < 1e-5  # CPU default is the XLA path
 
 
+@pytest.mark.parametrize("cfg", [
+    dict(block_m=16, block_n=32, block_k=64, split_k=1),  # 4 K steps: prefetch of steps 1..3, last reloads
+    dict(block_m=16, block_n=32, block_k=256, split_k=1),  # one K step: nothing ahead to prefetch
+    dict(block_m=16, block_n=32, block_k=64, split_k=2, fuse_x=True),  # 2 steps per split
+    dict(block_m=4, block_n=16, block_k=64, split_k=2),  # the CUDA-core (FMA) path
+])
+def test_dense_prefetch_matches_reference(cfg):
+    """prefetch=True (the next K step's words loaded before this one's decode) computes the same product."""
+    from v4jax.kernels.fp4_matmul import triton
+
+    kx, kw = jax.random.split(jax.random.key(np.random.randint(1 << 30)))
+    x = jax.random.normal(kx, (20, 256), jnp.float32)
+    w = _weight(kw, (64, 256))
+    ref = _ref_dense(x, w)
+    y = triton.dense(x, w.values, w.scales, cfg=block_sizes.BlockConfig(**cfg, prefetch=True), interpret=True)
+    assert _rel(y, ref) < 1e-5
+
+
 @pytest.mark.parametrize("implementation", KERNELS)
 def test_grouped_matches_reference(implementation):
     key = jax.random.key(np.random.randint(1 << 30))

@@ -113,10 +113,16 @@ def _dense_kernel(x_ref, wv_ref, ws_ref, o_ref, *, cfg: BlockConfig, k_per_split
     swap = cfg.swap_ab and not fma
     acc_shape = (bn, bm) if swap else (bm, bn)
 
-    def body(t, acc):
+    steps = k_per_split // bk
+
+    def load_w(t):  # the packed words [bn, bk/8] uint32 and E8M0 scales [bn, bk/32] of K step t
         k0 = pl.multiple_of(s * k_per_split + t * bk, bk)
-        words = wv_ref[pl.ds(j * bn, bn), pl.ds(k0 // P, bw)]  # [bn, bk/8] uint32
+        words = wv_ref[pl.ds(j * bn, bn), pl.ds(k0 // P, bw)]
         sc = ws_ref[pl.ds(j * bn, bn), pl.ds(k0 // common.SCALE_BLOCK, bk // common.SCALE_BLOCK)]
+        return words, sc
+
+    def step(t, acc, words, sc):
+        k0 = pl.multiple_of(s * k_per_split + t * bk, bk)
         planes = _decode_planes(words, common.scale_per_word(sc), x_ref.dtype, cfg.decode)
         if cfg.fuse_x:  # column planes read straight from x [M, K] (strided loads; no XLA transpose)
             xs = [x_ref[pl.ds(i * bm, bm), pl.ds(k0 + p, bw, stride=P)] for p in range(P)]
@@ -124,7 +130,16 @@ def _dense_kernel(x_ref, wv_ref, ws_ref, o_ref, *, cfg: BlockConfig, k_per_split
             xs = [x_ref[p, pl.ds(i * bm, bm), pl.ds(k0 // P, bw)] for p in range(P)]  # 8 x [bm, bk/8]
         return acc + _partial_product(xs, planes, swap, fma)
 
-    acc = jax.lax.fori_loop(0, k_per_split // bk, body, jnp.zeros(acc_shape, jnp.float32))
+    acc0 = jnp.zeros(acc_shape, jnp.float32)
+    if cfg.prefetch:  # carry step t's tiles; load step t+1's (the last step reloads itself) before decoding
+        def body(t, carry):
+            acc, words, sc = carry
+            nxt = load_w(jnp.minimum(t + 1, steps - 1))
+            return (step(t, acc, words, sc), *nxt)
+
+        acc = jax.lax.fori_loop(0, steps, body, (acc0, *load_w(0)))[0]
+    else:
+        acc = jax.lax.fori_loop(0, steps, lambda t, acc: step(t, acc, *load_w(t)), acc0)
     if swap:
         acc = acc.T  # [bm, bn]
     if cfg.split_k == 1:
