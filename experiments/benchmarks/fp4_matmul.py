@@ -213,6 +213,7 @@ MOSAIC_PREFILL_CONFIGS = [
 ]
 GROUPED_DECODE_CONFIGS = [
     B(16, 128, 256, 1, 4, 3, "asm", True),
+    B(16, 128, 256, 1, 4, 3, "asm", True, prefetch=True),  # not run yet (session 3 ran out of device time)
     B(16, 64, 512, 1, 4, 3, "asm", True),
     B(16, 64, 256, 1, 4, 3, "asm"),
 ]

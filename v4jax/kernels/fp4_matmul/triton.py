@@ -249,15 +249,30 @@ def _grouped_kernel(group_ref, block_ref, lo_ref, hi_ref, x_ref, wv_ref, ws_ref,
 
     @pl.when(lo < hi)
     def _():
-        def body(kt, acc):
+        steps = k // bk
+
+        def load_w(kt):  # words [bn, bk/8] and scales [bn, bk/32] of expert g's K step kt
             k0 = pl.multiple_of(kt * bk, bk)
-            words = wv_ref[g, pl.ds(j * bn, bn), pl.ds(k0 // P, bw)]  # [bn, bk/8]
+            words = wv_ref[g, pl.ds(j * bn, bn), pl.ds(k0 // P, bw)]
             sc = ws_ref[g, pl.ds(j * bn, bn), pl.ds(k0 // common.SCALE_BLOCK, bk // common.SCALE_BLOCK)]
+            return words, sc
+
+        def step(kt, acc, words, sc):
+            k0 = pl.multiple_of(kt * bk, bk)
             planes = _decode_planes(words, common.scale_per_word(sc), x_ref.dtype, cfg.decode)
             xs = [x_ref[p, pl.ds(blk * bm, bm), pl.ds(k0 // P, bw)] for p in range(P)]
             return acc + _partial_product(xs, planes, cfg.swap_ab, False)
 
-        acc = jax.lax.fori_loop(0, k // bk, body, jnp.zeros(acc_shape, jnp.float32))
+        acc0 = jnp.zeros(acc_shape, jnp.float32)
+        if cfg.prefetch:  # as in the dense kernel: step kt+1's tiles load before step kt's decode
+            def body(kt, carry):
+                acc, words, sc = carry
+                nxt = load_w(jnp.minimum(kt + 1, steps - 1))
+                return (step(kt, acc, words, sc), *nxt)
+
+            acc = jax.lax.fori_loop(0, steps, body, (acc0, *load_w(0)))[0]
+        else:
+            acc = jax.lax.fori_loop(0, steps, lambda kt, acc: step(kt, acc, *load_w(kt)), acc0)
         if cfg.swap_ab:
             acc = acc.T  # [bm, bn]
         rows = blk * bm + jax.lax.broadcasted_iota(jnp.int32, (bm, bn), 0)
