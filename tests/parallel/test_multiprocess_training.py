@@ -37,23 +37,33 @@ def env(devices: int, **extra) -> dict:
 
 
 def losses(workdir) -> dict[int, float]:
+    """Step -> loss from metrics.jsonl, which must hold exactly one record per step (one writer)."""
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+        records = [r for r in map(json.loads, f) if "loss" in r]
+    steps = [r["step"] for r in records]
+    assert len(steps) == len(set(steps)), f"duplicate records: {steps}"
+    return {r["step"]: r["loss"] for r in records}
 
 
 def test_two_process_training_matches_one_process(tmp_path):
     multi, single = tmp_path / "multi", tmp_path / "single"
     port = str(free_port())
-    procs = [subprocess.Popen(cli(multi), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env=env(4, JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
-                                      JAX_PROCESS_ID=str(i)))
-             for i in range(2)]
+    log_paths = [tmp_path / f"process{i}.log" for i in range(2)]  # files, not pipes: a full pipe would stall
+    procs = []
+    for i in range(2):
+        with open(log_paths[i], "w") as log:
+            procs.append(subprocess.Popen(
+                cli(multi), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True,
+                env=env(4, JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
+                        JAX_PROCESS_ID=str(i))))
     try:
-        logs = [p.communicate(timeout=600)[0] for p in procs]
+        for p in procs:
+            p.wait(timeout=600)
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
+    logs = [path.read_text() for path in log_paths]
     for p, log in zip(procs, logs):
         assert p.returncode == 0, log[-3000:]
     one = subprocess.run(cli(single), cwd=ROOT, capture_output=True, text=True, env=env(8), timeout=600)
@@ -66,3 +76,4 @@ def test_two_process_training_matches_one_process(tmp_path):
     assert "done:" in logs[0] and "done:" in logs[1]  # both processes finish the run
     assert sorted(os.listdir(multi / "checkpoints")) == sorted(os.listdir(single / "checkpoints"))
     assert not (multi / "metrics.jsonl.tmp").exists()
+    assert len(os.listdir(multi / "tensorboard")) == 1  # one event file: process 0's

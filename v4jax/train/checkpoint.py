@@ -131,9 +131,16 @@ class Checkpointer:
         return unflatten_state(template, restored.state), meta, routing
 
     def _move_aside(self, step: int) -> None:
-        aside = os.path.join(os.path.dirname(self.directory), "corrupt_checkpoints")
-        os.makedirs(aside, exist_ok=True)
-        shutil.move(os.path.join(self.directory, str(step)), os.path.join(aside, str(step)))
+        """Moves an unreadable step out of the checkpoint directory: process 0 moves it (the directory is
+        shared by every process of a multi-process run), the others wait for that before re-listing."""
+        if jax.process_index() == 0:
+            aside = os.path.join(os.path.dirname(self.directory), "corrupt_checkpoints")
+            os.makedirs(aside, exist_ok=True)
+            shutil.move(os.path.join(self.directory, str(step)), os.path.join(aside, str(step)))
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"v4jax_checkpoint_moved_aside_{step}")
         self._manager.reload()
 
     def wait(self) -> None:

@@ -186,7 +186,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     step = start_step
     while step < t.steps:
         if t.profile and step == start_step + 2:
-            jax.profiler.start_trace(os.path.join(workdir, "profile"))
+            # one trace directory per process: processes on one host would write files of the same name
+            jax.profiler.start_trace(os.path.join(workdir, "profile", *(
+                [f"process_{jax.process_index()}"] if jax.process_count() > 1 else [])))
         anticipating, transition = anticipation.update(step)
         if anticipating:
             params, buffers = state.params, state.buffers
@@ -248,7 +250,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
                          temperature=float(t.sample_temperature), seed=t.seed)
     writer.write_text(int(state.step), "sample", sample)
     writer.close()
-    history = _read_history(writer.jsonl_path) if primary else writer.records
+    # the other processes read process 0's file where the workdir is shared (the whole history, on resume too)
+    history = _read_history(writer.jsonl_path) if primary or os.path.exists(writer.jsonl_path) else writer.records
     train_loss = float(history[-1]["lm_loss"]) if history else float("nan")
     ran = t.steps - start_step
     steady = seconds - (first_step_seconds or 0.0)  # excludes the first (compiling) step

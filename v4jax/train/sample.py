@@ -25,8 +25,12 @@ def sample_text(model: Any, variables: dict[str, Any], tokenizer: Any, prompt: s
     buffer = np.zeros((1, length), np.int32)
     buffer[0, :len(prompt_ids)] = prompt_ids
 
+    # the variables, tokens and key go in as arguments, the host values as numpy: in a multi-process run the
+    # variables are global arrays spanning other processes' devices, which a jitted function may not close
+    # over, and numpy arguments are taken as the same on every process
     @jax.jit
-    def next_token(tokens, cur, rng):
+    def next_token(variables, tokens, cur, key_data):
+        rng = jax.random.wrap_key_data(key_data)
         segment_ids = (jnp.arange(length)[None, :] < cur).astype(jnp.int32)  # [1, L]
         positions = jnp.arange(length, dtype=jnp.int32)[None, :]  # [1, L]
         logits = model.apply(variables, tokens, segment_ids=segment_ids, positions=positions).logits  # [1, L, V]
@@ -40,7 +44,7 @@ def sample_text(model: Any, variables: dict[str, Any], tokenizer: Any, prompt: s
     out: list[int] = []
     for _ in range(num_tokens):
         rng, key = jax.random.split(rng)
-        token = int(next_token(jnp.asarray(buffer), jnp.int32(cur), key))
+        token = int(next_token(variables, buffer.copy(), np.int32(cur), np.asarray(jax.random.key_data(key))))
         buffer[0, cur] = token
         out.append(token)
         cur += 1
