@@ -177,6 +177,11 @@ def main() -> None:
     if args.devices > len(jax.devices()):
         ap.error(f"--devices {args.devices}: only {len(jax.devices())} devices are visible")
     impl = None if args.grouped_impl == "auto" else args.grouped_impl
+    if impl == "tokamax":
+        from v4jax.kernels.grouped_matmul.api import _tokamax_ragged_dot
+
+        if _tokamax_ragged_dot() is None:
+            ap.error("--grouped-impl tokamax: tokamax does not import here (pip install '.[cuda]')")
     header = (f"{datetime.date.today()} {jax.devices()[0].device_kind} x{args.devices}, jax {jax.__version__}, "
               f"expert GEMMs: {args.grouped_impl}")
     sections = [[header]]

@@ -159,17 +159,18 @@ def fp4_grouped_matmul(
     if impl == "xla":
         return reference.fp4_grouped_matmul_reference(x, w, group_sizes)
     if (implementation is None and impl == "triton" and _prefers_dequantize("grouped", x.shape[0])
-            and _has_tokamax()):  # without tokamax the bf16 grouped GEMM is XLA's dense masked one: slower
+            and _float_grouped_is_tokamax(x.dtype)):  # else the float grouped GEMM is XLA's dense masked one
         return _dequantize_then_grouped(x, w, group_sizes, interpret)
     return _grouped_vjp(x, w, group_sizes, impl, interpret)
 
 
-def _has_tokamax() -> bool:
+def _float_grouped_is_tokamax(dtype) -> bool:
+    """Whether `grouped_matmul` would run tokamax for x and dequantized weights of this dtype."""
     from v4jax.kernels.grouped_matmul.api import (
-        _tokamax_ragged_dot,  # lazy: that api imports this one
+        resolved_implementation,  # lazy: that api imports this one
     )
 
-    return _tokamax_ragged_dot() is not None
+    return resolved_implementation(dtype, dtype) == "tokamax"
 
 
 def _dequantize_then_grouped(x, w: QArray, group_sizes, interpret: bool):

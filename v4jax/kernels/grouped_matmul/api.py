@@ -66,6 +66,14 @@ def auto_implementation(x_dtype, w_dtype, backend: str, have_tokamax: bool) -> s
     return "tokamax" if sixteen_bit and backend in ("gpu", "tpu") and have_tokamax else "xla"
 
 
+def resolved_implementation(x_dtype, w_dtype) -> str:
+    """The backend `implementation=None` runs for float operands of these dtypes, here and now: the
+    `default_implementation` override if one is active, else `auto_implementation` on this platform."""
+    if _DEFAULT.value is not None:
+        return _DEFAULT.value
+    return auto_implementation(x_dtype, w_dtype, jax.default_backend(), _tokamax_ragged_dot() is not None)
+
+
 def grouped_matmul(x: Float[Array, "m k"], w: Float[Array, "g k n"] | QArray, group_sizes: Int[Array, " g"],
                    implementation: str | None = None, interpret: bool = False) -> Float[Array, "m n"]:
     """`y[rows of group i] = x[rows of group i] @ w[i]`; rows beyond sum(group_sizes) give zeros.
@@ -76,10 +84,7 @@ def grouped_matmul(x: Float[Array, "m k"], w: Float[Array, "g k n"] | QArray, gr
     if implementation not in (None, *IMPLEMENTATIONS):
         raise ValueError(f"grouped_matmul: unknown implementation {implementation!r} (known: {IMPLEMENTATIONS})")
     if implementation is None:
-        implementation = _DEFAULT.value
-    if implementation is None:
-        implementation = auto_implementation(x.dtype, w.dtype, jax.default_backend(),
-                                             _tokamax_ragged_dot() is not None)
+        implementation = resolved_implementation(x.dtype, w.dtype)
     if implementation == "tokamax":
         fn = _tokamax_ragged_dot()
         if fn is None:
