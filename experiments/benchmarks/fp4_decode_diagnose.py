@@ -4,7 +4,8 @@ packed weights, each adding one stage of the real kernel, timed side by side in 
 Per K = N (and M = 16):
   copy      XLA elementwise op over the packed bytes (read + write): what a launch of this size reaches;
   read      XLA reduction over the packed bytes (read only): the floor for any decode kernel;
-  as_words  the uint8 -> uint32 bitcast the Triton kernel's inputs go through (a copy, or free?);
+  as_words  the uint8 -> uint32 bitcast the Triton kernel's inputs go through (a copy, or free? compare
+            `full` with `kernel` too);
   load      Pallas-Triton probe with the decode kernel's grid and loop: loads the word and scale tiles and
             XOR-folds them (no decode, no x);
   decode    the probe plus the 8-plane decode ("asm" or "jnp"), summed into a float32 tile (no x, no dot);
@@ -12,7 +13,7 @@ Per K = N (and M = 16):
   full      `triton.dense` (bitcast inside) with the best kernel config;
   mosaic    the Mosaic GPU kernel (`mosaic_gpu.dense`, TMA pipeline on the uint8 tiles), config sweep.
 Two times per call: wall (fp4_matmul.per_call_seconds: several weight copies in one jit, dispatch removed,
-but the host's ~20 us per XLA op remain) and device (fp4_matmul.device_seconds: the summed kernel durations
+but the host's 7-15 us per op remain) and device (fp4_matmul.device_seconds: the summed kernel durations
 from a profiler trace), which is what kernel efficiency is judged by. A big copy's device time gives the
 bandwidth ceiling.
 Usage: python experiments/benchmarks/fp4_decode_diagnose.py [--sizes 4096,7168] [--budget-s S] [--out DIR]
@@ -44,7 +45,7 @@ from v4jax.kernels.fp4_matmul import common, triton  # noqa: E402
 from v4jax.kernels.fp4_matmul.block_sizes import BlockConfig as B  # noqa: E402
 
 KERNEL_CONFIGS = [  # (block_m, block_n, block_k, split_k, num_warps, num_stages, decode, swap_ab), fuse_x
-    B(16, 32, 1024, 1, 4, 3, "asm", fuse_x=True),  # the stored m16 winner
+    B(16, 32, 1024, 1, 4, 3, "asm", fuse_x=True),  # session 2's (wall-clock) m16 winner
     B(16, 32, 512, 1, 4, 3, "asm", fuse_x=True),
     B(16, 16, 1024, 1, 4, 3, "asm", fuse_x=True),
     B(16, 32, 512, 2, 4, 3, "asm", fuse_x=True),

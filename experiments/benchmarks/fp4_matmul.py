@@ -16,9 +16,9 @@ poisoned (a NaN buffer of the output's size freed just before the call, so the a
 Timing (--timing device, the default): the summed duration of the GPU kernels one call launches, read from
 a profiler trace (`device_seconds`), over calls rotating among distinct weight copies so that decode reads
 do not come from L2. Wall-clock timing (--timing wall: each op n1 and n2 times inside one jitted call,
-time = (T(n2) - T(n1)) / (n2 - n1)) was used until session 3; it carries the host's launch cost, about
-20 us per XLA op on the H200 machine, which swamped every decode-size row (a plain XLA read of 8.5 MB
-timed 15.7 us wall and 8.8 us on the device: experiments/benchmarks/fp4_decode_diagnose.py).
+time = (T(n2) - T(n1)) / (n2 - n1)) was used until session 3; it carries the host's launch cost, 7 to 15
+us per op on the H200 machine, which swamped every decode-size row (a plain XLA read of 8.5 MB timed
+15.7 us wall and 8.8 us on the device: experiments/benchmarks/fp4_decode_diagnose.py).
 With --mosaic, each dense shape also gets a "<section>-mosaic" row: the Pallas Mosaic GPU kernel
 (mosaic_gpu.py: TMA pipeline + wgmma, best of MOSAIC_*_CONFIGS, decoded weights in registers or staged in
 shared memory), with its ratios to XLA bf16 and to the Triton kernel measured in the same run; the winners
@@ -83,7 +83,7 @@ def per_call_seconds(op, arg_sets, n1: int, n2: int, reps: int = 15) -> float:
     time, launch gaps excluded); wall, or where no kernel events come back: (T(n2) - T(n1)) / (n2 - n1), op
     run on the first n arg sets in one jit."""
     if TIMING[0] == "device" and not SMOKE:
-        t = device_seconds(op, arg_sets[:n2])
+        t = device_seconds(op, arg_sets[:n2], reps=min(reps, 10))
         if t:
             return t
 
@@ -98,9 +98,11 @@ def device_seconds(op, arg_sets, reps: int = 10) -> float | None:
     """Seconds of GPU kernel time per op call, from a profiler trace (CUPTI kernel events on the device's
     stream lines): the sum of the durations of every kernel the call launches, launch gaps excluded.
 
-    Host launch overhead dominates the wall-clock time of a lone call of a few microseconds (each XLA op costs
-    the host ~20 us on the H200 machine: an XLA copy of 8.5 MB timed like per_call_seconds took 22 us), so
-    kernel efficiency is read here. None when the trace has no GPU kernel events (CPU, interpret mode)."""
+    Host launch overhead dominates the wall-clock time of a call of a few microseconds: on the H200 machine
+    per_call_seconds gave 7 to 15 us more than the device time per XLA op or kernel (an XLA read of the 8.5 MB
+    of packed weights: 15.7 us wall, 8.8 us device), so kernel efficiency is read here. Device-side memcpy /
+    memset events count too (rows until session 3 counted kernels only). None when the trace has no GPU
+    events (CPU, interpret mode)."""
     import glob
     import tempfile
 
@@ -111,8 +113,11 @@ def device_seconds(op, arg_sets, reps: int = 10) -> float | None:
         jax.block_until_ready(fn(*a))
     tmp = tempfile.mkdtemp(prefix="fp4_trace_")
     with jax.profiler.trace(tmp):
-        outs = [fn(*a) for _ in range(reps) for a in arg_sets]
-        jax.block_until_ready(outs)
+        out = None
+        for _ in range(reps):
+            for a in arg_sets:
+                out = fn(*a)  # earlier outputs are freed once done (no sync between calls)
+        jax.block_until_ready(out)
     paths = glob.glob(os.path.join(tmp, "**", "*.xplane.pb"), recursive=True)
     if not paths:
         return None
@@ -123,9 +128,7 @@ def device_seconds(op, arg_sets, reps: int = 10) -> float | None:
         for line in plane.lines:
             if not line.name.startswith("Stream"):
                 continue
-            for ev in line.events:
-                if "memcpy" in ev.name.lower() or "memset" in ev.name.lower():
-                    continue
+            for ev in line.events:  # kernels and device-side copies (memcpy / memset count: they are work)
                 total_ns += ev.duration_ns
                 kernels += 1
     calls = reps * len(arg_sets)
@@ -620,7 +623,7 @@ def main():
                     help="start no new shape after this many seconds; what ran is still written")
     ap.add_argument("--timing", choices=["device", "wall"], default="device",
                     help="device: summed GPU kernel time per call from a profiler trace (kernel efficiency); wall: "
-                         "host wall time per call inside one jit (includes the host's ~20 us per XLA op)")
+                         "host wall time per call inside one jit (includes the host's 7-15 us per op)")
     ap.add_argument("--mosaic", action="store_true",
                     help="also time the Mosaic GPU dense kernel (mosaic_gpu.py) beside each Triton dense row")
     ap.add_argument(
