@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The GPU runs the open issues still need, one argument per run, each bounded to fit one device call (10 min).
+# Results go under $OUT (the device tool's output folder). Source setup_env.sh first, e.g. in one call:
+#   source scripts/gpu/setup_env.sh && bash scripts/gpu/pending_runs.sh fp4
+#   ep N      issue 8, on a machine of N = 2 or 4 GPUs: real-GPU parity and step times at expert = 1 .. N, every
+#             dispatch mode (expert GEMMs on XLA: tokamax's per-shape compiles ate a whole call in session 3),
+#             then the multi-process launcher (N processes, one GPU each).
+#   fp4       issue 6: the decode stage breakdown with the prefetch configs (not run yet), device-timed.
+#   indexer   issue 7: refined quantized selection at 32K / 128K with q quantized per chunk (memory, speed).
+set -uo pipefail
+OUT=${OUT:-./gpu_out}; mkdir -p "$OUT"
+case "${1:-}" in
+  ep)
+    n=${2:?ep needs the GPU count}
+    timeout 330 python3 -m v4jax.parallel.bench --parity --scaling --devices "$n" --grouped-impl xla \
+      --dispatch all_gather,all_to_all,ragged_all_to_all --out "$OUT/ep.md" > "$OUT/ep.log" 2>&1
+    echo "bench rc=$?"; cat "$OUT/ep.md"
+    OUT="$OUT/multihost" timeout 230 bash experiments/multihost/two_process_gpu.sh "$n" 40 > "$OUT/mp.log" 2>&1
+    echo "launcher rc=$?"; tail -n 30 "$OUT/mp.log" ;;
+  fp4)
+    timeout 540 python3 experiments/benchmarks/fp4_decode_diagnose.py --budget-s 420 --out "$OUT" > "$OUT/diag.log" 2>&1
+    echo "rc=$?"; grep -v '^{' "$OUT/diag.log" | tail -5
+    python3 -c "
+import json
+for l in open('$OUT/diag.log'):
+    if l.startswith('{'):
+        r = json.loads(l); c = r.get('config') or {}
+        print(r['stage'], r.get('shape'), {k: c[k] for k in ('block_n', 'block_k', 'split_k', 'fuse_x', 'prefetch') if k in c},
+              'device us', r.get('device_us') and round(r['device_us'], 1), r.get('error', '')[:100])" ;;
+  indexer)
+    timeout 560 python3 experiments/benchmarks/indexer.py --sizes 32768,131072 --set refine --no-scores \
+      --inputs random --reps 5 --out "$OUT" > "$OUT/indexer.log" 2>&1
+    echo "rc=$?"; tail -n 30 "$OUT/indexer.log" ;;
+  *) echo "usage: pending_runs.sh ep N | fp4 | indexer" >&2; exit 2 ;;
+esac
