@@ -105,6 +105,20 @@ def _partial_product(xs, planes, swap_ab: bool, fma: bool) -> jax.Array:
     return acc
 
 
+def _k_loop(steps: int, load_w, step, acc0, prefetch: bool):
+    """acc0 + the sum over K steps t of step(t, acc, *load_w(t)). With `prefetch`, step t+1's tiles are
+    loaded before step t's decode and carried (the last step reloads its own: no read past the end)."""
+    if not prefetch:
+        return jax.lax.fori_loop(0, steps, lambda t, acc: step(t, acc, *load_w(t)), acc0)
+
+    def body(t, carry):
+        acc, *tiles = carry
+        ahead = load_w(jnp.minimum(t + 1, steps - 1))
+        return (step(t, acc, *tiles), *ahead)
+
+    return jax.lax.fori_loop(0, steps, body, (acc0, *load_w(0)))[0]
+
+
 def _dense_kernel(x_ref, wv_ref, ws_ref, o_ref, *, cfg: BlockConfig, k_per_split: int):
     i, j, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
@@ -130,16 +144,7 @@ def _dense_kernel(x_ref, wv_ref, ws_ref, o_ref, *, cfg: BlockConfig, k_per_split
             xs = [x_ref[p, pl.ds(i * bm, bm), pl.ds(k0 // P, bw)] for p in range(P)]  # 8 x [bm, bk/8]
         return acc + _partial_product(xs, planes, swap, fma)
 
-    acc0 = jnp.zeros(acc_shape, jnp.float32)
-    if cfg.prefetch:  # carry step t's tiles; load step t+1's (the last step reloads itself) before decoding
-        def body(t, carry):
-            acc, words, sc = carry
-            nxt = load_w(jnp.minimum(t + 1, steps - 1))
-            return (step(t, acc, words, sc), *nxt)
-
-        acc = jax.lax.fori_loop(0, steps, body, (acc0, *load_w(0)))[0]
-    else:
-        acc = jax.lax.fori_loop(0, steps, lambda t, acc: step(t, acc, *load_w(t)), acc0)
+    acc = _k_loop(steps, load_w, step, jnp.zeros(acc_shape, jnp.float32), cfg.prefetch)
     if swap:
         acc = acc.T  # [bm, bn]
     if cfg.split_k == 1:
@@ -263,16 +268,7 @@ def _grouped_kernel(group_ref, block_ref, lo_ref, hi_ref, x_ref, wv_ref, ws_ref,
             xs = [x_ref[p, pl.ds(blk * bm, bm), pl.ds(k0 // P, bw)] for p in range(P)]
             return acc + _partial_product(xs, planes, cfg.swap_ab, False)
 
-        acc0 = jnp.zeros(acc_shape, jnp.float32)
-        if cfg.prefetch:  # as in the dense kernel: step kt+1's tiles load before step kt's decode
-            def body(kt, carry):
-                acc, words, sc = carry
-                nxt = load_w(jnp.minimum(kt + 1, steps - 1))
-                return (step(kt, acc, words, sc), *nxt)
-
-            acc = jax.lax.fori_loop(0, steps, body, (acc0, *load_w(0)))[0]
-        else:
-            acc = jax.lax.fori_loop(0, steps, lambda kt, acc: step(kt, acc, *load_w(kt)), acc0)
+        acc = _k_loop(steps, load_w, step, jnp.zeros(acc_shape, jnp.float32), cfg.prefetch)
         if cfg.swap_ab:
             acc = acc.T  # [bm, bn]
         rows = blk * bm + jax.lax.broadcasted_iota(jnp.int32, (bm, bn), 0)
