@@ -98,7 +98,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     tokenizer, corpus = loaded["tokenizer"], loaded["corpus"]
     t = config.train
     os.makedirs(workdir, exist_ok=True)
-    if jax.process_index() == 0:  # several processes share the workdir; one writes it
+    primary = jax.process_index() == 0  # several processes share the workdir: the first one writes its files
+    if primary:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
@@ -155,7 +156,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     if restored is not None:
         start_step, state = restored
         _say(f"resumed from step {start_step} ({os.path.join(workdir, 'checkpoints', str(start_step))})")
-    primary = jax.process_index() == 0  # several processes share the workdir: the first one writes the logs
     if primary:
         metrics_lib.truncate_jsonl(os.path.join(workdir, "metrics.jsonl"), start_step)
     writer = metrics_lib.MetricsWriter(workdir, primary=primary)
