@@ -44,9 +44,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from v4jax import quant
-from v4jax.kernels.fp4_matmul import block_sizes, reference, triton
-from v4jax.kernels.fp4_matmul.block_sizes import BlockConfig
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from device_timing import device_seconds  # noqa: E402  (shared with the indexer benchmark)
+
+from v4jax import quant  # noqa: E402
+from v4jax.kernels.fp4_matmul import block_sizes, reference, triton  # noqa: E402
+from v4jax.kernels.fp4_matmul.block_sizes import BlockConfig  # noqa: E402
 
 TOKENS: list[int] = []  # --tokens: grouped token counts to run (default: all)
 SIZES: list[int] = []  # --sizes: dense K = N values to run (default: 4096, 7168)
@@ -92,47 +95,6 @@ def per_call_seconds(op, arg_sets, n1: int, n2: int, reps: int = 15) -> float:
 
     t1, t2 = wall(make(n1), arg_sets, reps=reps), wall(make(n2), arg_sets, reps=reps)
     return max((t2 - t1) / (n2 - n1), 1e-9)
-
-
-def device_seconds(op, arg_sets, reps: int = 10) -> float | None:
-    """Seconds of GPU kernel time per op call, from a profiler trace (CUPTI kernel events on the device's
-    stream lines): the sum of the durations of every kernel the call launches, launch gaps excluded.
-
-    Host launch overhead dominates the wall-clock time of a call of a few microseconds: on the H200 machine
-    per_call_seconds gave 7 to 15 us more than the device time per XLA op or kernel (an XLA read of the 8.5 MB
-    of packed weights: 15.7 us wall, 8.8 us device), so kernel efficiency is read here. Device-side memcpy /
-    memset events count too (rows until session 3 counted kernels only). None when the trace has no GPU
-    events (CPU, interpret mode)."""
-    import glob
-    import tempfile
-
-    from jax.profiler import ProfileData
-
-    fn = jax.jit(op)
-    for a in arg_sets:
-        jax.block_until_ready(fn(*a))
-    tmp = tempfile.mkdtemp(prefix="fp4_trace_")
-    with jax.profiler.trace(tmp):
-        out = None
-        for _ in range(reps):
-            for a in arg_sets:
-                out = fn(*a)  # earlier outputs are freed once done (no sync between calls)
-        jax.block_until_ready(out)
-    paths = glob.glob(os.path.join(tmp, "**", "*.xplane.pb"), recursive=True)
-    if not paths:
-        return None
-    total_ns, kernels = 0.0, 0
-    for plane in ProfileData.from_file(paths[0]).planes:
-        if not plane.name.startswith("/device:GPU"):
-            continue
-        for line in plane.lines:
-            if not line.name.startswith("Stream"):
-                continue
-            for ev in line.events:  # kernels and device-side copies (memcpy / memset count: they are work)
-                total_ns += ev.duration_ns
-                kernels += 1
-    calls = reps * len(arg_sets)
-    return total_ns * 1e-9 / calls if kernels else None
 
 
 def copy_bandwidth() -> float:

@@ -1,11 +1,15 @@
 """Lightning-indexer benchmark on one GPU: Pallas-Triton kernel vs the XLA bf16 reference, same run.
 
 For S in {8K, 32K, 128K} (N = S/4, H = 64, D = 128, topk = 512, ratio = 4, B = 1) it reports:
-  * time (median of several runs after warm-up) of the XLA reference (bf16 QK, fp32 accumulation,
-    chunked over 2048 queries, lax.top_k on bf16 scores) and of the Triton pipeline for quant None /
-    fp8 / mxfp4, end to end (quantisation of q and k included) and scores-only (kernel on prepared
-    operands), with TFLOP/s over the causal half (2 * S * N / 2 * H * D) and % of the dense matmul
-    rate measured in the same run (bf16, and FP8 for the quantized modes);
+  * time of the XLA reference (bf16 QK, fp32 accumulation, chunked over 2048 queries, lax.top_k on
+    bf16 scores) and of the Triton pipeline for quant None / fp8 / mxfp4, end to end (quantisation of
+    q and k included): wall ms (median after warm-up: what a user waits for) and device ms (summed GPU
+    kernel time from a profiler trace, `device_timing`), split by stage: the score kernels, the
+    select kernels, the refine kernel and the rest (quantisation, XLA glue);
+  * the score kernels' rate: TFLOP/s over the causal half (2 * S * N / 2 * H * D) from their device
+    time inside the real pipeline, and % of the dense matmul rate measured in the same run (device
+    time of 8192^3 dots: bf16 for quant None, FP8 for the quantized modes, whatever operand format
+    the kernel uses);
   * compiled temp memory (XLA memory analysis) of each pipeline;
   * recall of the selected sets vs the fp32 exact selection on sampled query rows;
   * refined quantized modes (`candidates=`: quantized scores pick c * topk candidates, rescored exactly,
@@ -16,9 +20,11 @@ For S in {8K, 32K, 128K} (N = S/4, H = 64, D = 128, topk = 512, ratio = 4, B = 1
   * correctness guards: every output slot written (-1 count equals topk minus visible count), idx in
     range, no NaN, scores equal to the fp32 recomputation of their idx within the dtype's band.
 Usage: python experiments/benchmarks/indexer.py [--sizes 8192,32768,131072] [--inputs random,structured]
-       [--set full|refine] [--no-scores] [--sweep] [--out DIR]
-(`--set refine`: bf16, fp8, mxfp4 and their refined variants only; `--no-scores`: skip the scores-only
-timing; structured inputs skip the XLA timing and reuse the random run's XLA time of the same S.)
+       [--set full|refine|scores] [--no-scores] [--sweep] [--out DIR]
+(`--set refine`: bf16, fp8, mxfp4 and their refined variants only; `--set scores`: operand formats and
+chunks, no refine; `--sweep`: also other score-kernel tiles at chunk 2048 and 8192; `--no-scores`: skip
+the device-time trace; structured inputs skip the XLA timing and reuse the random run's XLA time of
+the same S.) Rows are saved as they come.
 Writes a markdown table to stdout and DIR/indexer_table.md, and JSON rows to DIR/indexer.json.
 """
 
@@ -42,7 +48,8 @@ from v4jax.kernels import indexer as indexer_api
 from v4jax.kernels.indexer import quantize, reference, refine, refine_triton, triton
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from indexer_inputs import make_inputs
+from device_timing import device_events, matching  # noqa: E402
+from indexer_inputs import make_inputs  # noqa: E402
 
 H, D, TOPK, RATIO = 64, 128, 512, 4
 INTERPRET = bool(os.environ.get("INDEXER_BENCH_INTERPRET"))  # CPU smoke test of this script only
@@ -79,9 +86,31 @@ def matmul_rates() -> dict:
   f_fp8 = jax.jit(lambda x, y: jax.lax.dot(x, y, preferred_element_type=jnp.bfloat16))
   out = {}
   for name, f, x, y in (("bf16", f_bf16, a, bmat), ("fp8", f_fp8, a8, b8)):
-    ms = timed(f, x, y, reps=20)
+    ms = device_ms(f, x, y, reps=10) or timed(f, x, y, reps=20)
     out[name] = 2 * n**3 / ms / 1e9
   return out
+
+
+def device_ms(fn, *args, reps: int = 5):
+  """GPU time in ms per call of fn(*args) (all kernels; None off GPU), see `device_timing`."""
+  ev = device_events(fn, [args], reps)
+  return None if ev is None else 1e3 * sum(ev.values())
+
+
+def stage_ms(fn, *args, reps: int = 5) -> dict:
+  """Device ms per call by pipeline stage: the score kernels, the select kernels, the refine kernel,
+  and the rest (quantisation, copies, XLA glue), plus the total; the largest events by name too."""
+  ev = device_events(fn, [args], reps)
+  if ev is None:
+    return {}
+  scores = matching(ev, "indexer_scores")
+  select = matching(ev, "indexer_select")
+  refine_k = matching(ev, "refine")
+  total = sum(ev.values())
+  top = sorted(ev.items(), key=lambda kv: -kv[1])[:6]
+  return {"device_ms": 1e3 * total, "scores_ms": 1e3 * scores, "select_ms": 1e3 * select,
+          "refine_kernel_ms": 1e3 * refine_k, "other_ms": 1e3 * (total - scores - select - refine_k),
+          "top_events": {name[:60]: round(1e3 * t, 4) for name, t in top}}
 
 
 def exact_rows(q, w, k, rows, topk, ratio, quant=None):
@@ -139,24 +168,10 @@ def check_and_recall(idx, vals, q, w, k, topk, ratio, rows, quant=None) -> dict:
   return out
 
 
-def scores_only_fn(quant, chunk, cfg):
-  """Jitted: the score kernel over all chunks on prepared operands (no top-k); returns a sliver."""
-  def f(qlp, w_eff, klp, kscale, qseg, kseg, kend):
-    s = qlp.shape[1]
-    n_valid = klp.shape[1]
-
-    def one(c0):
-      sl = lambda x: jax.lax.dynamic_slice_in_dim(x, c0, chunk, axis=1)
-      sc = triton._scores_call(c0[None].astype(jnp.int32), sl(qlp), sl(w_eff), klp, kscale,
-                               sl(qseg), kseg, kend, ratio=RATIO, n_valid=n_valid, interpret=INTERPRET, **cfg)
-      return sc[:, -1, :8]
-
-    return jax.lax.map(one, jnp.arange(0, s, chunk))
-  return jax.jit(f)
-
-
 def run_size(s, rates, results, variants, reps, quants, kind="random", xla_times=None,
-             scores=True):
+             scores=True, on_row=lambda: None):
+  """Rows for one S and input family: the XLA reference (unless timed already), then each variant;
+  on_row() runs after each row (the caller saves the table as it grows)."""
   n = s // RATIO
   q, w, k = make_inputs(kind, s, jax.random.PRNGKey(s))
   xla_times = {} if xla_times is None else xla_times
@@ -170,15 +185,18 @@ def run_size(s, rates, results, variants, reps, quants, kind="random", xla_times
     row = {"S": s, "N": n, "inputs": kind, "impl": "xla bf16 ref", "quant": "-"}
     try:
       row["ms"] = timed(xla, q, w, k, reps=ref_reps, warmup=1)
+      row["device_ms"] = device_ms(xla, q, w, k, reps=min(ref_reps, 3))
       row["temp_MiB"] = temp_mb(xla, q, w, k)
       row.update(check_and_recall(*xla(q, w, k), q, w, k, TOPK, RATIO, rows))
     except Exception as e:  # noqa: BLE001
       row["error"] = repr(e)[:300]
       traceback.print_exc()
     xla_times[s] = row.get("ms")
+    xla_times[("device", s)] = row.get("device_ms")
     row["TFLOP/s"] = flops / row["ms"] / 1e9 if "ms" in row else None
     results.append(row)
     print(json.dumps(row), flush=True)
+    on_row()
   xla_ms = xla_times[s]
 
   for quant, var in variants:
@@ -189,32 +207,31 @@ def run_size(s, rates, results, variants, reps, quants, kind="random", xla_times
     if "candidates" in var:
       results.append(run_refined(row, q, w, k, quant, var["candidates"], reps, xla_ms, flops, rows))
       print(json.dumps(results[-1]), flush=True)
+      on_row()
       continue
-    chunk = min(var.pop("chunk", 2048), s)
-    score_cfg = {"block_q": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "mma_bf16": True}
-    score_cfg.update({k_: v_ for k_, v_ in var.items() if k_ in score_cfg})
     try:
-      if scores:
-        ops = triton._prepare(q, w, k, RATIO, None, quant, var.get("block_k", 128))
-        so = scores_only_fn(quant, chunk, score_cfg)
-        row["scores_ms"] = timed(so, *ops, reps=reps)
-        row["scores_TFLOP/s"] = flops / row["scores_ms"] / 1e9
-        rate = rates["bf16" if quant is None or var.get("mma_bf16", True) else "fp8"]
-        row["scores_%peak"] = 100 * row["scores_TFLOP/s"] / rate
       e2e = jax.jit(functools.partial(triton.indexer_topk, topk=TOPK, ratio=RATIO, quant=quant,
-                                      chunk=chunk, interpret=INTERPRET, **var))
+                                      interpret=INTERPRET, **var)).lower(q, w, k).compile()
+      ma = e2e.memory_analysis()  # one compile serves the timing and the memory figure
+      row["temp_MiB"] = (ma.temp_size_in_bytes + ma.output_size_in_bytes) / 2**20 if ma else None
       out = e2e(q, w, k)
       row.update(check_and_recall(*out, q, w, k, TOPK, RATIO, rows, quant))
       row["ms"] = timed(e2e, q, w, k, reps=reps)
       row["TFLOP/s"] = flops / row["ms"] / 1e9
       row["speedup_vs_xla"] = xla_ms / row["ms"] if xla_ms else None
-      if scores:
-        row["temp_MiB"] = temp_mb(e2e, q, w, k)
+      if scores:  # device time by stage; the score kernels' rate against the tensor-core rate
+        row.update(stage_ms(e2e, q, w, k, reps=min(reps, 5)))
+        if row.get("scores_ms"):
+          row["scores_TFLOP/s"] = flops / row["scores_ms"] / 1e9
+          row["scores_%peak"] = 100 * row["scores_TFLOP/s"] / rates["bf16" if quant is None else "fp8"]
+        if row.get("device_ms") and xla_times.get(("device", s)):
+          row["device_speedup_vs_xla"] = xla_times[("device", s)] / row["device_ms"]
     except Exception as e:  # noqa: BLE001
       row["error"] = repr(e)[:600]
       traceback.print_exc()
     results.append(row)
     print(json.dumps(row), flush=True)
+    on_row()
 
 
 def run_refined(row, q, w, k, quant, candidates, reps, xla_ms, flops, rows) -> dict:
@@ -231,6 +248,7 @@ def run_refined(row, q, w, k, quant, candidates, reps, xla_ms, flops, rows) -> d
     row["ms"] = timed(e2e, q, w, k, reps=reps)
     row["TFLOP/s"] = flops / row["ms"] / 1e9
     row["speedup_vs_xla"] = xla_ms / row["ms"] if xla_ms else None
+    row.update(stage_ms(e2e, q, w, k, reps=min(reps, 5)))
     stage1 = jax.jit(functools.partial(indexer_api.indexer_topk, topk=candidates, ratio=RATIO,
                                        quant=quant, implementation="triton", interpret=INTERPRET))
     cand = stage1(q, w, k)[0]
@@ -245,7 +263,8 @@ def run_refined(row, q, w, k, quant, candidates, reps, xla_ms, flops, rows) -> d
 
 
 def table(results, rates) -> str:
-  cols = ["S", "inputs", "impl", "quant", "cfg", "ms", "speedup_vs_xla", "refine_ms", "refine_xla_ms", "scores_ms",
+  cols = ["S", "inputs", "impl", "quant", "cfg", "ms", "speedup_vs_xla", "device_ms", "device_speedup_vs_xla",
+          "scores_ms", "select_ms", "refine_kernel_ms", "other_ms", "refine_ms", "refine_xla_ms",
           "scores_TFLOP/s", "scores_%peak", "recall", "recall_vs_quant_ref", "score_rel_err", "temp_MiB", "written",
           "error"]
   lines = [(f"matmul ceilings measured in this run: bf16 {rates['bf16']:.0f} TFLOP/s, "
@@ -267,36 +286,45 @@ def main():
   ap.add_argument("--quants", default="none,fp8,mxfp4")
   ap.add_argument("--reps", type=int, default=10)
   ap.add_argument("--inputs", default="random")
-  ap.add_argument("--set", default="full", choices=("full", "refine"))
+  ap.add_argument("--set", default="full", choices=("full", "refine", "scores"))
   ap.add_argument("--no-scores", action="store_true")
   ap.add_argument("--out", default=os.environ.get("OUT", "."))
   args = ap.parse_args()
+  os.makedirs(args.out, exist_ok=True)
   # Variants of the end-to-end pipeline: (quant, triton.indexer_topk keyword arguments); {} = defaults.
   refined = [("fp8", {"candidates": 2 * TOPK}), ("mxfp4", {"candidates": 2 * TOPK}),
              ("mxfp4", {"candidates": 3 * TOPK})]
-  variants = [(None, {}), (None, {"chunk": 8192}), ("fp8", {}), ("fp8", {"mma_bf16": False}),
-              ("mxfp4", {}), ("mxfp4", {"mma_bf16": False})] + refined
+  variants = [(None, {}), (None, {"chunk": 8192}), ("fp8", {}), ("fp8", {"chunk": 8192}),
+              ("fp8", {"operands": "e4m3_widen"}), ("fp8", {"operands": "e4m3"}),
+              ("mxfp4", {}), ("mxfp4", {"chunk": 8192})] + refined
   if args.set == "refine":
     variants = [(None, {}), ("fp8", {}), ("mxfp4", {})] + refined
+  if args.set == "scores":  # the score kernel's rate: operand formats, chunks, tiles (no refine)
+    variants = [(None, {}), (None, {"chunk": 8192}), ("fp8", {}), ("fp8", {"chunk": 8192}),
+                ("fp8", {"operands": "e4m3"}), ("mxfp4", {})]
   if args.sweep:
-    variants += [(None, {"select_elems": 32768}), (None, {"block_k": 64}),
-                 (None, {"block_q": 128, "num_warps": 8})]
+    variants += [(q_, dict(cfg, chunk=c)) for q_ in (None, "fp8") for c in (2048, 8192)
+                 for cfg in ({"block_q": 128, "num_warps": 8}, {"block_k": 64}, {"num_stages": 2},
+                             {"block_q": 128, "block_k": 64, "num_warps": 4})]
   quants = [None if x == "none" else x for x in args.quants.split(",")]
   print("device:", jax.devices()[0].device_kind, "jax", jax.__version__, flush=True)
   rates = matmul_rates()
   print("rates", rates, flush=True)
   results, xla_times = [], {}
+  header = (f"\n## Lightning indexer ({datetime.date.today()}, {jax.devices()[0].device_kind}, "
+            f"jax {jax.__version__})\n\nCommand: `python {' '.join(sys.argv)}`\n\n")
+
+  def save():
+    with open(os.path.join(args.out, "indexer.json"), "w") as f:
+      json.dump({"rates": rates, "rows": results}, f, indent=1)
+    with open(os.path.join(args.out, "indexer_table.md"), "w") as f:
+      f.write(header + table(results, rates) + "\n")
+
   for s in [int(x) for x in args.sizes.split(",")]:
     for kind in args.inputs.split(","):
-      run_size(s, rates, results, variants, args.reps, quants, kind, xla_times, not args.no_scores)
-      with open(os.path.join(args.out, "indexer.json"), "w") as f:
-        json.dump({"rates": rates, "rows": results}, f, indent=1)
-      md = table(results, rates)
-      header = (f"\n## Lightning indexer ({datetime.date.today()}, {jax.devices()[0].device_kind}, "
-                f"jax {jax.__version__})\n\nCommand: `python {' '.join(sys.argv)}`\n\n")
-      with open(os.path.join(args.out, "indexer_table.md"), "w") as f:
-        f.write(header + md + "\n")
-  print(header + md)
+      run_size(s, rates, results, variants, args.reps, quants, kind, xla_times, not args.no_scores,
+               on_row=save)
+  print(header + table(results, rates))
 
 
 if __name__ == "__main__":

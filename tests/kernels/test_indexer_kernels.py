@@ -110,15 +110,54 @@ def test_mosaic_tpu_interpret_matches_oracle(quant):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("quant,mma_bf16", [(None, True), ("fp8", True), ("fp8", False),
-                                            ("mxfp4", False)])
-def test_triton_larger_shape_matches_reference(quant, mma_bf16):
+@pytest.mark.parametrize("quant,operands", [(None, "bf16"), ("fp8", "e4m3_widen"), ("fp8", "e4m3"),
+                                            ("mxfp4", "e4m3"), ("mxfp4", "bf16")])
+def test_triton_larger_shape_matches_reference(quant, operands):
   q, w, k = _inputs(np.random.randint(1 << 30), b=1, s=256, h=4, d=64)
   idx, _ = triton.indexer_topk(q, w, k, 16, 4, quant=quant, interpret=True, block_q=32,
-                               block_k=32, chunk=128, mma_bf16=mma_bf16)
+                               block_k=32, chunk=128, operands=operands)
   ridx, _ = reference.indexer_topk(q, w, k, 16, 4, quant=quant)
   sets = np.empty(ridx.shape[:2], dtype=object)
   for i in range(ridx.shape[0]):
     for t in range(ridx.shape[1]):
       sets[i, t] = {int(j) for j in np.asarray(ridx[i, t]) if j >= 0}
   assert oracle.recall(idx, sets) >= 0.99
+
+
+def test_e4m3_as_bf16_is_exact_for_every_byte():
+  import ml_dtypes
+  x = np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn)
+  finite = ~np.isnan(x.astype(np.float32))
+  got = np.asarray(jax.jit(quantize.e4m3_as_bf16)(jnp.asarray(x))).astype(np.float32)
+  assert got.dtype == np.float32 and finite.sum() == 254
+  np.testing.assert_array_equal(got[finite], x[finite].astype(np.float32))
+  np.testing.assert_array_equal(np.signbit(got[finite]), np.signbit(x[finite].astype(np.float32)))
+
+
+@pytest.mark.parametrize("quant", ["fp8", "mxfp4"])
+def test_triton_operand_formats_select_the_same_entries(quant):
+  """bf16-held E4M3, E4M3 widened in registers and the FP8 dot are the same numbers: same output."""
+  q, w, k = _inputs(np.random.randint(1 << 30), d=64)
+  outs = [triton.indexer_topk(q, w, k, 5, 4, quant=quant, operands=op, **TRITON_SMALL)
+          for op in triton.OPERANDS]
+  for idx, vals in outs[1:]:
+    np.testing.assert_array_equal(np.asarray(idx), np.asarray(outs[0][0]))
+    np.testing.assert_allclose(np.asarray(vals), np.asarray(outs[0][1]), rtol=1e-6)
+
+
+@pytest.mark.parametrize("quant", ["fp8", "mxfp4"])
+def test_q_chunk_quantized_in_pieces_equals_whole(quant):
+  q, _w, _k = _inputs(np.random.randint(1 << 30), b=2, s=64, d=64)
+  whole_q, whole_s = triton._quantize_q_chunk(q, quant, "bf16", piece=64)
+  piece_q, piece_s = triton._quantize_q_chunk(q, quant, "bf16", piece=16)
+  assert whole_q.dtype == jnp.bfloat16 and piece_q.shape == q.shape and piece_s.shape == q.shape[:3]
+  np.testing.assert_array_equal(np.asarray(piece_q, np.float32), np.asarray(whole_q, np.float32))
+  np.testing.assert_array_equal(np.asarray(piece_s), np.asarray(whole_s))
+  e4m3, _ = quantize.quantize_rows(q, quant)
+  np.testing.assert_array_equal(np.asarray(whole_q, np.float32), np.asarray(e4m3, np.float32))
+
+
+def test_triton_rejects_unknown_operand_format():
+  q, w, k = _inputs(0)
+  with pytest.raises(ValueError, match="operands must be one of"):
+    triton.indexer_topk(q, w, k, 5, 4, quant="fp8", operands="fp4", **TRITON_SMALL)

@@ -75,6 +75,21 @@ def quantize_rows(x: jax.Array, quant: str | None) -> tuple[jax.Array, jax.Array
   return (_fp8_rows if quant == "fp8" else _mxfp4_as_fp8_rows)(x)
 
 
+def e4m3_as_bf16(x: jax.Array) -> jax.Array:
+  """E4M3 values widened to bf16, bit-exactly (every finite E4M3 number is a bf16 number).
+
+  Decoded from the bits with integer ops rather than `astype`: XLA:GPU's default
+  `xla_allow_excess_precision` may fold convert(convert(f32 -> e4m3) -> bf16) into one f32 -> bf16
+  convert, and the operands would silently stop being quantized. The bitcast pins the E4M3 rounding.
+  (E4M3FN's NaN byte is never produced by the saturating quantizers here.)
+  """
+  b = jax.lax.bitcast_convert_type(x, jnp.uint8).astype(jnp.uint32)
+  sign, exp, man = (b >> 7) & 1, (b >> 3) & 0xF, b & 7
+  normal = jax.lax.bitcast_convert_type((sign << 31) | ((exp + 120) << 23) | (man << 20), jnp.float32)
+  subnormal = man.astype(jnp.float32) * 2.0**-9 * (1.0 - 2.0 * sign.astype(jnp.float32))  # m * 2^-9, exact
+  return jnp.where(exp > 0, normal, subnormal).astype(jnp.bfloat16)  # <= 4 significant bits: exact
+
+
 def kernel_operands(q: jax.Array, k: jax.Array, quant: str | None):
   """(q_lowp, q_scale [B,S,H], k_lowp, k_scale [B,N]) for a kernel; scales are None for quant=None."""
   (q8, qs), (k8, ks) = quantize_rows(q, quant), quantize_rows(k, quant)

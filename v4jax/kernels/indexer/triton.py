@@ -18,13 +18,13 @@ merge per key tile would cost more than the QK product. Instead queries go in ch
      then ties at T by increasing entry index until k are taken (deterministic); the picks are
      compacted with a prefix sum and scattered. The score FLOPs are spent once (no second pass).
 
-Memory: O(S * topk) outputs plus one fp32 [B, chunk, W] row-block; quantized modes quantize q one chunk
-at a time inside the same step (keys whole: N = S / ratio rows). Output order within a row:
+Memory: O(S * topk) outputs plus one fp32 [B, chunk, W] row-block; quantized modes quantize q one chunk at a time inside the same step, 2048 rows at a time
+(keys whole: N = S / ratio rows). Output order within a row:
 increasing entry index (compare rows as sets); scores are those of the returned indices; unused slots
 hold idx -1 and score -inf. fp32 scores (not bf16) keep the selection exact, with no bf16 ties.
-Quantized modes: q and k arrive as E4M3 with one positive fp32 scale per row (see `quantize`); the query
-scale is folded into the head weight and the key scale multiplies the score column after the head sum
-(relu commutes with positive scales).
+Quantized modes: q and k are E4M3 values with one positive fp32 scale per row (see `quantize`), by
+default held in bf16 for the bf16 dot (`operands`); the query scale is folded into the head weight and
+the key scale multiplies the score column after the head sum (relu commutes with positive scales).
 """
 
 from __future__ import annotations
@@ -41,6 +41,9 @@ from v4jax.kernels.indexer import quantize, reference
 
 _INT_MIN = -(2**31)
 NEVER = 2**31 - 1  # entry end of padded slots: no query ever sees them
+DEFAULT_CHUNK = 2048  # query rows per chunk: 256 MiB of fp32 scores at S = 128K
+Q_QUANT_PIECE = 2048  # rows of q quantized at a time inside a chunk
+OPERANDS = ("bf16", "e4m3_widen", "e4m3")
 
 
 def _next_pow2(x: int) -> int:
@@ -53,7 +56,7 @@ def _round_up(x: int, m: int) -> int:
 
 def _score_kernel(c0_ref, q_ref, w_ref, k_ref, ks_ref, qseg_ref, kseg_ref, kend_ref, o_ref, *,
                   block_q: int, block_k: int, num_heads: int, ratio: int, n_valid: int,
-                  exact_fp32: bool, mma_bf16: bool, score_dtype):
+                  exact_fp32: bool, widen: bool, score_dtype):
   """One [block_q, block_k] tile of masked scores: sum_h w[t,h] relu(q[t,h] . k[s]) * kscale[s].
 
   The tile skip uses the ratio bound s < (t+1)//ratio, which every entry_end respects (reference doc).
@@ -66,11 +69,11 @@ def _score_kernel(c0_ref, q_ref, w_ref, k_ref, ks_ref, qseg_ref, kseg_ref, kend_
   @pl.when(k0 < seen_by_block)
   def _():
     keys = k_ref[...]  # [bk, D]
-    keys = keys.astype(jnp.bfloat16) if mma_bf16 else keys
+    keys = keys.astype(jnp.bfloat16) if widen else keys
 
     def one_head(h, acc):
       qh = q_ref[:, h, :]  # [bq, D]
-      qh = qh.astype(jnp.bfloat16) if mma_bf16 else qh
+      qh = qh.astype(jnp.bfloat16) if widen else qh
       logits = plgpu.dot(qh, keys, trans_b=True, allow_tf32=not exact_fp32)  # [bq, bk] fp32
       return acc + jnp.maximum(logits, 0.0) * w_ref[:, h][:, None]
 
@@ -127,14 +130,14 @@ def _select_kernel(c0_ref, x_ref, idx_ref, val_ref, *, topk: int, ratio: int, n_
 
 
 def _scores_call(c0, q, w, k, kscale, qseg, kseg, kend, *, ratio, n_valid, block_q, block_k,
-                 num_warps, num_stages, interpret, width=None, mma_bf16=False,
-                 score_dtype=jnp.float32):
-  """Masked fp32 scores of one query chunk against entries [0, width): [B, C, width]."""
+                 num_warps, num_stages, interpret, width=None, widen=False, score_dtype=jnp.float32):
+  """Masked fp32 scores of one query chunk against entries [0, width): [B, C, width]. `widen`: E4M3
+  operands go to bf16 in registers before the dot (else FP8 operands take the FP8 dot)."""
   b, c, h, d = q.shape
   width = width or k.shape[1]
   kernel = functools.partial(_score_kernel, block_q=block_q, block_k=block_k, num_heads=h,
                              ratio=ratio, n_valid=n_valid, exact_fp32=q.dtype == jnp.float32,
-                             mma_bf16=mma_bf16 and q.dtype.itemsize == 1,
+                             widen=widen and q.dtype.itemsize == 1,
                              score_dtype=jnp.dtype(score_dtype))
   return pl.pallas_call(
       kernel,
@@ -200,7 +203,7 @@ def chunk_scores(q, w, k, ratio, segment_ids=None, quant=None, *, c0: int = 0, c
   Entries no query of a tile can see are left unwritten (garbage), as in the full pipeline.
   """
   qlp, w_eff, klp, kscale, qseg, kseg, kend = _prepare(q, w, k, ratio, segment_ids, quant, block_k,
-                                                       entry_end)
+                                                       entry_end, operands="e4m3")
   chunk = chunk or q.shape[1] - c0
   sl = lambda x: jax.lax.slice_in_dim(x, c0, c0 + chunk, axis=1)
   return _scores_call(jnp.array([c0], jnp.int32), sl(qlp), sl(w_eff), klp, kscale, sl(qseg), kseg, kend,
@@ -208,14 +211,39 @@ def chunk_scores(q, w, k, ratio, segment_ids=None, quant=None, *, c0: int = 0, c
                       num_warps=num_warps, num_stages=num_stages, interpret=interpret)
 
 
-def _prepare(q, w, k, ratio, segment_ids, quant, block_k, entry_end=None, quantize_q=True):
-  """Kernel operands: low-precision q/k, folded weights, key scales, segments, entry ends (padded
-  slots never visible); keys padded to a power of two >= block_k. `quantize_q=False` leaves q (and
-  w) as given, for a caller that quantizes q per chunk (`quantize.quantize_rows` is row-local)."""
+def _quantize_operand(x, quant, operands):
+  """(x in the kernel's operand format, row scale or None): E4M3 for "e4m3"/"e4m3_widen", the same
+  values held in bf16 for "bf16" (`quantize.e4m3_as_bf16`, exact); x itself for quant=None."""
+  xlp, scale = quantize.quantize_rows(x, quant)
+  if quant is not None and operands == "bf16":
+    xlp = quantize.e4m3_as_bf16(xlp)
+  return xlp, scale
+
+
+def _quantize_q_chunk(q_c, quant, operands, piece: int | None = None):
+  """A chunk of q in the operand format and its row scales, `piece` (default Q_QUANT_PIECE) rows at a
+  time (`lax.map`): the quantizer's fp32 temporaries (copy, Hadamard rotation, scales) then stay at
+  one piece's size."""
+  b, c, h, d = q_c.shape
+  piece = piece or Q_QUANT_PIECE
+  if c <= piece or c % piece:
+    return _quantize_operand(q_c, quant, operands)
+  pieces = jnp.moveaxis(q_c.reshape(b, c // piece, piece, h, d), 1, 0)  # [nP, B, P, H, D]
+  xlp, scale = jax.lax.map(lambda x: _quantize_operand(x, quant, operands), pieces)
+  return (jnp.moveaxis(xlp, 0, 1).reshape(b, c, h, d),
+          jnp.moveaxis(scale, 0, 1).reshape(b, c, h))
+
+
+def _prepare(q, w, k, ratio, segment_ids, quant, block_k, entry_end=None, quantize_q=True,
+             operands="bf16"):
+  """Kernel operands: low-precision q/k (in the `operands` format), folded weights, key scales,
+  segments, entry ends (padded slots never visible); keys padded to a power of two >= block_k.
+  `quantize_q=False` leaves q (and w) as given, for a caller that quantizes q per chunk
+  (`quantize.quantize_rows` is row-local)."""
   b, s, _h, _d = q.shape
   n = k.shape[1]
-  qlp, qscale = quantize.quantize_rows(q, quant if quantize_q else None)
-  klp, kscale = quantize.quantize_rows(k, quant)
+  qlp, qscale = _quantize_operand(q, quant if quantize_q else None, operands)
+  klp, kscale = _quantize_operand(k, quant, operands)
   w_eff = w.astype(jnp.float32) * (1.0 if qscale is None else qscale)
   if kscale is None:
     kscale = jnp.ones((b, n), jnp.float32)
@@ -237,19 +265,24 @@ def chunk_width(c0: int, chunk: int, ratio: int, n: int, block_k: int) -> int:
 def indexer_topk(q: Float[Array, "B S H D"], w: Float[Array, "B S H"], k: Float[Array, "B N D"],
                  topk: int, ratio: int, segment_ids: reference.SegmentIds = None,
                  quant: str | None = None, *, entry_end: Int[Array, "B N"] | None = None,
-                 score_dtype=jnp.float32, interpret: bool = False, chunk: int = 2048,
+                 score_dtype=jnp.float32, interpret: bool = False, chunk: int | None = None,
                  block_q: int = 64, block_k: int = 128, num_warps: int = 4, num_stages: int = 3,
-                 mma_bf16: bool = True, select_elems: int = 16384
+                 operands: str = "bf16", select_elems: int = 16384
                  ) -> tuple[Int[Array, "B S topk"], Float[Array, "B S topk"]]:
   """Top-k visible entries per query by the two-kernel pipeline above; see `reference.indexer_topk`.
 
   Within a row, indices come in increasing entry order (not score order); -1 / -inf pad the rest.
   Chunks are grouped by their static visible width (`chunk_width`); each group is one `lax.map`,
-  so one chunk's score row-block is in flight at a time. `mma_bf16` (default) widens FP8 operands
-  to bf16 in registers before the dot (E4M3 is exact in bf16, so the result is the same): on the H200
-  with jax 0.11.2 Triton's FP8 dot ran 15% slower than its bf16 one here; `mma_bf16=False` keeps the
-  FP8 tensor-core path. `entry_end` / `score_dtype`: see `reference.indexer_topk`; with bf16 scores,
-  ties (frequent) are broken by lower index, as lax.top_k does.
+  so one chunk's score row-block is in flight at a time; `chunk=None` is DEFAULT_CHUNK.
+  `operands` (quantized modes only; every choice gives the same scores, E4M3 being exact in bf16):
+    "bf16" (default): the quantized values are written as bf16 when q (per chunk) and k are quantized,
+        and the score kernel is the bf16 one. On the H200 (jax 0.11.2) that kernel ran at 74-90% of
+        the bf16 rate, where the E4M3 kernels below reached 38-53% of the FP8 rate: Triton's FP8 dot
+        here was slower than its bf16 dot, and widening in registers costs more than the bytes saved.
+    "e4m3_widen": E4M3 in memory, widened to bf16 in registers before each dot;
+    "e4m3": E4M3 in memory, Triton's FP8 tensor-core dot.
+  `entry_end` / `score_dtype`: see `reference.indexer_topk`; with bf16 scores, ties (frequent) are
+  broken by lower index, as lax.top_k does.
   """
   reference.check_inputs(q, w, k, topk, ratio)
   quantize.check_quant(quant)
@@ -258,11 +291,15 @@ def indexer_topk(q: Float[Array, "B S H D"], w: Float[Array, "B S H"], k: Float[
   for name, v in (("H", h), ("D", d), ("block_q", block_q), ("block_k", block_k)):
     if v & (v - 1):
       raise ValueError(f"triton indexer: {name}={v} must be a power of two")
-  # quantized modes quantize q inside each chunk's step: the whole-q prologue held fp32 copies of q
-  # (rotation, scales), 5.7 / 12.5 GiB at S = 128K on the H200 (session 2), where a chunk's are 1/64 of it
+  if operands not in OPERANDS:
+    raise ValueError(f"triton indexer: operands must be one of {OPERANDS}, got {operands!r}")
+  # quantized modes quantize q inside each chunk's step, Q_QUANT_PIECE rows at a time: the whole-q
+  # prologue held fp32 copies of q (rotation, scales), 5.7 / 12.5 GiB at S = 128K on the H200 (session 2)
   q_per_chunk = quant is not None
   qlp, w_eff, klp, kscale, qseg, kseg, kend = _prepare(q, w, k, ratio, segment_ids, quant, block_k,
-                                                       entry_end, quantize_q=not q_per_chunk)
+                                                       entry_end, quantize_q=not q_per_chunk,
+                                                       operands=operands)
+  chunk = DEFAULT_CHUNK if chunk is None else chunk
   chunk = _round_up(min(chunk, _round_up(s, block_q)), block_q)
   s_pad = _round_up(s, chunk)
   if s_pad != s:  # (no copy of q when S is a multiple of the chunk)
@@ -276,12 +313,13 @@ def indexer_topk(q: Float[Array, "B S H D"], w: Float[Array, "B S H"], k: Float[
     sl = lambda x: jax.lax.dynamic_slice_in_dim(x, c0, chunk, axis=1)
     q_c, w_c = sl(qlp), sl(w_eff)
     if q_per_chunk:  # [B, C, H, D] -> low precision + row scales [B, C, H], folded into the weights
-      q_c, q_scale = quantize.quantize_rows(q_c, quant)
+      q_c, q_scale = _quantize_q_chunk(q_c, quant, operands)
       w_c = w_c * q_scale
     scores = _scores_call(c0_arr, q_c, w_c, klp, kscale, sl(qseg), kseg, kend,
                           ratio=ratio, n_valid=n, block_q=block_q, block_k=block_k,
                           num_warps=num_warps, num_stages=num_stages, interpret=interpret,
-                          width=width, mma_bf16=mma_bf16, score_dtype=score_dtype)  # [B, C, width]
+                          width=width, widen=operands == "e4m3_widen",
+                          score_dtype=score_dtype)  # [B, C, width]
     return _select_call(c0_arr, scores, topk=topk, ratio=ratio, n_valid=n, interpret=interpret,
                         select_elems=select_elems)
 
