@@ -105,12 +105,44 @@ def stage_ms(fn, *args, reps: int = 5) -> dict:
     return {}
   scores = matching(ev, "indexer_scores")
   select = matching(ev, "indexer_select")
+  quant = matching(ev, "indexer_quantize")
   refine_k = matching(ev, "refine")
   total = sum(ev.values())
   top = sorted(ev.items(), key=lambda kv: -kv[1])[:6]
   return {"device_ms": 1e3 * total, "scores_ms": 1e3 * scores, "select_ms": 1e3 * select,
-          "refine_kernel_ms": 1e3 * refine_k, "other_ms": 1e3 * (total - scores - select - refine_k),
+          "quantize_ms": 1e3 * quant, "refine_kernel_ms": 1e3 * refine_k,
+          "other_ms": 1e3 * (total - scores - select - quant - refine_k),
           "top_events": {name[:60]: round(1e3 * t, 4) for name, t in top}}
+
+
+def quantizer_check(s, q, k, quant) -> dict:
+  """The fused Triton quantizer on this device against the XLA quantizer run on the CPU (where no
+  excess-precision rewrite can touch it), on the first 2048 queries and all keys: the fraction of
+  operand values and row scales that differ (the kernel aims at 0), and both quantizers' device ms
+  on the whole q."""
+  from v4jax.kernels.indexer import quantize_triton
+  row = {"S": s, "N": k.shape[1], "inputs": "-", "impl": "quantizer check", "quant": quant}
+  try:
+    cpu = jax.devices("cpu")[0]
+    mism = scale_mism = total = 0
+    for x in (q[:, :2048], k):
+      v, sc = quantize_triton.quantize_rows(x, quant, jnp.bfloat16, interpret=INTERPRET)
+      with jax.default_device(cpu):
+        rv, rs = quantize.quantize_rows(jnp.asarray(np.asarray(x)), quant)
+        rv = np.asarray(quantize.e4m3_as_bf16(rv), np.float32)
+      mism += int(np.sum(np.asarray(v, np.float32) != rv))
+      scale_mism += int(np.sum(np.asarray(sc) != np.asarray(rs)))
+      total += rv.size
+    row["value_mismatch"] = mism / total
+    row["scale_mismatches"] = scale_mism
+    fused = jax.jit(lambda x: quantize_triton.quantize_rows(x, quant, jnp.bfloat16, interpret=INTERPRET))
+    xla_q = jax.jit(lambda x: quantize.quantize_rows(x, quant))
+    row["fused_quantize_ms"] = device_ms(fused, q, reps=3)
+    row["xla_quantize_ms"] = device_ms(xla_q, q, reps=3)
+  except Exception as e:  # noqa: BLE001
+    row["error"] = repr(e)[:600]
+    traceback.print_exc()
+  return row
 
 
 def exact_rows(q, w, k, rows, topk, ratio, quant=None):
@@ -198,6 +230,11 @@ def run_size(s, rates, results, variants, reps, quants, kind="random", xla_times
     print(json.dumps(row), flush=True)
     on_row()
   xla_ms = xla_times[s]
+  for quant in ("fp8", "mxfp4"):
+    if kind == "random" and quant in quants and any(v[0] == quant for v in variants):
+      results.append(quantizer_check(s, q, k, quant))
+      print(json.dumps(results[-1]), flush=True)
+      on_row()
 
   for quant, var in variants:
     if quant not in quants or (kind != "random" and quant is None):  # bf16 recall is 100% anyway
@@ -264,9 +301,9 @@ def run_refined(row, q, w, k, quant, candidates, reps, xla_ms, flops, rows) -> d
 
 def table(results, rates) -> str:
   cols = ["S", "inputs", "impl", "quant", "cfg", "ms", "speedup_vs_xla", "device_ms", "device_speedup_vs_xla",
-          "scores_ms", "select_ms", "refine_kernel_ms", "other_ms", "refine_ms", "refine_xla_ms",
+          "scores_ms", "select_ms", "quantize_ms", "refine_kernel_ms", "other_ms", "refine_ms", "refine_xla_ms",
           "scores_TFLOP/s", "scores_%peak", "recall", "recall_vs_quant_ref", "score_rel_err", "temp_MiB", "written",
-          "error"]
+          "value_mismatch", "scale_mismatches", "fused_quantize_ms", "xla_quantize_ms", "error"]
   lines = [(f"matmul ceilings measured in this run: bf16 {rates['bf16']:.0f} TFLOP/s, "
            f"fp8 {rates['fp8']:.0f} TFLOP/s"), "",
            "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -294,18 +331,19 @@ def main():
   # Variants of the end-to-end pipeline: (quant, triton.indexer_topk keyword arguments); {} = defaults.
   refined = [("fp8", {"candidates": 2 * TOPK}), ("mxfp4", {"candidates": 2 * TOPK}),
              ("mxfp4", {"candidates": 3 * TOPK})]
-  variants = [(None, {}), (None, {"chunk": 8192}), ("fp8", {}), ("fp8", {"chunk": 8192}),
-              ("fp8", {"operands": "e4m3_widen"}), ("fp8", {"operands": "e4m3"}),
-              ("mxfp4", {}), ("mxfp4", {"chunk": 8192})] + refined
+  variants = [(None, {}), (None, {"chunk": 2048}), ("fp8", {}), ("fp8", {"chunk": 2048}),
+              ("fp8", {"quantizer": "xla"}), ("fp8", {"operands": "e4m3_widen"}), ("fp8", {"operands": "e4m3"}),
+              ("mxfp4", {}), ("mxfp4", {"quantizer": "xla"})] + refined
   if args.set == "refine":
     variants = [(None, {}), ("fp8", {}), ("mxfp4", {})] + refined
-  if args.set == "scores":  # the score kernel's rate: operand formats, chunks, tiles (no refine)
-    variants = [(None, {}), (None, {"chunk": 8192}), ("fp8", {}), ("fp8", {"chunk": 8192}),
-                ("fp8", {"operands": "e4m3"}), ("mxfp4", {})]
-  if args.sweep:
-    variants += [(q_, dict(cfg, chunk=c)) for q_ in (None, "fp8") for c in (2048, 8192)
-                 for cfg in ({"block_q": 128, "num_warps": 8}, {"block_k": 64}, {"num_stages": 2},
-                             {"block_q": 128, "block_k": 64, "num_warps": 4})]
+  if args.set == "scores":  # the score kernel's rate: chunks, quantizers (no refine)
+    variants = [(None, {}), (None, {"chunk": 2048}), ("fp8", {}), ("fp8", {"chunk": 2048}),
+                ("fp8", {"quantizer": "xla"}), ("mxfp4", {})]
+  if args.sweep:  # score-kernel tiles and head stepping at the default chunk
+    variants += [(q_, cfg) for q_ in (None, "fp8")
+                 for cfg in ({"heads_per_step": 2}, {"heads_per_step": 4}, {"num_stages": 4},
+                             {"num_warps": 8}, {"block_q": 128, "block_k": 64, "num_warps": 4},
+                             {"block_q": 128, "block_k": 64, "heads_per_step": 2})]
   quants = [None if x == "none" else x for x in args.quants.split(",")]
   print("device:", jax.devices()[0].device_kind, "jax", jax.__version__, flush=True)
   rates = matmul_rates()

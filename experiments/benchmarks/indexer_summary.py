@@ -23,7 +23,9 @@ def main(paths: list[str]) -> None:
         print(f"{path}: rates {({k: round(v) for k, v in data['rates'].items()})}")
         for r in data["rows"]:
             keys = ("ms", "speedup_vs_xla", "device_ms", "device_speedup_vs_xla", "scores_ms", "select_ms",
-                    "refine_kernel_ms", "other_ms", "scores_%peak", "recall", "temp_MiB")
+                    "quantize_ms", "refine_kernel_ms", "other_ms", "scores_%peak", "recall", "temp_MiB",
+                    "refine_ms", "refine_xla_ms", "value_mismatch", "scale_mismatches", "fused_quantize_ms",
+                    "xla_quantize_ms")
             cells = " ".join(f"{k}={fmt(r.get(k))}" for k in keys if r.get(k) is not None)
             err = f" ERROR {r['error'][:120]}" if r.get("error") else ""
             print(f"S={r['S']} {r.get('inputs', '')} {r['impl']} q={r['quant']} {r.get('cfg', '')} {cells}{err}")

@@ -6,8 +6,8 @@
 #             dispatch mode (expert GEMMs on XLA: tokamax's per-shape compiles ate a whole call in session 3),
 #             then the multi-process launcher (N processes, one GPU each).
 #   fp4       issue 6: the decode stage breakdown with the prefetch configs (not run yet), device-timed.
-#   indexer   issue 7: refined quantized selection at 32K / 128K with q quantized per chunk (memory, speed).
-#   indexer_scores  issue 7: the score kernels' device-timed rate by operand format and chunk (tile sweep at 8K).
+#   indexer   issue 7: the score kernels' device-timed rate at 8K (quantizers, chunks, tile sweep), then
+#             refined quantized selection at 32K / 128K (fused quantizer, default chunks), stage by stage.
 set -uo pipefail
 OUT=${OUT:-./gpu_out}; mkdir -p "$OUT"
 case "${1:-}" in
@@ -29,14 +29,10 @@ for l in open('$OUT/diag.log'):
         print(r['stage'], r.get('shape'), {k: c[k] for k in ('block_n', 'block_k', 'split_k', 'fuse_x', 'prefetch') if k in c},
               'device us', r.get('device_us') and round(r['device_us'], 1), r.get('error', '')[:100])" ;;
   indexer)
-    timeout 560 python3 experiments/benchmarks/indexer.py --sizes 32768,131072 --set refine --no-scores \
-      --inputs random --reps 5 --out "$OUT" > "$OUT/indexer.log" 2>&1
-    echo "rc=$?"; tail -n 30 "$OUT/indexer.log" ;;
-  indexer_scores)
-    timeout 250 python3 experiments/benchmarks/indexer.py --sizes 8192 --set scores --sweep --reps 5 \
+    timeout 200 python3 experiments/benchmarks/indexer.py --sizes 8192 --set scores --sweep --reps 5 \
       --out "$OUT/s8k" > "$OUT/indexer_8k.log" 2>&1; echo "8K rc=$?"
-    timeout 300 python3 experiments/benchmarks/indexer.py --sizes 32768,131072 --set scores --reps 5 \
-      --out "$OUT/s32k" > "$OUT/indexer_32k.log" 2>&1; echo "32K/128K rc=$?"
-    python3 experiments/benchmarks/indexer_summary.py "$OUT"/s8k/indexer.json "$OUT"/s32k/indexer.json ;;
-  *) echo "usage: pending_runs.sh ep N | fp4 | indexer | indexer_scores" >&2; exit 2 ;;
+    timeout 340 python3 experiments/benchmarks/indexer.py --sizes 32768,131072 --set refine --reps 5 \
+      --out "$OUT/refine" > "$OUT/indexer_refine.log" 2>&1; echo "refine rc=$?"
+    python3 experiments/benchmarks/indexer_summary.py "$OUT"/s8k/indexer.json "$OUT"/refine/indexer.json ;;
+  *) echo "usage: pending_runs.sh ep N | fp4 | indexer" >&2; exit 2 ;;
 esac

@@ -161,3 +161,25 @@ def test_triton_rejects_unknown_operand_format():
   q, w, k = _inputs(0)
   with pytest.raises(ValueError, match="operands must be one of"):
     triton.indexer_topk(q, w, k, 5, 4, quant="fp8", operands="fp4", **TRITON_SMALL)
+
+
+def test_triton_heads_per_step_gives_the_same_selection():
+  q, w, k = _inputs(np.random.randint(1 << 30), h=4)
+  one = triton.indexer_topk(q, w, k, 5, 4, **TRITON_SMALL)
+  for hps in (2, 4):
+    idx, vals = triton.indexer_topk(q, w, k, 5, 4, heads_per_step=hps, **TRITON_SMALL)
+    np.testing.assert_array_equal(np.asarray(idx), np.asarray(one[0]))
+    np.testing.assert_allclose(np.asarray(vals), np.asarray(one[1]), rtol=1e-6)
+  with pytest.raises(ValueError, match="heads_per_step=3 must be a power of two"):
+    triton.indexer_topk(q, w, k, 5, 4, heads_per_step=3, **TRITON_SMALL)
+
+
+def test_default_chunk_bounds_the_score_block():
+  assert triton.default_chunk(8192, 2048, 64) == 8192  # one launch at 8K
+  assert triton.default_chunk(32768, 8192, 64) == 8192  # 256 MiB
+  assert triton.default_chunk(131072, 32768, 64) == 2048  # 256 MiB
+  assert triton.default_chunk(1 << 20, 1 << 18, 64) == 1024  # the floor
+  assert triton.default_chunk(100, 25, 64) == 128  # short sequences: one chunk
+  for s in (8192, 32768, 131072):
+    n = s // 4
+    assert triton.default_chunk(s, n, 64) * n * 4 <= triton.SCORE_BLOCK_BYTES

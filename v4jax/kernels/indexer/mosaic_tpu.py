@@ -67,7 +67,7 @@ def indexer_topk(q: Float[Array, "B S H D"], w: Float[Array, "B S H"], k: Float[
   n = k.shape[1]
   block_q, block_k = min(block_q, _tr._round_up(s, 8)), min(block_k, _tr._round_up(n, 8))
   qlp, w_eff, klp, kscale, qseg, kseg, kend = _tr._prepare(q, w, k, ratio, segment_ids, quant,
-                                                           block_k, entry_end)
+                                                           block_k, entry_end, operands="e4m3")
   n_pad = _tr._round_up(max(n, topk, block_k), block_k)
   pad_n = ((0, 0), (0, n_pad - klp.shape[1]))
   klp, kscale = jnp.pad(klp, pad_n + ((0, 0),)), jnp.pad(kscale, pad_n)

@@ -18,7 +18,7 @@ merge per key tile would cost more than the QK product. Instead queries go in ch
      then ties at T by increasing entry index until k are taken (deterministic); the picks are
      compacted with a prefix sum and scattered. The score FLOPs are spent once (no second pass).
 
-Memory: O(S * topk) outputs plus one fp32 [B, chunk, W] row-block; quantized modes quantize q one chunk at a time inside the same step, 2048 rows at a time
+Memory: O(S * topk) outputs plus one fp32 [B, chunk, W] row-block (<= 256 MiB by default); quantized modes quantize q one chunk at a time inside the same step, 2048 rows at a time
 (keys whole: N = S / ratio rows). Output order within a row:
 increasing entry index (compare rows as sets); scores are those of the returned indices; unused slots
 hold idx -1 and score -inf. fp32 scores (not bf16) keep the selection exact, with no bf16 ties.
@@ -37,11 +37,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 from jaxtyping import Array, Float, Int
 
-from v4jax.kernels.indexer import quantize, reference
+from v4jax.kernels.indexer import quantize, quantize_triton, reference
 
 _INT_MIN = -(2**31)
 NEVER = 2**31 - 1  # entry end of padded slots: no query ever sees them
-DEFAULT_CHUNK = 2048  # query rows per chunk: 256 MiB of fp32 scores at S = 128K
+SCORE_BLOCK_BYTES = 256 * 2**20  # default chunk: one fp32 score row-block of at most this size
 Q_QUANT_PIECE = 2048  # rows of q quantized at a time inside a chunk
 OPERANDS = ("bf16", "e4m3_widen", "e4m3")
 
@@ -56,11 +56,12 @@ def _round_up(x: int, m: int) -> int:
 
 def _score_kernel(c0_ref, q_ref, w_ref, k_ref, ks_ref, qseg_ref, kseg_ref, kend_ref, o_ref, *,
                   block_q: int, block_k: int, num_heads: int, ratio: int, n_valid: int,
-                  exact_fp32: bool, widen: bool, score_dtype):
+                  exact_fp32: bool, widen: bool, score_dtype, heads_per_step: int):
   """One [block_q, block_k] tile of masked scores: sum_h w[t,h] relu(q[t,h] . k[s]) * kscale[s].
 
   The tile skip uses the ratio bound s < (t+1)//ratio, which every entry_end respects (reference doc).
-  Scores are rounded to `score_dtype` (kept in fp32) when it is not fp32.
+  Scores are rounded to `score_dtype` (kept in fp32) when it is not fp32. `heads_per_step` heads per
+  loop step issue their dots before their epilogues (room for the tensor cores to run ahead).
   """
   t0 = c0_ref[0] + pl.program_id(1) * block_q
   k0 = pl.program_id(2) * block_k
@@ -71,13 +72,19 @@ def _score_kernel(c0_ref, q_ref, w_ref, k_ref, ks_ref, qseg_ref, kseg_ref, kend_
     keys = k_ref[...]  # [bk, D]
     keys = keys.astype(jnp.bfloat16) if widen else keys
 
-    def one_head(h, acc):
-      qh = q_ref[:, h, :]  # [bq, D]
-      qh = qh.astype(jnp.bfloat16) if widen else qh
-      logits = plgpu.dot(qh, keys, trans_b=True, allow_tf32=not exact_fp32)  # [bq, bk] fp32
-      return acc + jnp.maximum(logits, 0.0) * w_ref[:, h][:, None]
+    def heads_step(i, acc):
+      heads = [i * heads_per_step + j for j in range(heads_per_step)]
+      logits = []
+      for h in heads:
+        qh = q_ref[:, h, :]  # [bq, D]
+        qh = qh.astype(jnp.bfloat16) if widen else qh
+        logits.append(plgpu.dot(qh, keys, trans_b=True, allow_tf32=not exact_fp32))  # [bq, bk] fp32
+      for h, lg in zip(heads, logits):
+        acc = acc + jnp.maximum(lg, 0.0) * w_ref[:, h][:, None]
+      return acc
 
-    acc = jax.lax.fori_loop(0, num_heads, one_head, jnp.zeros((block_q, block_k), jnp.float32))
+    acc = jax.lax.fori_loop(0, num_heads // heads_per_step, heads_step,
+                            jnp.zeros((block_q, block_k), jnp.float32))
     acc = acc * ks_ref[...][None, :]
     if score_dtype != jnp.float32:
       acc = acc.astype(score_dtype).astype(jnp.float32)
@@ -130,7 +137,8 @@ def _select_kernel(c0_ref, x_ref, idx_ref, val_ref, *, topk: int, ratio: int, n_
 
 
 def _scores_call(c0, q, w, k, kscale, qseg, kseg, kend, *, ratio, n_valid, block_q, block_k,
-                 num_warps, num_stages, interpret, width=None, widen=False, score_dtype=jnp.float32):
+                 num_warps, num_stages, interpret, width=None, widen=False, score_dtype=jnp.float32,
+                 heads_per_step=1):
   """Masked fp32 scores of one query chunk against entries [0, width): [B, C, width]. `widen`: E4M3
   operands go to bf16 in registers before the dot (else FP8 operands take the FP8 dot)."""
   b, c, h, d = q.shape
@@ -138,7 +146,8 @@ def _scores_call(c0, q, w, k, kscale, qseg, kseg, kend, *, ratio, n_valid, block
   kernel = functools.partial(_score_kernel, block_q=block_q, block_k=block_k, num_heads=h,
                              ratio=ratio, n_valid=n_valid, exact_fp32=q.dtype == jnp.float32,
                              widen=widen and q.dtype.itemsize == 1,
-                             score_dtype=jnp.dtype(score_dtype))
+                             score_dtype=jnp.dtype(score_dtype),
+                             heads_per_step=min(heads_per_step, h))
   return pl.pallas_call(
       kernel,
       grid=(b, c // block_q, width // block_k),
@@ -211,39 +220,48 @@ def chunk_scores(q, w, k, ratio, segment_ids=None, quant=None, *, c0: int = 0, c
                       num_warps=num_warps, num_stages=num_stages, interpret=interpret)
 
 
-def _quantize_operand(x, quant, operands):
+def _quantize_operand(x, quant, operands, quantizer="xla", interpret=False):
   """(x in the kernel's operand format, row scale or None): E4M3 for "e4m3"/"e4m3_widen", the same
-  values held in bf16 for "bf16" (`quantize.e4m3_as_bf16`, exact); x itself for quant=None."""
+  values held in bf16 for "bf16" (exact); x itself for quant=None. quantizer "triton": one fused
+  pass (`quantize_triton`); "xla": `quantize.quantize_rows` (then `quantize.e4m3_as_bf16`)."""
+  if quant is None:
+    return x, None
+  if quantizer == "triton":
+    out_dtype = jnp.bfloat16 if operands == "bf16" else jnp.float8_e4m3fn
+    return quantize_triton.quantize_rows(x, quant, out_dtype, interpret=interpret)
   xlp, scale = quantize.quantize_rows(x, quant)
-  if quant is not None and operands == "bf16":
+  if operands == "bf16":
     xlp = quantize.e4m3_as_bf16(xlp)
   return xlp, scale
 
 
-def _quantize_q_chunk(q_c, quant, operands, piece: int | None = None):
-  """A chunk of q in the operand format and its row scales, `piece` (default Q_QUANT_PIECE) rows at a
-  time (`lax.map`): the quantizer's fp32 temporaries (copy, Hadamard rotation, scales) then stay at
-  one piece's size."""
+def _quantize_q_chunk(q_c, quant, operands, piece: int | None = None, quantizer="xla",
+                      interpret=False):
+  """A chunk of q in the operand format and its row scales. The XLA quantizer goes `piece` (default
+  Q_QUANT_PIECE) rows at a time (`lax.map`), so that its fp32 temporaries (copy, Hadamard rotation,
+  scales) stay at one piece's size; the Triton quantizer has none."""
   b, c, h, d = q_c.shape
   piece = piece or Q_QUANT_PIECE
-  if c <= piece or c % piece:
-    return _quantize_operand(q_c, quant, operands)
+  quantize_fn = functools.partial(_quantize_operand, quant=quant, operands=operands,
+                                  quantizer=quantizer, interpret=interpret)
+  if quantizer == "triton" or c <= piece or c % piece:
+    return quantize_fn(q_c)
   pieces = jnp.moveaxis(q_c.reshape(b, c // piece, piece, h, d), 1, 0)  # [nP, B, P, H, D]
-  xlp, scale = jax.lax.map(lambda x: _quantize_operand(x, quant, operands), pieces)
+  xlp, scale = jax.lax.map(quantize_fn, pieces)
   return (jnp.moveaxis(xlp, 0, 1).reshape(b, c, h, d),
           jnp.moveaxis(scale, 0, 1).reshape(b, c, h))
 
 
 def _prepare(q, w, k, ratio, segment_ids, quant, block_k, entry_end=None, quantize_q=True,
-             operands="bf16"):
+             operands="bf16", quantizer="xla", interpret=False):
   """Kernel operands: low-precision q/k (in the `operands` format), folded weights, key scales,
   segments, entry ends (padded slots never visible); keys padded to a power of two >= block_k.
   `quantize_q=False` leaves q (and w) as given, for a caller that quantizes q per chunk
   (`quantize.quantize_rows` is row-local)."""
   b, s, _h, _d = q.shape
   n = k.shape[1]
-  qlp, qscale = _quantize_operand(q, quant if quantize_q else None, operands)
-  klp, kscale = _quantize_operand(k, quant, operands)
+  qlp, qscale = _quantize_operand(q, quant if quantize_q else None, operands, quantizer, interpret)
+  klp, kscale = _quantize_operand(k, quant, operands, quantizer, interpret)
   w_eff = w.astype(jnp.float32) * (1.0 if qscale is None else qscale)
   if kscale is None:
     kscale = jnp.ones((b, n), jnp.float32)
@@ -254,6 +272,19 @@ def _prepare(q, w, k, ratio, segment_ids, quant, block_k, entry_end=None, quanti
   klp = jnp.pad(klp, pad_n + ((0, 0),))
   return (qlp, w_eff, klp, jnp.pad(kscale, pad_n), qseg, jnp.pad(kseg, pad_n, constant_values=-1),
           jnp.pad(kend, pad_n, constant_values=NEVER))
+
+
+def default_chunk(s: int, n: int, block_q: int) -> int:
+  """Query rows per chunk: the most (a power of two in [1024, 8192]) whose fp32 score row-block
+  [chunk, N_pad] fits SCORE_BLOCK_BYTES; at most S rounded up to block_q.
+
+  128K keeps 2048 rows (256 MiB); shorter sequences get fewer, larger launches: on the H200 (bf16 QK)
+  8192 rows instead of 2048 raised the score kernels from 49% to 58% of the bf16 rate at S = 8K
+  (one launch instead of four, three of them small) and from 67% to 70% at 32K. The 8192 cap bounds
+  a quantized chunk's bf16 q operand (8192 x H x D)."""
+  fit = SCORE_BLOCK_BYTES // (4 * _next_pow2(max(n, 1)))
+  rows = max(1024, min(8192, 1 << (fit.bit_length() - 1)))
+  return _round_up(min(rows, _round_up(s, block_q)), block_q)
 
 
 def chunk_width(c0: int, chunk: int, ratio: int, n: int, block_k: int) -> int:
@@ -267,13 +298,14 @@ def indexer_topk(q: Float[Array, "B S H D"], w: Float[Array, "B S H"], k: Float[
                  quant: str | None = None, *, entry_end: Int[Array, "B N"] | None = None,
                  score_dtype=jnp.float32, interpret: bool = False, chunk: int | None = None,
                  block_q: int = 64, block_k: int = 128, num_warps: int = 4, num_stages: int = 3,
-                 operands: str = "bf16", select_elems: int = 16384
+                 operands: str = "bf16", quantizer: str = "triton", heads_per_step: int = 1,
+                 select_elems: int = 16384
                  ) -> tuple[Int[Array, "B S topk"], Float[Array, "B S topk"]]:
   """Top-k visible entries per query by the two-kernel pipeline above; see `reference.indexer_topk`.
 
   Within a row, indices come in increasing entry order (not score order); -1 / -inf pad the rest.
   Chunks are grouped by their static visible width (`chunk_width`); each group is one `lax.map`,
-  so one chunk's score row-block is in flight at a time; `chunk=None` is DEFAULT_CHUNK.
+  so one chunk's score row-block is in flight at a time; `chunk=None` picks `default_chunk`.
   `operands` (quantized modes only; every choice gives the same scores, E4M3 being exact in bf16):
     "bf16" (default): the quantized values are written as bf16 when q (per chunk) and k are quantized,
         and the score kernel is the bf16 one. On the H200 (jax 0.11.2) that kernel ran at 74-90% of
@@ -281,6 +313,9 @@ def indexer_topk(q: Float[Array, "B S H D"], w: Float[Array, "B S H"], k: Float[
         here was slower than its bf16 dot, and widening in registers costs more than the bytes saved.
     "e4m3_widen": E4M3 in memory, widened to bf16 in registers before each dot;
     "e4m3": E4M3 in memory, Triton's FP8 tensor-core dot.
+  `quantizer`: "triton" (default) quantizes q and k in one fused pass per operand (`quantize_triton`,
+  the same numbers; on the H200 the XLA quantizer took 1.6 / 7.3 ms of 9 / 15 ms at S = 32K for fp8 /
+  mxfp4); "xla" runs `quantize.quantize_rows`.
   `entry_end` / `score_dtype`: see `reference.indexer_topk`; with bf16 scores, ties (frequent) are
   broken by lower index, as lax.top_k does.
   """
@@ -288,18 +323,22 @@ def indexer_topk(q: Float[Array, "B S H D"], w: Float[Array, "B S H"], k: Float[
   quantize.check_quant(quant)
   b, s, h, d = q.shape
   n = k.shape[1]
-  for name, v in (("H", h), ("D", d), ("block_q", block_q), ("block_k", block_k)):
+  for name, v in (("H", h), ("D", d), ("block_q", block_q), ("block_k", block_k),
+                  ("heads_per_step", heads_per_step)):
     if v & (v - 1):
       raise ValueError(f"triton indexer: {name}={v} must be a power of two")
   if operands not in OPERANDS:
     raise ValueError(f"triton indexer: operands must be one of {OPERANDS}, got {operands!r}")
+  if quantizer not in ("triton", "xla"):
+    raise ValueError(f"triton indexer: quantizer must be 'triton' or 'xla', got {quantizer!r}")
   # quantized modes quantize q inside each chunk's step, Q_QUANT_PIECE rows at a time: the whole-q
   # prologue held fp32 copies of q (rotation, scales), 5.7 / 12.5 GiB at S = 128K on the H200 (session 2)
   q_per_chunk = quant is not None
   qlp, w_eff, klp, kscale, qseg, kseg, kend = _prepare(q, w, k, ratio, segment_ids, quant, block_k,
                                                        entry_end, quantize_q=not q_per_chunk,
-                                                       operands=operands)
-  chunk = DEFAULT_CHUNK if chunk is None else chunk
+                                                       operands=operands, quantizer=quantizer,
+                                                       interpret=interpret)
+  chunk = default_chunk(s, n, block_q) if chunk is None else chunk
   chunk = _round_up(min(chunk, _round_up(s, block_q)), block_q)
   s_pad = _round_up(s, chunk)
   if s_pad != s:  # (no copy of q when S is a multiple of the chunk)
@@ -313,13 +352,14 @@ def indexer_topk(q: Float[Array, "B S H D"], w: Float[Array, "B S H"], k: Float[
     sl = lambda x: jax.lax.dynamic_slice_in_dim(x, c0, chunk, axis=1)
     q_c, w_c = sl(qlp), sl(w_eff)
     if q_per_chunk:  # [B, C, H, D] -> low precision + row scales [B, C, H], folded into the weights
-      q_c, q_scale = _quantize_q_chunk(q_c, quant, operands)
+      q_c, q_scale = _quantize_q_chunk(q_c, quant, operands, quantizer=quantizer,
+                                       interpret=interpret)
       w_c = w_c * q_scale
     scores = _scores_call(c0_arr, q_c, w_c, klp, kscale, sl(qseg), kseg, kend,
                           ratio=ratio, n_valid=n, block_q=block_q, block_k=block_k,
                           num_warps=num_warps, num_stages=num_stages, interpret=interpret,
                           width=width, widen=operands == "e4m3_widen",
-                          score_dtype=score_dtype)  # [B, C, width]
+                          score_dtype=score_dtype, heads_per_step=heads_per_step)  # [B, C, width]
     return _select_call(c0_arr, scores, topk=topk, ratio=ratio, n_valid=n, interpret=interpret,
                         select_elems=select_elems)
 

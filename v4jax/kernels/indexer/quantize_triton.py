@@ -1,0 +1,144 @@
+"""The indexer's QK quantizer as one Pallas-Triton pass over the rows (GPU; interpret mode on CPU).
+
+Why a kernel: `quantize.quantize_rows` is XLA code built from `v4jax.quant`, whose exact divisions
+(optimization barriers around materialized divisors) and Hadamard butterfly stages are separate
+memory passes over fp32 copies. On the H200 at S = 32K that prologue took 1.6 ms (fp8) and 7.3 ms
+(mxfp4, 11 passes over q) of a 9-15 ms pipeline, where one read of q and one write of the operands
+take about 0.3 ms. Here each program holds a block of rows in registers and writes the operands once.
+
+Same numbers as `quantize.quantize_rows` (then `quantize.e4m3_as_bf16` for bf16 output):
+  * "fp8": row amax floored at 1e-4, s = amax / 448, E4M3(clip(x / s, +-448)) (IEEE divisions,
+    round to nearest even): bit-identical.
+  * "mxfp4": Hadamard rotation as a dot with the +-1 Sylvester matrix (products exact, fp32
+    accumulation) times D^-0.5, then per 32-block E8M0 scale 2^ceil(log2(amax / 6)), E2M1
+    round-to-nearest-even by the same midpoint comparisons as `v4jax.quant.e2m1`, values divided by
+    the row's largest block scale and rounded to E4M3. The rotation sums in another order than the
+    butterfly, so a rotated value may differ in its last bit and, when it sits on an E2M1 midpoint,
+    round to the neighbouring code (rare: measured in the tests).
+Inputs are assumed finite (the XLA quantizer marks non-finite blocks NaN; this kernel does not).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+from jaxtyping import Array, Float
+
+FP8_MAX, FP8_AMAX_FLOOR = 448.0, 1e-4
+E2M1_MAX, MX_BLOCK = 6.0, 32
+MX_AMAX_FLOOR = 6.0 * 2.0**-126
+# E2M1 magnitudes 0, .5, 1, 1.5, 2, 3, 4, 6: (midpoint, tie rounds up, step to the next magnitude)
+_E2M1_STEPS = ((0.25, False, 0.5), (0.75, True, 0.5), (1.25, False, 0.5), (1.75, True, 0.5),
+               (2.5, False, 1.0), (3.5, True, 1.0), (5.0, False, 2.0))
+
+
+def sylvester_hadamard(n: int) -> np.ndarray:
+  """The n x n +-1 Hadamard matrix of the Walsh-Hadamard butterfly in `v4jax.quant.hadamard`."""
+  h = np.ones((1, 1), np.float32)
+  while h.shape[0] < n:
+    h = np.block([[h, h], [h, -h]])
+  return h
+
+
+def _pow2(e):
+  """2**e for int32 e in the normal range, from the exponent bits (exact)."""
+  return jax.lax.bitcast_convert_type(jnp.left_shift(e + 127, 23), jnp.float32)
+
+
+def _ceil_log2(r):
+  """ceil(log2(r)) of normal positive fp32 r, exact (the bits of `v4jax.quant.e8m0.ceil_log2`)."""
+  bits = jax.lax.bitcast_convert_type(r, jnp.int32)
+  return ((bits >> 23) & 0xFF) - 127 + ((bits & 0x7FFFFF) != 0).astype(jnp.int32)
+
+
+def _e2m1_round(y):
+  """y rounded to nearest-even E2M1 (saturating at 6), as a float32 value."""
+  mag = jnp.abs(y)
+  r = jnp.zeros_like(mag)
+  for mid, tie_up, step in _E2M1_STEPS:
+    r = r + jnp.where((mag >= mid) if tie_up else (mag > mid), step, 0.0)
+  return jnp.where(y < 0, -r, r)
+
+
+def _divide(a, b, interpret: bool):
+  """a / b correctly rounded. Triton keeps an IEEE division (div.rn.f32); XLA, which runs the kernel in
+  interpret mode, turns a division by a constant or a broadcast into a multiply by the reciprocal (one
+  ulp off for some inputs), unless the divisor is behind an optimization barrier (as `v4jax.quant.divide`)."""
+  if interpret:
+    b = jax.lax.optimization_barrier(jnp.broadcast_to(jnp.asarray(b, jnp.float32), jnp.shape(a)))
+  return a / b
+
+
+def _fp8_rows_kernel(x_ref, v_ref, s_ref, *, interpret: bool):
+  x = x_ref[...].astype(jnp.float32)  # [R, D]
+  s = _divide(jnp.maximum(jnp.max(jnp.abs(x), axis=1), FP8_AMAX_FLOOR), FP8_MAX, interpret)  # [R]
+  y = jnp.clip(_divide(x, s[:, None], interpret), -FP8_MAX, FP8_MAX)
+  v_ref[...] = y.astype(jnp.float8_e4m3fn).astype(v_ref.dtype)
+  s_ref[...] = s
+
+
+def _mxfp4_rows_kernel(x_ref, h_ref, v_ref, s_ref, *, exact_fp32: bool, interpret: bool):
+  x = x_ref[...]  # [R, D]
+  d = x.shape[1]
+  y = plgpu.dot(x, h_ref[...], allow_tf32=not exact_fp32) * np.float32(d**-0.5)  # [R, D] fp32
+  mag = jnp.abs(y)
+  block = jax.lax.broadcasted_iota(jnp.int32, y.shape, 1) // MX_BLOCK
+  e_elem = jnp.zeros(y.shape, jnp.int32)
+  e_row = None
+  for b in range(d // MX_BLOCK):  # per 32-block exponent, broadcast back over its columns
+    amax = jnp.max(jnp.where(block == b, mag, 0.0), axis=1)  # [R]
+    e_b = _ceil_log2(_divide(jnp.maximum(amax, MX_AMAX_FLOOR), E2M1_MAX, interpret))
+    e_elem = jnp.where(block == b, e_b[:, None], e_elem)
+    e_row = e_b if e_row is None else jnp.maximum(e_row, e_b)
+  r = _e2m1_round(y * _pow2(-e_elem))  # y / 2^e exactly
+  v = r * _pow2(e_elem - e_row[:, None])  # relative to the row's largest block scale, exact
+  v_ref[...] = v.astype(jnp.float8_e4m3fn).astype(v_ref.dtype)
+  s_ref[...] = _pow2(e_row)
+
+
+def quantize_rows(x: Float[Array, "... D"], quant: str, out_dtype=jnp.bfloat16, *,
+                  block_rows: int = 64, interpret: bool = False
+                  ) -> tuple[Float[Array, "... D"], Float[Array, "..."]]:
+  """(E4M3 values in `out_dtype` (bf16 or float8_e4m3fn), fp32 row scales) of x's rows: the
+  kernel-operand view of `quantize.quantize_rows` in one pass. D: a power of two (>= 32 for mxfp4)."""
+  if quant not in ("fp8", "mxfp4"):
+    raise ValueError(f"quantize_triton: quant must be 'fp8' or 'mxfp4', got {quant!r}")
+  *lead, d = x.shape
+  if d & (d - 1) or (quant == "mxfp4" and d < MX_BLOCK):
+    raise ValueError(f"quantize_triton: last axis {d} must be a power of two (>= 32 for mxfp4)")
+  rows = int(np.prod(lead, dtype=np.int64))
+  br = min(block_rows, 1 << max(0, (rows - 1).bit_length()))
+  n_blocks = -(-rows // br)
+  x2 = x.reshape(rows, d)
+  if n_blocks * br != rows:
+    x2 = jnp.pad(x2, ((0, n_blocks * br - rows), (0, 0)))
+  row_spec = pl.BlockSpec((br, d), lambda i: (i, 0))
+  operands, in_specs = [x2], [row_spec]
+  if quant == "mxfp4":
+    exact_fp32 = x.dtype == jnp.float32
+    h_dtype = jnp.float32 if exact_fp32 else jnp.bfloat16
+    if x.dtype not in (jnp.float32, jnp.bfloat16):
+      x2 = x2.astype(jnp.float32)
+      operands[0], exact_fp32, h_dtype = x2, True, jnp.float32
+    operands.append(jnp.asarray(sylvester_hadamard(d), h_dtype))
+    in_specs.append(pl.BlockSpec((d, d), lambda i: (0, 0)))
+    kernel = functools.partial(_mxfp4_rows_kernel, exact_fp32=exact_fp32, interpret=interpret)
+  else:
+    kernel = functools.partial(_fp8_rows_kernel, interpret=interpret)
+  values, scales = pl.pallas_call(
+      kernel,
+      grid=(n_blocks,),
+      in_specs=in_specs,
+      out_specs=[row_spec, pl.BlockSpec((br,), lambda i: (i,))],
+      out_shape=[jax.ShapeDtypeStruct((n_blocks * br, d), out_dtype),
+                 jax.ShapeDtypeStruct((n_blocks * br,), jnp.float32)],
+      compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
+      interpret=interpret,
+      name=f"indexer_quantize_{quant}",
+  )(*operands)
+  return values[:rows].reshape(*lead, d), scales[:rows].reshape(lead)
