@@ -339,11 +339,13 @@ def main():
   if args.set == "scores":  # the score kernel's rate: chunks, quantizers (no refine)
     variants = [(None, {}), (None, {"chunk": 2048}), ("fp8", {}), ("fp8", {"chunk": 2048}),
                 ("fp8", {"quantizer": "xla"}), ("mxfp4", {})]
-  if args.sweep:  # score-kernel tiles and head stepping at the default chunk
+  if args.sweep:  # score-kernel tiles at the default chunk (session 4's first sweep: heads_per_step 2 / 4,
+    # num_stages 4, 8 warps, 128 x 64 tiles: none beat 64 x 128, 4 warps, 3 stages at 8K)
     variants += [(q_, cfg) for q_ in (None, "fp8")
-                 for cfg in ({"heads_per_step": 2}, {"heads_per_step": 4}, {"num_stages": 4},
-                             {"num_warps": 8}, {"block_q": 128, "block_k": 64, "num_warps": 4},
-                             {"block_q": 128, "block_k": 64, "heads_per_step": 2})]
+                 for cfg in ({"block_k": 256, "num_warps": 8}, {"block_k": 256, "num_warps": 4},
+                             {"block_q": 128, "block_k": 256, "num_warps": 8},
+                             {"block_k": 256, "num_warps": 8, "num_stages": 2},
+                             {"block_q": 128, "num_warps": 8, "num_stages": 4})]
   quants = [None if x == "none" else x for x in args.quants.split(",")]
   print("device:", jax.devices()[0].device_kind, "jax", jax.__version__, flush=True)
   rates = matmul_rates()

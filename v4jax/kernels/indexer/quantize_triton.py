@@ -66,12 +66,21 @@ def _e2m1_round(y):
 
 
 def _divide(a, b, interpret: bool):
-  """a / b correctly rounded. Triton keeps an IEEE division (div.rn.f32); XLA, which runs the kernel in
-  interpret mode, turns a division by a constant or a broadcast into a multiply by the reciprocal (one
-  ulp off for some inputs), unless the divisor is behind an optimization barrier (as `v4jax.quant.divide`)."""
+  """a / b correctly rounded (IEEE), as `v4jax.quant.divide`. Triton lowers an fp32 `/` to the
+  approximate div.full.f32 (up to 2 ulp: on the H200 60% of the fp8 row scales differed from the XLA
+  quantizer's), so the GPU path issues div.rn.f32 itself. XLA, which runs the kernel in interpret mode,
+  turns a division by a constant or a broadcast into a multiply by the reciprocal unless the divisor
+  is behind an optimization barrier."""
+  shape = jnp.broadcast_shapes(jnp.shape(a), jnp.shape(b))
+  a = jnp.broadcast_to(jnp.asarray(a, jnp.float32), shape)
+  b = jnp.broadcast_to(jnp.asarray(b, jnp.float32), shape)
   if interpret:
-    b = jax.lax.optimization_barrier(jnp.broadcast_to(jnp.asarray(b, jnp.float32), jnp.shape(a)))
-  return a / b
+    return a / jax.lax.optimization_barrier(b)
+  bits = lambda v: jax.lax.bitcast_convert_type(v, jnp.int32)
+  q = plgpu.elementwise_inline_asm("div.rn.f32 $0, $1, $2;", args=[bits(a), bits(b)],
+                                   constraints="=r,r,r", pack=1,
+                                   result_shape_dtypes=[jax.ShapeDtypeStruct(shape, jnp.int32)])[0]
+  return jax.lax.bitcast_convert_type(q, jnp.float32)
 
 
 def _fp8_rows_kernel(x_ref, v_ref, s_ref, *, interpret: bool):
