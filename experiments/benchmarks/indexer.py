@@ -323,7 +323,7 @@ def main():
   ap.add_argument("--quants", default="none,fp8,mxfp4")
   ap.add_argument("--reps", type=int, default=10)
   ap.add_argument("--inputs", default="random")
-  ap.add_argument("--set", default="full", choices=("full", "refine", "scores"))
+  ap.add_argument("--set", default="full", choices=("full", "refine", "scores", "fp8mma"))
   ap.add_argument("--no-scores", action="store_true")
   ap.add_argument("--out", default=os.environ.get("OUT", "."))
   args = ap.parse_args()
@@ -339,6 +339,12 @@ def main():
   if args.set == "scores":  # the score kernel's rate: chunks, quantizers (no refine)
     variants = [(None, {}), (None, {"chunk": 2048}), ("fp8", {}), ("fp8", {"chunk": 2048}),
                 ("fp8", {"quantizer": "xla"}), ("mxfp4", {})]
+  if args.set == "fp8mma":  # the FP8 tensor-core path (native accumulation over each head's D) vs bf16
+    variants = [(None, {}), ("fp8", {}), ("fp8", {"operands": "e4m3"}), ("mxfp4", {"operands": "e4m3"}),
+                ("fp8", {"operands": "e4m3", "num_stages": 4}),
+                ("fp8", {"operands": "e4m3", "block_k": 256, "num_warps": 8}),
+                ("fp8", {"operands": "e4m3", "block_q": 128, "num_warps": 8}),
+                ("fp8", {"operands": "e4m3", "heads_per_step": 2})]
   if args.sweep:  # score-kernel tiles at the default chunk (session 4's first sweep: heads_per_step 2 / 4,
     # num_stages 4, 8 warps, 128 x 64 tiles: none beat 64 x 128, 4 warps, 3 stages at 8K)
     variants += [(q_, cfg) for q_ in (None, "fp8")

@@ -183,3 +183,15 @@ def test_default_chunk_bounds_the_score_block():
   for s in (8192, 32768, 131072):
     n = s // 4
     assert triton.default_chunk(s, n, 64) * n * 4 <= triton.SCORE_BLOCK_BYTES
+
+
+def test_fp8_accumulation_interval_and_install():
+  from jax._src.pallas.triton import lowering
+
+  from v4jax.kernels.indexer import fp8_accumulation as fa
+  assert fa.max_imprecise_for(128) == 129 and fa.max_imprecise_for(64) == 65  # no promotion in the dot
+  assert fa.max_imprecise_for(512) == 128  # promoted every 128 products
+  fa.enable()
+  wrapped = lowering.tt_dialect.dot
+  fa.enable()  # idempotent: not wrapped twice
+  assert lowering.tt_dialect.dot is wrapped and wrapped.__module__ == fa.__name__
