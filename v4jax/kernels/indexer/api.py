@@ -12,7 +12,7 @@ int32 (-1 when fewer than topk entries are visible) and scores [B,S,topk] fp32 (
 The order of the entries within a row depends on the backend (xla / mosaic_tpu: by decreasing
 score; triton: by increasing index): compare rows as sets; scores always belong to their idx.
 quant: None (QK in the input dtype, fp32 accumulation), "fp8" (E4M3, per-row scales) or "mxfp4"
-(Hadamard-rotated, MXFP4; on Hopper E4M3 values on the bf16 dot, see `triton.indexer_topk(operands=...)`).
+(Hadamard-rotated, MXFP4; on Hopper E4M3 values on FP8 tensor cores, see `triton.indexer_topk(operands=...)`).
 `candidates` (static int >= topk, or None): refined selection. The backend picks `candidates` entries
 per query with the (quantized) scores, then `refine.refine_topk` rescores only those exactly (q, k in
 their input dtype, fp32 accumulation) and keeps the best topk: the scoring stays O(S*N) in the cheap

@@ -11,7 +11,7 @@ merge per key tile would cost more than the QK product. Instead queries go in ch
      query of the block can see are skipped (left unwritten: the select kernel never reads them).
      Output: the chunk's fp32 score row-block [B, chunk, W], W = the chunk's visible width rounded up
      to a power of two (chunks are grouped by W, one `lax.map` per group, so early chunks do no work
-     on entries nobody can see). 90% of the measured bf16 matmul rate at S = 128K.
+     on entries nobody can see). On the H200, device time: 76% of the bf16 matmul rate at S = 128K.
   2. `_select_kernel`: a few rows per program (about 64 elements per thread), the rows' visible
      prefixes in registers. Exact radix select on the order-preserving int32 image of the fp32 scores:
      32 bisection steps over the bits find each row's k-th largest key T; entries above T are taken,
@@ -23,7 +23,7 @@ Memory: O(S * topk) outputs plus one fp32 [B, chunk, W] row-block (<= 256 MiB by
 increasing entry index (compare rows as sets); scores are those of the returned indices; unused slots
 hold idx -1 and score -inf. fp32 scores (not bf16) keep the selection exact, with no bf16 ties.
 Quantized modes: q and k are E4M3 values with one positive fp32 scale per row (see `quantize`), by
-default held in bf16 for the bf16 dot (`operands`); the query scale is folded into the head weight and
+default on FP8 tensor cores (`operands`); the query scale is folded into the head weight and
 the key scale multiplies the score column after the head sum (relu commutes with positive scales).
 """
 
@@ -300,7 +300,7 @@ def indexer_topk(q: Float[Array, "B S H D"], w: Float[Array, "B S H"], k: Float[
                  quant: str | None = None, *, entry_end: Int[Array, "B N"] | None = None,
                  score_dtype=jnp.float32, interpret: bool = False, chunk: int | None = None,
                  block_q: int = 64, block_k: int = 128, num_warps: int = 4, num_stages: int = 3,
-                 operands: str = "bf16", quantizer: str = "triton", heads_per_step: int = 1,
+                 operands: str = "e4m3", quantizer: str = "triton", heads_per_step: int | None = None,
                  select_elems: int = 16384
                  ) -> tuple[Int[Array, "B S topk"], Float[Array, "B S topk"]]:
   """Top-k visible entries per query by the two-kernel pipeline above; see `reference.indexer_topk`.
@@ -308,14 +308,16 @@ def indexer_topk(q: Float[Array, "B S H D"], w: Float[Array, "B S H"], k: Float[
   Within a row, indices come in increasing entry order (not score order); -1 / -inf pad the rest.
   Chunks are grouped by their static visible width (`chunk_width`); each group is one `lax.map`,
   so one chunk's score row-block is in flight at a time; `chunk=None` picks `default_chunk`.
-  `operands` (quantized modes only; every choice gives the same scores, E4M3 being exact in bf16):
-    "bf16" (default): the quantized values are written as bf16 when q (per chunk) and k are quantized,
-        and the score kernel is the bf16 one. On the H200 (jax 0.11.2) that kernel ran at 74-90% of
-        the bf16 rate, where the E4M3 kernels below reached 38-53% of the FP8 rate: Triton's FP8 dot
-        here was slower than its bf16 dot, and widening in registers costs more than the bytes saved.
-    "e4m3_widen": E4M3 in memory, widened to bf16 in registers before each dot;
-    "e4m3": E4M3 in memory, Triton's FP8 tensor-core dot, accumulating natively over each head's D
-        products (`fp8_accumulation`: DeepSeek's promotion interval of 128).
+  `operands` (quantized modes only; the same E4M3 values in each):
+    "e4m3" (default): E4M3 in memory, Triton's FP8 tensor-core dot, accumulating natively over each
+        head's D products (`fp8_accumulation`: DeepSeek's promotion interval of 128; the other two
+        accumulate in fp32, a selection may differ in a near-tie: 99.99% of the picks agree). On the
+        H200 with 2 heads per step: 68% / 82% of the FP8 rate at S = 8K / 32K.
+    "bf16": the quantized values are written as bf16 (exact) and the score kernel is the bf16 one:
+        47% / 57% of the FP8 rate (59% / 71% of the bf16 rate).
+    "e4m3_widen": E4M3 in memory, widened to bf16 in registers before each dot (slowest).
+  `heads_per_step`: None picks 2 for "e4m3" (0.209 against 0.226 ms at 8K) and 1 otherwise (2 was
+  slower with bf16 dots, 0.36 against 0.31 ms).
   `quantizer`: "triton" (default) quantizes q and k in one fused pass per operand (`quantize_triton`,
   the same numbers; on the H200 the XLA quantizer took 1.6 / 7.3 ms of 9 / 15 ms at S = 32K for fp8 /
   mxfp4); "xla" runs `quantize.quantize_rows`.
@@ -326,6 +328,8 @@ def indexer_topk(q: Float[Array, "B S H D"], w: Float[Array, "B S H"], k: Float[
   quantize.check_quant(quant)
   b, s, h, d = q.shape
   n = k.shape[1]
+  if heads_per_step is None:
+    heads_per_step = 2 if quant is not None and operands == "e4m3" else 1
   for name, v in (("H", h), ("D", d), ("block_q", block_q), ("block_k", block_k),
                   ("heads_per_step", heads_per_step)):
     if v & (v - 1):
