@@ -20,7 +20,7 @@ Usage: python experiments/benchmarks/fp4_decode_diagnose.py [--sizes 4096,7168] 
        [--smoke] (tiny shapes, interpret mode, CPU: checks this script only)
 """
 
-# ruff: noqa: B023  (closures are called inside the loop iteration that defines them)
+
 from __future__ import annotations
 
 import argparse
@@ -38,11 +38,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 sys.path.insert(0, os.path.dirname(__file__))
-import fp4_matmul as bench  # noqa: E402  (the benchmark's timing and correctness helpers)
+import fp4_matmul as bench
 
-from v4jax import quant  # noqa: E402
-from v4jax.kernels.fp4_matmul import common, triton  # noqa: E402
-from v4jax.kernels.fp4_matmul.block_sizes import BlockConfig as B  # noqa: E402
+from v4jax import quant
+from v4jax.kernels.fp4_matmul import common, triton
+from v4jax.kernels.fp4_matmul.block_sizes import BlockConfig as B
 
 KERNEL_CONFIGS = [  # (block_m, block_n, block_k, split_k, num_warps, num_stages, decode, swap_ab), fuse_x
     B(16, 32, 1024, 1, 4, 3, "asm", fuse_x=True),  # session 2's (wall-clock) m16 winner
@@ -135,7 +135,7 @@ def main():
             err = check() if check else None
             t = bench.per_call_seconds(fn, arg_sets, n1, n2)
             dev = bench.device_seconds(fn, arg_sets, reps=3 if args.smoke else 10)
-        except Exception as e:  # noqa: BLE001  a config that does not compile is reported and skipped
+        except Exception as e:
             row(stage=stage, shape=shape, config=config, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
             return None
         row(stage=stage, shape=shape, config=config, us=t * 1e6, packed_tbps=packed / t / 1e12, rel_err=err,
@@ -184,7 +184,7 @@ def main():
         if not args.no_mosaic:
             try:
                 from v4jax.kernels.fp4_matmul import mosaic_gpu
-            except Exception:  # noqa: BLE001
+            except Exception:
                 traceback.print_exc()
                 continue
             cfgs = [(dataclasses.replace(c, block_k=256), False) for c, _ in MOSAIC_CONFIGS[:1]] if args.smoke \

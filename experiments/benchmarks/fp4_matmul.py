@@ -45,11 +45,11 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from device_timing import device_seconds  # noqa: E402  (shared with the indexer benchmark)
+from device_timing import device_seconds  # shared with the indexer benchmark
 
-from v4jax import quant  # noqa: E402
-from v4jax.kernels.fp4_matmul import block_sizes, reference, triton  # noqa: E402
-from v4jax.kernels.fp4_matmul.block_sizes import BlockConfig  # noqa: E402
+from v4jax import quant
+from v4jax.kernels.fp4_matmul import block_sizes, reference, triton
+from v4jax.kernels.fp4_matmul.block_sizes import BlockConfig
 
 TOKENS: list[int] = []  # --tokens: grouped token counts to run (default: all)
 SIZES: list[int] = []  # --sizes: dense K = N values to run (default: 4096, 7168)

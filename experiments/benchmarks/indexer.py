@@ -48,8 +48,8 @@ from v4jax.kernels import indexer as indexer_api
 from v4jax.kernels.indexer import quantize, reference, refine, refine_triton, triton
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from device_timing import device_events, matching  # noqa: E402
-from indexer_inputs import make_inputs  # noqa: E402
+from device_timing import device_events, matching
+from indexer_inputs import make_inputs
 
 H, D, TOPK, RATIO = 64, 128, 512, 4
 INTERPRET = bool(os.environ.get("INDEXER_BENCH_INTERPRET"))  # CPU smoke test of this script only

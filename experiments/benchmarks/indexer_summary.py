@@ -16,7 +16,8 @@ def fmt(v, nd=3):
 def main(paths: list[str]) -> None:
     for path in paths:
         try:
-            data = json.load(open(path))
+            with open(path) as f:
+                data = json.load(f)
         except (OSError, ValueError) as e:
             print(f"{path}: unreadable ({e})")
             continue

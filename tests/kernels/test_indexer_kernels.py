@@ -188,7 +188,7 @@ def test_default_chunk_bounds_the_score_block():
 def test_fp8_accumulation_interval_and_install():
   from jax._src.pallas.triton import lowering
 
-  from v4jax.kernels.indexer import fp8_accumulation as fa
+  from v4jax.kernels import fp8_accumulation as fa
   assert fa.max_imprecise_for(128) == 129 and fa.max_imprecise_for(64) == 65  # no promotion in the dot
   assert fa.max_imprecise_for(512) == 128  # promoted every 128 products
   fa.enable()

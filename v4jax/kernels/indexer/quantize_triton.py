@@ -110,9 +110,9 @@ def _mxfp4_rows_kernel(x_ref, h_ref, v_ref, s_ref, *, exact_fp32: bool, interpre
   s_ref[...] = _pow2(e_row)
 
 
-def quantize_rows(x: Float[Array, "... D"], quant: str, out_dtype=jnp.bfloat16, *,
+def quantize_rows(x: Float[Array, "*rows D"], quant: str, out_dtype=jnp.bfloat16, *,
                   block_rows: int = 64, interpret: bool = False
-                  ) -> tuple[Float[Array, "... D"], Float[Array, "..."]]:
+                  ) -> tuple[Float[Array, "*rows D"], Float[Array, "*rows"]]:
   """(E4M3 values in `out_dtype` (bf16 or float8_e4m3fn), fp32 row scales) of x's rows: the
   kernel-operand view of `quantize.quantize_rows` in one pass. D: a power of two (>= 32 for mxfp4)."""
   if quant not in ("fp8", "mxfp4"):

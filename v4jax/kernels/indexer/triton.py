@@ -37,7 +37,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 from jaxtyping import Array, Float, Int
 
-from v4jax.kernels.indexer import fp8_accumulation, quantize, quantize_triton, reference
+from v4jax.kernels import fp8_accumulation
+from v4jax.kernels.indexer import quantize, quantize_triton, reference
 
 _INT_MIN = -(2**31)
 NEVER = 2**31 - 1  # entry end of padded slots: no query ever sees them
