@@ -20,7 +20,7 @@ Usage: python experiments/benchmarks/fp4_decode_diagnose.py [--sizes 4096,7168] 
        [--smoke] (tiny shapes, interpret mode, CPU: checks this script only)
 """
 
-
+# ruff: noqa: B023  (closures are called inside the loop iteration that defines them)
 from __future__ import annotations
 
 import argparse
@@ -38,7 +38,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 sys.path.insert(0, os.path.dirname(__file__))
-import fp4_matmul as bench
+import fp4_matmul as bench  # the benchmark's timing and correctness helpers
 
 from v4jax import quant
 from v4jax.kernels.fp4_matmul import common, triton
@@ -135,7 +135,7 @@ def main():
             err = check() if check else None
             t = bench.per_call_seconds(fn, arg_sets, n1, n2)
             dev = bench.device_seconds(fn, arg_sets, reps=3 if args.smoke else 10)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001  a config that does not compile is reported and skipped
             row(stage=stage, shape=shape, config=config, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
             return None
         row(stage=stage, shape=shape, config=config, us=t * 1e6, packed_tbps=packed / t / 1e12, rel_err=err,
@@ -184,7 +184,7 @@ def main():
         if not args.no_mosaic:
             try:
                 from v4jax.kernels.fp4_matmul import mosaic_gpu
-            except Exception:
+            except Exception:  # noqa: BLE001
                 traceback.print_exc()
                 continue
             cfgs = [(dataclasses.replace(c, block_k=256), False) for c, _ in MOSAIC_CONFIGS[:1]] if args.smoke \

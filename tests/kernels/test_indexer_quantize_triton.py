@@ -1,5 +1,7 @@
-"""The fused Triton QK quantizer (interpret mode) gives the XLA quantizer's numbers bit for bit, on fresh
-random rows of several scales, for both modes, bf16 and fp32 inputs, and row counts that need padding."""
+"""The fused Triton QK quantizer (interpret mode) against the XLA quantizer: the same E4M3 bytes for fp8, the
+same values for mxfp4 (an exact zero's sign may differ, see quantize_triton), on random rows of many scales
+and on structured rows (zero, -0, constant, Hadamard rows, a zero 32-block beside a large one), for bf16 and
+fp32 inputs, several D and row counts that need padding."""
 
 import jax
 import jax.numpy as jnp
@@ -9,20 +11,44 @@ import pytest
 from v4jax.kernels.indexer import quantize, quantize_triton, triton
 
 
+def _rows(seed, d, dtype):
+  rng = np.random.default_rng(seed)
+  mags = 2.0 ** rng.integers(-20, 21, size=(37, 1))
+  random = rng.normal(size=(37, d)) * mags
+  h = quantize_triton.sylvester_hadamard(d)
+  zero_block = rng.normal(size=(1, d)) * 1e3
+  zero_block[0, : min(32, d)] = 0.0  # (for d = 32 the whole row is zero)
+  structured = np.concatenate([
+      np.zeros((1, d)), -np.zeros((1, d)),  # all +0, all -0
+      np.full((1, d), 2.0), np.full((1, d), -10.0), np.full((1, d), 3e-30),  # constant rows
+      100.0 * h[1:3], zero_block,
+      np.eye(d)[:2] * 7.0,  # one-hot rows
+  ])
+  x = np.concatenate([random, structured]).astype(np.float32)
+  return jnp.asarray(x.reshape(1, -1, d)).astype(dtype)
+
+
 @pytest.mark.parametrize("quant", ["fp8", "mxfp4"])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-def test_fused_quantizer_matches_xla_bit_for_bit(quant, dtype):
-  key = jax.random.PRNGKey(np.random.randint(1 << 30))
-  k1, k2 = jax.random.split(key)
-  # rows of very different magnitudes (per-row scales over 2^-20 .. 2^20), 3 x 37 rows: not a block multiple
-  mags = 2.0 ** jax.random.randint(k2, (3, 37, 1), -20, 21).astype(jnp.float32)
-  x = (jax.random.normal(k1, (3, 37, 128), jnp.float32) * mags).astype(dtype)
+@pytest.mark.parametrize("d", [32, 128, 256])
+def test_fused_quantizer_matches_xla(quant, dtype, d):
+  x = _rows(np.random.randint(1 << 30), d, dtype)
   ref_v, ref_s = quantize.quantize_rows(x, quant)
-  for out_dtype in (jnp.bfloat16, jnp.float8_e4m3fn):
+  ref_bytes = np.asarray(ref_v).view(np.uint8)
+  for out_dtype in (jnp.float8_e4m3fn, jnp.bfloat16):
     v, s = quantize_triton.quantize_rows(x, quant, out_dtype, interpret=True)
     assert v.dtype == out_dtype and v.shape == x.shape and s.shape == x.shape[:-1]
-    np.testing.assert_array_equal(np.asarray(v, np.float32), np.asarray(ref_v, np.float32))
+    vals = np.asarray(v.astype(jnp.float32))
+    assert not np.isnan(vals).any()
+    np.testing.assert_array_equal(vals, np.asarray(ref_v, np.float32))  # values (+0 == -0)
     np.testing.assert_array_equal(np.asarray(s), np.asarray(ref_s))
+    if out_dtype == jnp.float8_e4m3fn:
+      got_bytes = np.asarray(v).view(np.uint8)
+      differ = got_bytes != ref_bytes
+      if quant == "fp8":
+        assert not differ.any()  # bit for bit
+      else:  # only the sign of exact zeros may differ
+        assert np.all((got_bytes[differ] | ref_bytes[differ]) == 0x80)
 
 
 def test_sylvester_matrix_is_the_butterfly():
@@ -35,8 +61,11 @@ def test_sylvester_matrix_is_the_butterfly():
 def test_fused_quantizer_rejects_bad_input():
   with pytest.raises(ValueError, match="quant must be"):
     quantize_triton.quantize_rows(jnp.ones((4, 128)), "nvfp4", interpret=True)
-  with pytest.raises(ValueError, match="power of two"):
-    quantize_triton.quantize_rows(jnp.ones((4, 96)), "fp8", interpret=True)
+  for d in (96, 0):
+    with pytest.raises(ValueError, match="power of two"):
+      quantize_triton.quantize_rows(jnp.ones((4, d)), "fp8", interpret=True)
+  with pytest.raises(ValueError, match=">= 32 for mxfp4"):
+    quantize_triton.quantize_rows(jnp.ones((4, 16)), "mxfp4", interpret=True)
 
 
 @pytest.mark.parametrize("quant", ["fp8", "mxfp4"])

@@ -12,10 +12,12 @@ Same numbers as `quantize.quantize_rows` (then `quantize.e4m3_as_bf16` for bf16 
   * "mxfp4": Hadamard rotation as a dot with the +-1 Sylvester matrix (products exact, fp32
     accumulation) times D^-0.5, then per 32-block E8M0 scale 2^ceil(log2(amax / 6)), E2M1
     round-to-nearest-even by the same midpoint comparisons as `v4jax.quant.e2m1`, values divided by
-    the row's largest block scale and rounded to E4M3. The rotation sums in another order than the
-    butterfly, so a rotated value may differ in its last bit and, when it sits on an E2M1 midpoint,
-    round to the neighbouring code (rare: measured in the tests).
-Inputs are assumed finite (the XLA quantizer marks non-finite blocks NaN; this kernel does not).
+    the row's largest block scale and rounded to E4M3. Two differences are possible: the dot sums in
+    another order than the butterfly, so a rotated value may differ in its last bit (and, sitting on
+    an E2M1 midpoint, round to the neighbouring code); and an exact zero the rotation produces from
+    negative zeros is +0 here where the butterfly may give -0 (the same value). On the H200 the
+    benchmark found no differing value on any of its inputs (`experiments/benchmarks/indexer.py`).
+Inputs are assumed finite: the XLA quantizer makes a block with inf or NaN all NaN; this kernel does not.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ def sylvester_hadamard(n: int) -> np.ndarray:
 
 
 def _pow2(e):
-  """2**e for int32 e in the normal range, from the exponent bits (exact)."""
+  """2**e for int32 e in [-126, 127], from the exponent bits (exact); e = -127 gives 0."""
   return jax.lax.bitcast_convert_type(jnp.left_shift(e + 127, 23), jnp.float32)
 
 
@@ -57,12 +59,13 @@ def _ceil_log2(r):
 
 
 def _e2m1_round(y):
-  """y rounded to nearest-even E2M1 (saturating at 6), as a float32 value."""
+  """y rounded to nearest-even E2M1 (saturating at 6), as a float32 value; the sign bit is kept, so a
+  negative value that rounds to zero gives -0 (as `v4jax.quant.e2m1` does)."""
   mag = jnp.abs(y)
   r = jnp.zeros_like(mag)
   for mid, tie_up, step in _E2M1_STEPS:
     r = r + jnp.where((mag >= mid) if tie_up else (mag > mid), step, 0.0)
-  return jnp.where(y < 0, -r, r)
+  return jnp.where(jax.lax.bitcast_convert_type(y, jnp.int32) < 0, -r, r)
 
 
 def _divide(a, b, interpret: bool):
@@ -105,7 +108,9 @@ def _mxfp4_rows_kernel(x_ref, h_ref, v_ref, s_ref, *, exact_fp32: bool, interpre
     e_elem = jnp.where(block == b, e_b[:, None], e_elem)
     e_row = e_b if e_row is None else jnp.maximum(e_row, e_b)
   r = _e2m1_round(y * _pow2(-e_elem))  # y / 2^e exactly
-  v = r * _pow2(e_elem - e_row[:, None])  # relative to the row's largest block scale, exact
+  # relative to the row's largest block scale, exact; a block 2^127 or more below it (an all-zero block
+  # beside a large one) is +-0 in E4M3 anyway, and _pow2 only covers exponents >= -127 (2^-127 -> 0)
+  v = r * _pow2(jnp.maximum(e_elem - e_row[:, None], -127))
   v_ref[...] = v.astype(jnp.float8_e4m3fn).astype(v_ref.dtype)
   s_ref[...] = _pow2(e_row)
 
@@ -118,7 +123,7 @@ def quantize_rows(x: Float[Array, "*rows D"], quant: str, out_dtype=jnp.bfloat16
   if quant not in ("fp8", "mxfp4"):
     raise ValueError(f"quantize_triton: quant must be 'fp8' or 'mxfp4', got {quant!r}")
   *lead, d = x.shape
-  if d & (d - 1) or (quant == "mxfp4" and d < MX_BLOCK):
+  if d < 1 or d & (d - 1) or (quant == "mxfp4" and d < MX_BLOCK):
     raise ValueError(f"quantize_triton: last axis {d} must be a power of two (>= 32 for mxfp4)")
   rows = int(np.prod(lead, dtype=np.int64))
   br = min(block_rows, 1 << max(0, (rows - 1).bit_length()))
