@@ -18,8 +18,9 @@ merge per key tile would cost more than the QK product. Instead queries go in ch
      then ties at T by increasing entry index until k are taken (deterministic); the picks are
      compacted with a prefix sum and scattered. The score FLOPs are spent once (no second pass).
 
-Memory: O(S * topk) outputs plus one fp32 [B, chunk, W] row-block (<= 256 MiB by default); quantized modes quantize q one chunk at a time inside the same step, 2048 rows at a time
-(keys whole: N = S / ratio rows). Output order within a row:
+Memory: O(S * topk) outputs plus one fp32 [B, chunk, W] row-block (<= 256 MiB by default); quantized
+modes quantize q one chunk at a time inside the same step (the XLA quantizer 2048 rows at a time; keys
+whole: N = S / ratio rows). Output order within a row:
 increasing entry index (compare rows as sets); scores are those of the returned indices; unused slots
 hold idx -1 and score -inf. fp32 scores (not bf16) keep the selection exact, with no bf16 ties.
 Quantized modes: q and k are E4M3 values with one positive fp32 scale per row (see `quantize`), by
@@ -40,6 +41,7 @@ from jaxtyping import Array, Float, Int
 from v4jax.kernels import fp8_accumulation
 from v4jax.kernels.indexer import quantize, quantize_triton, reference
 
+fp8_accumulation.enable()  # FP8 dots: native accumulation over each head's D <= 128 products
 _INT_MIN = -(2**31)
 NEVER = 2**31 - 1  # entry end of padded slots: no query ever sees them
 SCORE_BLOCK_BYTES = 256 * 2**20  # default chunk: one fp32 score row-block of at most this size
@@ -144,8 +146,6 @@ def _scores_call(c0, q, w, k, kscale, qseg, kseg, kend, *, ratio, n_valid, block
   operands go to bf16 in registers before the dot (else FP8 operands take the FP8 dot)."""
   b, c, h, d = q.shape
   width = width or k.shape[1]
-  if q.dtype.itemsize == 1 and not widen and not interpret:
-    fp8_accumulation.enable()  # FP8 dots: native accumulation over the head's D <= 128 products
   kernel = functools.partial(_score_kernel, block_q=block_q, block_k=block_k, num_heads=h,
                              ratio=ratio, n_valid=n_valid, exact_fp32=q.dtype == jnp.float32,
                              widen=widen and q.dtype.itemsize == 1,
@@ -255,8 +255,8 @@ def _quantize_q_chunk(q_c, quant, operands, piece: int | None = None, quantizer=
           jnp.moveaxis(scale, 0, 1).reshape(b, c, h))
 
 
-def _prepare(q, w, k, ratio, segment_ids, quant, block_k, entry_end=None, quantize_q=True,
-             operands="bf16", quantizer="xla", interpret=False):
+def _prepare(q, w, k, ratio, segment_ids, quant, block_k, entry_end=None, quantize_q=True, *,
+             operands, quantizer="xla", interpret=False):
   """Kernel operands: low-precision q/k (in the `operands` format), folded weights, key scales,
   segments, entry ends (padded slots never visible); keys padded to a power of two >= block_k.
   `quantize_q=False` leaves q (and w) as given, for a caller that quantizes q per chunk
@@ -277,16 +277,17 @@ def _prepare(q, w, k, ratio, segment_ids, quant, block_k, entry_end=None, quanti
           jnp.pad(kend, pad_n, constant_values=NEVER))
 
 
-def default_chunk(s: int, n: int, block_q: int) -> int:
+def default_chunk(s: int, n: int, block_q: int, b: int = 1) -> int:
   """Query rows per chunk: the most (a power of two in [1024, 8192]) whose fp32 score row-block
-  [chunk, N_pad] fits SCORE_BLOCK_BYTES; at most S rounded up to block_q.
+  [B, chunk, N_pad] fits SCORE_BLOCK_BYTES; at most S rounded up to block_q. (Past the floor, at
+  B * N_pad > 2^16, the block is B * 1024 rows and exceeds the budget.)
 
   128K keeps 2048 rows (256 MiB); shorter sequences get fewer, larger launches: on the H200 (bf16 QK)
   8192 rows instead of 2048 raised the score kernels from 49% to 58% of the bf16 rate at S = 8K
   (one launch instead of four, three of them small) and from 67% to 70% at 32K. The 8192 cap bounds
   a quantized chunk's bf16 q operand (8192 x H x D)."""
-  fit = SCORE_BLOCK_BYTES // (4 * _next_pow2(max(n, 1)))
-  rows = max(1024, min(8192, 1 << (fit.bit_length() - 1)))
+  fit = SCORE_BLOCK_BYTES // (4 * max(b, 1) * _next_pow2(max(n, 1)))
+  rows = max(1024, min(8192, 1 << max(fit.bit_length() - 1, 0)))
   return _round_up(min(rows, _round_up(s, block_q)), block_q)
 
 
@@ -315,13 +316,14 @@ def indexer_topk(q: Float[Array, "B S H D"], w: Float[Array, "B S H"], k: Float[
         accumulate in fp32, a selection may differ in a near-tie: 99.99% of the picks agree). On the
         H200 with 2 heads per step: 68% / 82% of the FP8 rate at S = 8K / 32K.
     "bf16": the quantized values are written as bf16 (exact) and the score kernel is the bf16 one:
-        47% / 57% of the FP8 rate (59% / 71% of the bf16 rate).
+        46% / 57% of the FP8 rate (60% / 74% of the bf16 rate).
     "e4m3_widen": E4M3 in memory, widened to bf16 in registers before each dot (slowest).
   `heads_per_step`: None picks 2 for "e4m3" (0.209 against 0.226 ms at 8K) and 1 otherwise (2 was
   slower with bf16 dots, 0.36 against 0.31 ms).
   `quantizer`: "triton" (default) quantizes q and k in one fused pass per operand (`quantize_triton`,
-  the same numbers; on the H200 the XLA quantizer took 1.6 / 7.3 ms of 9 / 15 ms at S = 32K for fp8 /
-  mxfp4); "xla" runs `quantize.quantize_rows`.
+  the same values; on the H200 the XLA quantizer took 1.6 / 7.3 ms of 9 / 15 ms at S = 32K for fp8 /
+  mxfp4); "xla" runs `quantize.quantize_rows`. Only the XLA quantizer turns a row block holding inf or
+  NaN into NaN operands; the Triton one assumes finite q and k.
   `entry_end` / `score_dtype`: see `reference.indexer_topk`; with bf16 scores, ties (frequent) are
   broken by lower index, as lax.top_k does.
   """
@@ -333,20 +335,20 @@ def indexer_topk(q: Float[Array, "B S H D"], w: Float[Array, "B S H"], k: Float[
     heads_per_step = 2 if quant is not None and operands == "e4m3" else 1
   for name, v in (("H", h), ("D", d), ("block_q", block_q), ("block_k", block_k),
                   ("heads_per_step", heads_per_step)):
-    if v & (v - 1):
+    if v < 1 or v & (v - 1):
       raise ValueError(f"triton indexer: {name}={v} must be a power of two")
   if operands not in OPERANDS:
     raise ValueError(f"triton indexer: operands must be one of {OPERANDS}, got {operands!r}")
   if quantizer not in ("triton", "xla"):
     raise ValueError(f"triton indexer: quantizer must be 'triton' or 'xla', got {quantizer!r}")
-  # quantized modes quantize q inside each chunk's step, Q_QUANT_PIECE rows at a time: the whole-q
+  # quantized modes quantize q inside each chunk's step (the XLA quantizer Q_QUANT_PIECE rows at a time): the whole-q
   # prologue held fp32 copies of q (rotation, scales), 5.7 / 12.5 GiB at S = 128K on the H200 (session 2)
   q_per_chunk = quant is not None
   qlp, w_eff, klp, kscale, qseg, kseg, kend = _prepare(q, w, k, ratio, segment_ids, quant, block_k,
                                                        entry_end, quantize_q=not q_per_chunk,
                                                        operands=operands, quantizer=quantizer,
                                                        interpret=interpret)
-  chunk = default_chunk(s, n, block_q) if chunk is None else chunk
+  chunk = default_chunk(s, n, block_q, b) if chunk is None else chunk
   chunk = _round_up(min(chunk, _round_up(s, block_q)), block_q)
   s_pad = _round_up(s, chunk)
   if s_pad != s:  # (no copy of q when S is a multiple of the chunk)
