@@ -54,9 +54,6 @@ KERNEL_CONFIGS = [  # (block_m, block_n, block_k, split_k, num_warps, num_stages
     B(16, 32, 512, 2, 8, 3, "asm", fuse_x=True),
     B(16, 32, 512, 2, 4, 3, "asm"),
     B(16, 32, 512, 2, 4, 3, "jnp", fuse_x=True),
-    B(16, 32, 512, 4, 4, 3, "asm", prefetch=True),  # next K tile loaded before this one's decode
-    B(16, 64, 256, 4, 4, 3, "asm", fuse_x=True, prefetch=True),
-    B(16, 64, 512, 2, 4, 3, "asm", fuse_x=True, prefetch=True),
 ]
 PROBE_CONFIGS = [  # block_n, block_k, split_k, num_warps for the load / decode probes
     B(16, 32, 1024, 1, 4, 3),

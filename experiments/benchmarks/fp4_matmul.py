@@ -141,8 +141,6 @@ B = BlockConfig  # (block_m, block_n, block_k, split_k, num_warps, num_stages, d
 DECODE_CONFIGS = [  # M = 16 (one MMA row block); M = 1 and 8 also try their FMA configs below
     B(16, 32, 512, 4, 4, 3, "asm"),  # session 3's device-timed winner at 4096 (13.5 us)
     B(16, 64, 256, 4, 4, 3, "asm", fuse_x=True),  # the diagnose run's best at both sizes (13.4 / 30.2 us)
-    B(16, 32, 512, 4, 4, 3, "asm", prefetch=True),  # the same with the next K tile loaded ahead (not run yet)
-    B(16, 64, 256, 4, 4, 3, "asm", fuse_x=True, prefetch=True),
     B(16, 32, 1024, 1, 4, 3, "asm", fuse_x=True),  # session 2's wall-clock winner (19.4 us on the device)
 ]
 FMA_CONFIGS = {  # CUDA-core decode of 1 or 8 rows
@@ -178,7 +176,6 @@ MOSAIC_PREFILL_CONFIGS = [
 ]
 GROUPED_DECODE_CONFIGS = [
     B(16, 128, 256, 1, 4, 3, "asm", True),
-    B(16, 128, 256, 1, 4, 3, "asm", True, prefetch=True),  # not run yet (session 3 ran out of device time)
     B(16, 64, 512, 1, 4, 3, "asm", True),
     B(16, 64, 256, 1, 4, 3, "asm"),
 ]

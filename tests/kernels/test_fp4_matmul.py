@@ -65,20 +65,20 @@ def test_dense_split_k_and_xla_path():
 
 
 @pytest.mark.parametrize("cfg", [
-    dict(block_m=16, block_n=32, block_k=64, split_k=1),  # 4 K steps: prefetch of steps 1..3, last reloads
-    dict(block_m=16, block_n=32, block_k=256, split_k=1),  # one K step: nothing ahead to prefetch
-    dict(block_m=16, block_n=32, block_k=64, split_k=2, fuse_x=True),  # 2 steps per split
+    dict(block_m=16, block_n=32, block_k=64, split_k=1),  # 4 K steps
+    dict(block_m=16, block_n=32, block_k=256, split_k=1),  # one K step
+    dict(block_m=16, block_n=32, block_k=64, split_k=2, fuse_x=True),  # 2 steps per split, x planes in the kernel
     dict(block_m=4, block_n=16, block_k=64, split_k=2),  # the CUDA-core (FMA) path
 ])
-def test_dense_prefetch_matches_reference(cfg):
-    """prefetch=True (the next K step's words loaded before this one's decode) computes the same product."""
+def test_dense_tilings_match_reference(cfg):
+    """Several K-step counts, splits, fuse_x and the FMA path compute the same product."""
     from v4jax.kernels.fp4_matmul import triton
 
     kx, kw = jax.random.split(jax.random.key(np.random.randint(1 << 30)))
     x = jax.random.normal(kx, (20, 256), jnp.float32)
     w = _weight(kw, (64, 256))
     ref = _ref_dense(x, w)
-    y = triton.dense(x, w.values, w.scales, cfg=block_sizes.BlockConfig(**cfg, prefetch=True), interpret=True)
+    y = triton.dense(x, w.values, w.scales, cfg=block_sizes.BlockConfig(**cfg), interpret=True)
     assert _rel(y, ref) < 1e-5
 
 
@@ -101,15 +101,15 @@ def test_grouped_matches_reference(implementation):
 
 
 @pytest.mark.parametrize("swap_ab", [False, True])
-def test_grouped_prefetch_matches_reference(swap_ab):
-    """The grouped kernel with prefetch=True (4 K steps per tile) equals the float reference, empty groups too."""
+def test_grouped_k_steps_match_reference(swap_ab):
+    """The grouped kernel with 4 K steps per tile equals the float reference, empty groups too."""
     from v4jax.kernels.fp4_matmul import triton
 
     kx, kw = jax.random.split(jax.random.key(np.random.randint(1 << 30)))
     sizes = np.array([5, 0, 19, 3])
     x = jax.random.normal(kx, (int(sizes.sum()), 256), jnp.float32)
     w = _weight(kw, (4, 64, 256))
-    cfg = block_sizes.BlockConfig(block_m=16, block_n=32, block_k=64, swap_ab=swap_ab, prefetch=True)
+    cfg = block_sizes.BlockConfig(block_m=16, block_n=32, block_k=64, swap_ab=swap_ab)
     y = triton.grouped(x, w.values, w.scales, jnp.asarray(sizes, jnp.int32), cfg=cfg, interpret=True)
     assert _rel(y, _ref_grouped(x, w, sizes)) < 1e-5
 

@@ -29,10 +29,6 @@ class BlockConfig:
     decode: str = "jnp"  # "jnp" (shifts and masks, runs everywhere) or "asm" (bf16x2 PTX, GPU only)
     swap_ab: bool = False  # compute y.T = W x.T so the decoded weights are the MMA's register operand
     fuse_x: bool = False  # dense: read x's column planes in the kernel (strided) instead of an XLA transpose
-    # dense and grouped: load the next K tile's words and scales before decoding this one (register double buffer), so
-    # the loads' latency overlaps the decode and the dots. Triton pipelines only loads that feed a dot
-    # (through shared memory); these feed the decode, so without it each K step waits for its own loads.
-    prefetch: bool = False
 
     def fit(self, m: int, n: int, k: int) -> BlockConfig:
         """The config shrunk to divide the shape: bn | N and bk | K (powers of two), split | K/bk, bm <= M's pow2."""
