@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# The GPU runs the open issues still need, one argument per run, each bounded to fit one device call (10 min).
+# The GPU runs for the open issues (and the re-measurement of resolved ones), one argument per run, each bounded
+# to fit one device call (10 min).
 # Results go under $OUT (the device tool's output folder). Source setup_env.sh first, e.g. in one call:
 #   source scripts/gpu/setup_env.sh && bash scripts/gpu/pending_runs.sh fp4
 #   ep N      issue 8, on a machine of N = 2 or 4 GPUs: real-GPU parity and step times at expert = 1 .. N, every
 #             dispatch mode (expert GEMMs on XLA: tokamax's per-shape compiles ate a whole call in session 3),
 #             then the multi-process launcher (N processes, one GPU each).
-#   fp4       issue 6: the decode stage breakdown with the prefetch configs (not run yet), device-timed.
-#   indexer   issue 7: the score kernels' device-timed rate at 8K (quantizers, chunks, tile sweep), then
-#             refined quantized selection at 32K / 128K (fused quantizer, default chunks), stage by stage.
+#   fp4       issue 6: the dense decode stage breakdown (load, decode, kernel, Mosaic, XLA), device-timed.
+#   indexer   issue 7 (resolved in session 4; re-measure after indexer changes): the score kernels' rate at 8K
+#             (quantizers, chunks, tile sweep), then refined quantized selection at 32K / 128K, by stage.
 set -uo pipefail
 OUT=${OUT:-./gpu_out}; mkdir -p "$OUT"
 case "${1:-}" in
