@@ -21,10 +21,11 @@ For S in {8K, 32K, 128K} (N = S/4, H = 64, D = 128, topk = 512, ratio = 4, B = 1
     range, no NaN, scores equal to the fp32 recomputation of their idx within the dtype's band.
 Usage: python experiments/benchmarks/indexer.py [--sizes 8192,32768,131072] [--inputs random,structured]
        [--set full|refine|scores|fp8mma] [--no-scores] [--sweep] [--out DIR]
-(`--set refine`: bf16, fp8, mxfp4 and their refined variants only; `--set scores`: chunks and quantizers,
-the bf16 dot, no refine; `--set fp8mma`: the FP8 dot against the bf16 dot on the same E4M3 values, and tiles; `--sweep`: also other score-kernel tiles at chunk 2048 and 8192; `--no-scores`: skip
-the device-time trace; structured inputs skip the XLA timing and reuse the random run's XLA time of
-the same S.) Rows are saved as they come.
+(`--set refine`: bf16, fp8, mxfp4 and their refined variants only; `--set scores`: chunks, quantizers and
+the bf16 dot, no refine; `--set fp8mma`: the FP8 dot against the bf16 dot on the same E4M3 values, and
+tiles; `--sweep`: also other score-kernel tiles at the default chunk; `--no-scores`: skip the device-time
+trace; structured inputs skip the XLA timing and reuse the random run's XLA time of the same S.)
+Rows are saved as they come.
 Writes a markdown table to stdout and DIR/indexer_table.md, and JSON rows to DIR/indexer.json.
 """
 
@@ -302,8 +303,8 @@ def run_refined(row, q, w, k, quant, candidates, reps, xla_ms, flops, rows) -> d
 def table(results, rates) -> str:
   cols = ["S", "inputs", "impl", "quant", "cfg", "ms", "speedup_vs_xla", "device_ms", "device_speedup_vs_xla",
           "scores_ms", "select_ms", "quantize_ms", "refine_kernel_ms", "other_ms", "refine_ms", "refine_xla_ms",
-          "scores_TFLOP/s", "scores_%peak", "recall", "recall_vs_quant_ref", "score_rel_err", "temp_MiB", "written",
-          "value_mismatch", "scale_mismatches", "fused_quantize_ms", "xla_quantize_ms", "error"]
+          "scores_TFLOP/s", "scores_%peak", "recall", "recall_vs_quant_ref", "score_rel_err", "temp_MiB",
+          "written", "value_mismatch", "scale_mismatches", "fused_quantize_ms", "xla_quantize_ms", "error"]
   lines = [(f"matmul ceilings measured in this run: bf16 {rates['bf16']:.0f} TFLOP/s, "
            f"fp8 {rates['fp8']:.0f} TFLOP/s"), "",
            "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]

@@ -341,8 +341,8 @@ def indexer_topk(q: Float[Array, "B S H D"], w: Float[Array, "B S H"], k: Float[
     raise ValueError(f"triton indexer: operands must be one of {OPERANDS}, got {operands!r}")
   if quantizer not in ("triton", "xla"):
     raise ValueError(f"triton indexer: quantizer must be 'triton' or 'xla', got {quantizer!r}")
-  # quantized modes quantize q inside each chunk's step (the XLA quantizer Q_QUANT_PIECE rows at a time): the whole-q
-  # prologue held fp32 copies of q (rotation, scales), 5.7 / 12.5 GiB at S = 128K on the H200 (session 2)
+  # quantized modes quantize q inside each chunk's step (the XLA quantizer Q_QUANT_PIECE rows at a time):
+  # the whole-q prologue held fp32 copies of q (rotation, scales), 5.7 / 12.5 GiB at 128K (session 2)
   q_per_chunk = quant is not None
   qlp, w_eff, klp, kscale, qseg, kseg, kend = _prepare(q, w, k, ratio, segment_ids, quant, block_k,
                                                        entry_end, quantize_q=not q_per_chunk,
