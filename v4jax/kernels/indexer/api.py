@@ -10,7 +10,10 @@ defaults to ratio*(s+1)-1 (the ratio form); entries compacted per document pass 
 (>= S for unused slots), see `reference`. Returns idx [B,S,topk]
 int32 (-1 when fewer than topk entries are visible) and scores [B,S,topk] fp32 (-inf there).
 The order of the entries within a row depends on the backend (xla / mosaic_tpu: by decreasing
-score; triton: by increasing index): compare rows as sets; scores always belong to their idx.
+score; triton / mosaic_gpu: by increasing index): compare rows as sets; scores always belong to their idx.
+Backends: "triton" (the GPU default, measured on the H200), "mosaic_gpu" (its pipeline with a Mosaic GPU
+score kernel in bf16; interpreter-tested and lowered for CUDA, not yet run on a GPU), "mosaic_tpu"
+(interpret-tested), "xla" (the reference).
 quant: None (QK in the input dtype, fp32 accumulation), "fp8" (E4M3, per-row scales) or "mxfp4"
 (Hadamard-rotated, MXFP4; on Hopper E4M3 values on FP8 tensor cores, see `triton.indexer_topk(operands=...)`).
 `candidates` (static int >= topk, or None): refined selection. The backend picks `candidates` entries
@@ -54,8 +57,9 @@ def _pick(implementation: str | None, platform: str, interpret: bool, h: int, d:
     if platform == "tpu":
       return "mosaic_tpu"
     return "xla"
-  if implementation == "mosaic_gpu":
-    warnings.warn("indexer: no mosaic_gpu backend yet; falling back to 'xla' (use 'triton' on GPU)")
+  if implementation == "mosaic_gpu" and not (triton_ok and d % 64 == 0):
+    warnings.warn(f"indexer: mosaic_gpu needs a GPU (or interpret=True), power-of-two H and D % 64 == 0 "
+                  f"(got H={h}, D={d}, platform={platform}); falling back to 'xla'")
     return "xla"
   if implementation == "triton" and not triton_ok:
     warnings.warn(f"indexer: triton needs a GPU (or interpret=True) and power-of-two H, D >= 16 "
@@ -86,7 +90,7 @@ def indexer_topk(q: Float[Array, "B S H D"], w: Float[Array, "B S H"], k: Float[
       raise ValueError(f"candidates must be an int >= topk={topk} or None, got {candidates!r}")
     cand, _ = indexer_topk(q, w, k, candidates, ratio, segment_ids, quant, impl, interpret,
                            entry_end=entry_end, score_dtype=score_dtype)
-    if impl == "triton":
+    if impl in ("triton", "mosaic_gpu"):
       from v4jax.kernels.indexer import refine_triton
       return refine_triton.refine_topk(q, w, k, cand, topk, interpret=interpret)
     return refine.refine_topk(q, w, k, cand, topk)
@@ -94,6 +98,9 @@ def indexer_topk(q: Float[Array, "B S H D"], w: Float[Array, "B S H"], k: Float[
   if impl == "triton":
     from v4jax.kernels.indexer import triton
     return triton.indexer_topk(q, w, k, topk, ratio, segment_ids, quant, interpret=interpret, **opts)
+  if impl == "mosaic_gpu":
+    from v4jax.kernels.indexer import mosaic_gpu
+    return mosaic_gpu.indexer_topk(q, w, k, topk, ratio, segment_ids, quant, interpret=interpret, **opts)
   if impl == "mosaic_tpu":
     from v4jax.kernels.indexer import mosaic_tpu
     return mosaic_tpu.indexer_topk(q, w, k, topk, ratio, segment_ids, quant, interpret=interpret,

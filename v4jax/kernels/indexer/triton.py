@@ -303,7 +303,7 @@ def indexer_topk(q: Float[Array, "B S H D"], w: Float[Array, "B S H"], k: Float[
                  score_dtype=jnp.float32, interpret: bool = False, chunk: int | None = None,
                  block_q: int = 64, block_k: int = 128, num_warps: int = 4, num_stages: int = 3,
                  operands: str = "e4m3", quantizer: str = "triton", heads_per_step: int | None = None,
-                 select_elems: int = 16384
+                 select_elems: int = 16384, scores_call=None
                  ) -> tuple[Int[Array, "B S topk"], Float[Array, "B S topk"]]:
   """Top-k visible entries per query by the two-kernel pipeline above; see `reference.indexer_topk`.
 
@@ -325,7 +325,8 @@ def indexer_topk(q: Float[Array, "B S H D"], w: Float[Array, "B S H"], k: Float[
   mxfp4); "xla" runs `quantize.quantize_rows`. Only the XLA quantizer turns a row block holding inf or
   NaN into NaN operands; the Triton one assumes finite q and k.
   `entry_end` / `score_dtype`: see `reference.indexer_topk`; with bf16 scores, ties (frequent) are
-  broken by lower index, as lax.top_k does.
+  broken by lower index, as lax.top_k does. `scores_call`: another score kernel with `_scores_call`'s
+  contract (the Mosaic GPU backend passes its own); None is this module's.
   """
   reference.check_inputs(q, w, k, topk, ratio)
   quantize.check_quant(quant)
@@ -365,7 +366,7 @@ def indexer_topk(q: Float[Array, "B S H D"], w: Float[Array, "B S H"], k: Float[
       q_c, q_scale = _quantize_q_chunk(q_c, quant, operands, quantizer=quantizer,
                                        interpret=interpret)
       w_c = w_c * q_scale
-    scores = _scores_call(c0_arr, q_c, w_c, klp, kscale, sl(qseg), kseg, kend,
+    scores = (scores_call or _scores_call)(c0_arr, q_c, w_c, klp, kscale, sl(qseg), kseg, kend,
                           ratio=ratio, n_valid=n, block_q=block_q, block_k=block_k,
                           num_warps=num_warps, num_stages=num_stages, interpret=interpret,
                           width=width, widen=operands == "e4m3_widen",
