@@ -20,10 +20,10 @@ For S in {8K, 32K, 128K} (N = S/4, H = 64, D = 128, topk = 512, ratio = 4, B = 1
   * correctness guards: every output slot written (-1 count equals topk minus visible count), idx in
     range, no NaN, scores equal to the fp32 recomputation of their idx within the dtype's band.
 Usage: python experiments/benchmarks/indexer.py [--sizes 8192,32768,131072] [--inputs random,structured]
-       [--set full|refine|scores|fp8mma] [--no-scores] [--sweep] [--out DIR]
+       [--set full|refine|scores|fp8mma|mosaic] [--no-scores] [--sweep] [--out DIR]
 (`--set refine`: bf16, fp8, mxfp4 and their refined variants only; `--set scores`: chunks, quantizers and
 the bf16 dot, no refine; `--set fp8mma`: the FP8 dot against the bf16 dot on the same E4M3 values, and
-tiles; `--sweep`: also other score-kernel tiles at the default chunk; `--no-scores`: skip the device-time
+tiles; `--set mosaic`: the Mosaic GPU score kernel against the Triton one; `--sweep`: also other score-kernel tiles at the default chunk; `--no-scores`: skip the device-time
 trace; structured inputs skip the XLA timing and reuse the random run's XLA time of the same S.)
 Rows are saved as they come.
 Writes a markdown table to stdout and DIR/indexer_table.md, and JSON rows to DIR/indexer.json.
@@ -46,7 +46,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from v4jax.kernels import indexer as indexer_api
-from v4jax.kernels.indexer import quantize, reference, refine, refine_triton, triton
+from v4jax.kernels.indexer import (
+  mosaic_gpu,
+  quantize,
+  reference,
+  refine,
+  refine_triton,
+  triton,
+)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from device_timing import device_events, matching
@@ -247,8 +254,10 @@ def run_size(s, rates, results, variants, reps, quants, kind="random", xla_times
       print(json.dumps(results[-1]), flush=True)
       on_row()
       continue
+    row["impl"] = var.pop("backend", "triton")
+    backend = mosaic_gpu.indexer_topk if row["impl"] == "mosaic_gpu" else triton.indexer_topk
     try:
-      e2e = jax.jit(functools.partial(triton.indexer_topk, topk=TOPK, ratio=RATIO, quant=quant,
+      e2e = jax.jit(functools.partial(backend, topk=TOPK, ratio=RATIO, quant=quant,
                                       interpret=INTERPRET, **var)).lower(q, w, k).compile()
       ma = e2e.memory_analysis()  # one compile serves the timing and the memory figure
       row["temp_MiB"] = (ma.temp_size_in_bytes + ma.output_size_in_bytes) / 2**20 if ma else None
@@ -324,7 +333,7 @@ def main():
   ap.add_argument("--quants", default="none,fp8,mxfp4")
   ap.add_argument("--reps", type=int, default=10)
   ap.add_argument("--inputs", default="random")
-  ap.add_argument("--set", default="full", choices=("full", "refine", "scores", "fp8mma"))
+  ap.add_argument("--set", default="full", choices=("full", "refine", "scores", "fp8mma", "mosaic"))
   ap.add_argument("--no-scores", action="store_true")
   ap.add_argument("--out", default=os.environ.get("OUT", "."))
   args = ap.parse_args()
@@ -345,6 +354,9 @@ def main():
     variants = [(None, {}), ("fp8", {"operands": "bf16"}), ("fp8", {"heads_per_step": 1}), ("mxfp4", {}),
                 ("fp8", {"num_stages": 4}), ("fp8", {"block_k": 256, "num_warps": 8}),
                 ("fp8", {"block_q": 128, "num_warps": 8}), ("fp8", {})]
+  if args.set == "mosaic":  # the Mosaic GPU score kernel against the Triton one, same pipeline
+    variants = [(None, {}), (None, {"backend": "mosaic_gpu"}), ("fp8", {"operands": "bf16"}),
+                ("fp8", {"backend": "mosaic_gpu"})]
   if args.sweep:  # score-kernel tiles at the default chunk (session 4's first sweep, bf16 dots at 8K:
     # heads_per_step 2 / 4, 8 warps, 128 x 64 tiles were slower than 64 x 128, 4 warps; 4 stages tied)
     variants += [(q_, cfg) for q_ in (None, "fp8")
