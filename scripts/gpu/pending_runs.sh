@@ -9,6 +9,7 @@
 #   fp4       issue 6: the dense decode stage breakdown (load, decode, kernel, Mosaic, XLA), device-timed.
 #   indexer   issue 7 (resolved in session 4; re-measure after indexer changes): the score kernels' rate at 8K
 #             (quantizers, chunks, tile sweep), then refined quantized selection at 32K / 128K, by stage.
+#   mosaic    issue 7's Mosaic GPU score kernel (never run on a GPU): checked and timed against Triton at 8K / 32K.
 set -uo pipefail
 OUT=${OUT:-./gpu_out}; mkdir -p "$OUT"
 case "${1:-}" in
@@ -27,7 +28,7 @@ import json
 for l in open('$OUT/diag.log'):
     if l.startswith('{'):
         r = json.loads(l); c = r.get('config') or {}
-        print(r['stage'], r.get('shape'), {k: c[k] for k in ('block_n', 'block_k', 'split_k', 'fuse_x', 'prefetch') if k in c},
+        print(r['stage'], r.get('shape'), {k: c[k] for k in ('block_n', 'block_k', 'split_k', 'fuse_x') if k in c},
               'device us', r.get('device_us') and round(r['device_us'], 1), r.get('error', '')[:100])" ;;
   indexer)
     timeout 200 python3 experiments/benchmarks/indexer.py --sizes 8192 --set scores --sweep --reps 5 \
@@ -35,5 +36,9 @@ for l in open('$OUT/diag.log'):
     timeout 340 python3 experiments/benchmarks/indexer.py --sizes 32768,131072 --set refine --reps 5 \
       --out "$OUT/refine" > "$OUT/indexer_refine.log" 2>&1; echo "refine rc=$?"
     python3 experiments/benchmarks/indexer_summary.py "$OUT"/s8k/indexer.json "$OUT"/refine/indexer.json ;;
-  *) echo "usage: pending_runs.sh ep N | fp4 | indexer" >&2; exit 2 ;;
+  mosaic)
+    timeout 400 python3 experiments/benchmarks/indexer.py --sizes 8192,32768 --set mosaic --quants none,fp8 \
+      --reps 5 --out "$OUT/mosaic" > "$OUT/mosaic.log" 2>&1; echo "rc=$?"
+    python3 experiments/benchmarks/indexer_summary.py "$OUT"/mosaic/indexer.json ;;
+  *) echo "usage: pending_runs.sh ep N | fp4 | indexer | mosaic" >&2; exit 2 ;;
 esac

@@ -58,9 +58,10 @@ def _pick(implementation: str | None, platform: str, interpret: bool, h: int, d:
       return "mosaic_tpu"
     return "xla"
   if implementation == "mosaic_gpu" and not (triton_ok and d % 64 == 0):
+    fallback = "triton" if triton_ok else "xla"  # the same pipeline and output order when it can run
     warnings.warn(f"indexer: mosaic_gpu needs a GPU (or interpret=True), power-of-two H and D % 64 == 0 "
-                  f"(got H={h}, D={d}, platform={platform}); falling back to 'xla'")
-    return "xla"
+                  f"(got H={h}, D={d}, platform={platform}); falling back to {fallback!r}")
+    return fallback
   if implementation == "triton" and not triton_ok:
     warnings.warn(f"indexer: triton needs a GPU (or interpret=True) and power-of-two H, D >= 16 "
                   f"(got H={h}, D={d}, platform={platform}); falling back to 'xla'")

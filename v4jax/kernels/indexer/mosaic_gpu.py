@@ -24,6 +24,7 @@ picks Triton on GPU unless "mosaic_gpu" is asked for.
 from __future__ import annotations
 
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -90,11 +91,14 @@ def _kernel(q_gmem, w_gmem, k_gmem, ks_gmem, kseg_gmem, kend_gmem, qpos_gmem, ql
 
 
 def scores_call(c0, q, w, k, kscale, qseg, kseg, kend, *, ratio, n_valid, interpret, width=None,
-                score_dtype=jnp.float32, **_triton_only):
+                score_dtype=jnp.float32, block_q=BQ, block_k=BK, **_triton_only):
   """Masked fp32 scores of one query chunk against entries [0, width): [B, C, width], the contract of
-  `triton._scores_call` (whose tiling and warp arguments do not apply here)."""
+  `triton._scores_call` (its warp and stage arguments do not apply here; the tiles must be BQ x BK)."""
   b, c, h, d = q.shape
   width = width or k.shape[1]
+  if (block_q, block_k) != (BQ, BK) or c % BQ or width % BK:
+    raise ValueError(f"mosaic_gpu indexer: tiles {BQ} x {BK} need chunk % {BQ} == 0 and width % {BK} == 0, "
+                     f"got blocks {block_q} x {block_k}, chunk {c}, width {width}")
   qh = jnp.moveaxis(q.astype(jnp.bfloat16), 2, 1)  # [B, H, C, D]: one TMA tile per head
   wh = jnp.moveaxis(w.astype(jnp.float32), 2, 1)  # [B, H, C]
   qpos = c0[0] + jnp.arange(c, dtype=jnp.int32)  # [C] absolute query positions
@@ -127,6 +131,9 @@ def indexer_topk(q: Float[Array, "B S H D"], w: Float[Array, "B S H"], k: Float[
   d = q.shape[-1]
   if d % 64:
     raise ValueError(f"mosaic_gpu indexer: D={d} must be a multiple of 64 (128-byte shared-memory rows)")
+  if quant is None and jnp.float32 in (q.dtype, k.dtype):
+    warnings.warn("mosaic_gpu indexer: float32 q / k are rounded to bf16 for the wgmma (the triton backend "
+                  "keeps float32 QK); picks can differ from float32 selection in near-ties")
   return triton.indexer_topk(q, w, k, topk, ratio, segment_ids, quant, entry_end=entry_end,
                              score_dtype=score_dtype, interpret=interpret, chunk=chunk, block_q=BQ,
                              block_k=BK, operands="bf16", select_elems=select_elems,
