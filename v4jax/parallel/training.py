@@ -28,6 +28,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from v4jax.parallel import shardings as sh
 from v4jax.parallel.dispatch import check_dispatch, moe_dispatch
+from v4jax.parallel.distributed import compile_in_step
 from v4jax.parallel.mesh import make_mesh
 from v4jax.parallel.rules import ShardingRules
 
@@ -58,7 +59,7 @@ class MeshPlan:
         """(state, its shardings): `create_fn()` (no arguments) run under jit straight into its shardings."""
         abstract = jax.eval_shape(create_fn)
         shardings = self.state_shardings(abstract)
-        return jax.jit(create_fn, out_shardings=shardings)(), shardings
+        return compile_in_step(jax.jit(create_fn, out_shardings=shardings), "init_state")(), shardings
 
     def place(self, tree: Any, shardings: Any) -> Any:
         """Moves an existing (e.g. restored or single-device) tree onto the mesh."""
@@ -95,15 +96,17 @@ class MeshPlan:
             out[k] = jax.make_array_from_process_local_data(shardings[k], np.asarray(v), shape)
         return out
 
-    def jit_step(self, step_fn: Callable, state_shardings: Any, donate: bool = True) -> Callable:
-        """`step_fn(state, *args) -> (state, metrics)` jitted for the mesh (state donated, layout kept)."""
+    def jit_step(self, step_fn: Callable, state_shardings: Any, donate: bool = True,
+                 name: str = "train_step") -> Callable:
+        """`step_fn(state, *args) -> (state, metrics)` jitted for the mesh (state donated, layout kept);
+        in a multi-process run each new signature compiles, then waits for all processes (`compile_in_step`)."""
 
         def constrained(state, *args):
             new_state, metrics = step_fn(state, *args)
             return jax.lax.with_sharding_constraint(new_state, state_shardings), metrics
 
         jitted = jax.jit(constrained, donate_argnums=0 if donate else ())
-        return self.under_mesh(jitted)
+        return self.under_mesh(compile_in_step(jitted, name))
 
     def under_mesh(self, fn: Callable) -> Callable:
         """`fn` called (and so traced) with this mesh and dispatch mode set: the MoE layers then run

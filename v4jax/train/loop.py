@@ -22,6 +22,7 @@ import ml_collections
 import numpy as np
 
 from v4jax import config as config_lib
+from v4jax.parallel.distributed import compile_in_step
 from v4jax.parallel.mesh import mesh_shape
 from v4jax.parallel.training import MeshPlan
 from v4jax.train import checkpoint as ckpt_lib
@@ -123,8 +124,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
         model, tx, lr_schedule=schedule, mtp_weight=mtp_weight_fn(t, decay_start),
         balance_loss_weight=float(t.balance_loss_weight), router_bias_speed=float(t.router_bias_speed),
         skip_nonfinite=bool(config.stability.skip_nonfinite), qat_factor=qat_factor, **bias_fns), state_shardings)
-    eval_step = plan.under_mesh(jax.jit(make_eval_step(model, qat_factor)))
-    route_step = plan.under_mesh(jax.jit(make_route_step(model)))
+    eval_step = plan.under_mesh(compile_in_step(jax.jit(make_eval_step(model, qat_factor)), "eval_step"))
+    route_step = plan.under_mesh(compile_in_step(jax.jit(make_route_step(model)), "route_step"))
 
     detector, anticipation = SpikeDetector(config.stability), AnticipationController(config.stability)
     # several processes: each keeps its block of every global train batch (put_batch(..., process_local=True));

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from v4jax.parallel.distributed import compile_in_step
+
 
 def sample_text(model: Any, variables: dict[str, Any], tokenizer: Any, prompt: str, num_tokens: int, *,
                 temperature: float = 0.0, seed: int = 0, max_len: int | None = None) -> str:
@@ -39,6 +41,7 @@ def sample_text(model: Any, variables: dict[str, Any], tokenizer: Any, prompt: s
             return jax.random.categorical(rng, last / temperature)
         return jnp.argmax(last)
 
+    next_token = compile_in_step(next_token, "sample")  # multi-process: compile, then start together
     rng = jax.random.PRNGKey(seed)
     cur = len(prompt_ids)
     out: list[int] = []
