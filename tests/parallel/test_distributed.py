@@ -1,5 +1,8 @@
-"""When `jax.distributed.initialize()` is called: only for a job launched as several processes."""
+"""When `jax.distributed.initialize()` is called (only for a job launched as several processes), and how
+multi-process runs align the processes after compiling each step (`compile_in_step`)."""
 
+import jax
+import numpy as np
 import pytest
 
 from v4jax.parallel import distributed
@@ -49,3 +52,45 @@ def test_process_row_range():
     assert process_row_range([(slice(None), slice(None))], 8) == (0, 8)  # replicated over the batch
     with pytest.raises(ValueError, match=r"^put_batch: this process's devices hold rows \[0, 1, 4, 5\] .*$"):
         process_row_range([(slice(0, 2),), (slice(4, 6),)], 8)
+
+
+class _FakeJit:
+    """Stands in for a jax.jit function: counts ahead-of-time compiles and calls."""
+
+    def __init__(self):
+        self.compiles, self.calls = [], 0
+
+    def lower(self, *args, **kwargs):
+        outer = self
+
+        class _Lowered:
+            def compile(self):
+                outer.compiles.append(args)
+
+        return _Lowered()
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return sum(np.sum(a) for a in args)
+
+
+def test_compile_in_step_aligns_processes_once_per_signature(monkeypatch):
+    barriers = []
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(distributed, "wait_for_all_processes", barriers.append)
+    fake = _FakeJit()
+    step = distributed.compile_in_step(fake, "train_step")
+    a, b = np.ones((2, 3), np.float32), np.ones((4, 3), np.float32)
+    step(a, 1)
+    step(a, 2)  # same signature: Python ints trace like arrays, no new compile
+    step(b, 1)  # new shape: compiles, then waits again
+    step(a.astype(np.int32), 1)  # new dtype
+    assert len(fake.compiles) == 3 and fake.calls == 4
+    assert barriers == ["v4jax_compiled_train_step_0", "v4jax_compiled_train_step_1",
+                        "v4jax_compiled_train_step_2"]
+
+
+def test_compile_in_step_is_a_plain_call_in_one_process():
+    fake = _FakeJit()
+    step = distributed.compile_in_step(fake, "eval_step")
+    assert step(np.ones(3)) == 3 and fake.compiles == [] and fake.calls == 1
