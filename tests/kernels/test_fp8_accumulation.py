@@ -2,12 +2,9 @@
 CPU (a fake sm_90 device), the dot builder receives maxNumImpreciseAcc = K + 1 for K <= 128 and 128 above;
 bf16 dots are untouched."""
 
-import types
-
 import jax
 import jax.numpy as jnp
 from jax._src.pallas.triton import lowering
-from jax._src.pallas.triton import pallas_call_registration as registration
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
@@ -20,7 +17,7 @@ def test_interval():
   assert fp8_accumulation.max_imprecise_for(512) == 128  # promoted every 128 products
 
 
-def test_lowered_fp8_dots_carry_the_interval(monkeypatch):
+def test_lowered_fp8_dots_carry_the_interval(monkeypatch, fake_hopper):
   seen = []
   real_dot = lowering.tt_dialect.dot
 
@@ -30,8 +27,6 @@ def test_lowered_fp8_dots_carry_the_interval(monkeypatch):
 
   monkeypatch.setattr(lowering.tt_dialect, "dot", spy)
   monkeypatch.setattr(fp8_accumulation, "_ENABLED", [False])
-  fake_gpu = types.SimpleNamespace(get_gpu_info=lambda: types.SimpleNamespace(compute_capability="9.0"))
-  monkeypatch.setattr(registration, "gpu_info_lib", fake_gpu)
   fp8_accumulation.enable()
   fp8_accumulation.enable()  # idempotent: wrapped once
 

@@ -79,3 +79,14 @@ def test_indexer_selects_the_same_with_either_quantizer(quant):
   b = triton.indexer_topk(q, w, k, 5, 4, quant=quant, quantizer="xla", **small)
   np.testing.assert_array_equal(np.asarray(a[0]), np.asarray(b[0]))
   np.testing.assert_array_equal(np.asarray(a[1]), np.asarray(b[1]))
+
+
+@pytest.mark.parametrize("quant", ["fp8", "mxfp4"])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_fused_quantizer_lowers_for_cuda(quant, dtype, fake_hopper):
+  """Every op of both kernels has a Pallas-Triton lowering (interpret mode runs them as XLA ops instead)."""
+  x = jax.ShapeDtypeStruct((256, 128), dtype)
+  for out_dtype in (jnp.bfloat16, jnp.float8_e4m3fn):
+    f = lambda a, o=out_dtype: quantize_triton.quantize_rows(a, quant, o)
+    text = jax.jit(f).trace(x).lower(lowering_platforms=("cuda",)).as_text()
+    assert "__gpu$xla.gpu.triton" in text and f"indexer_quantize_{quant}" in text

@@ -31,12 +31,13 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 from jaxtyping import Array, Float
 
-FP8_MAX, FP8_AMAX_FLOOR = 448.0, 1e-4
-E2M1_MAX, MX_BLOCK = 6.0, 32
-MX_AMAX_FLOOR = 6.0 * 2.0**-126
-# E2M1 magnitudes 0, .5, 1, 1.5, 2, 3, 4, 6: (midpoint, tie rounds up, step to the next magnitude)
-_E2M1_STEPS = ((0.25, False, 0.5), (0.75, True, 0.5), (1.25, False, 0.5), (1.75, True, 0.5),
-               (2.5, False, 1.0), (3.5, True, 1.0), (5.0, False, 2.0))
+from v4jax import quant as vq
+from v4jax.quant import e2m1, e8m0
+
+# the formats' own constants (`v4jax.quant.formats`), so the kernel cannot drift from the XLA quantizer
+_FP8, _MX = vq.get_format("fp8"), vq.get_format("mxfp4")
+FP8_MAX, FP8_AMAX_FLOOR = _FP8.qmax, _FP8.amax_floor
+E2M1_MAX, MX_BLOCK, MX_AMAX_FLOOR = _MX.qmax, _MX.block[1], _MX.amax_floor
 
 
 def sylvester_hadamard(n: int) -> np.ndarray:
@@ -47,25 +48,10 @@ def sylvester_hadamard(n: int) -> np.ndarray:
   return h
 
 
-def _pow2(e):
-  """2**e for int32 e in [-126, 127], from the exponent bits (exact); e = -127 gives 0."""
-  return jax.lax.bitcast_convert_type(jnp.left_shift(e + 127, 23), jnp.float32)
-
-
-def _ceil_log2(r):
-  """ceil(log2(r)) of normal positive fp32 r, exact (the bits of `v4jax.quant.e8m0.ceil_log2`)."""
-  bits = jax.lax.bitcast_convert_type(r, jnp.int32)
-  return ((bits >> 23) & 0xFF) - 127 + ((bits & 0x7FFFFF) != 0).astype(jnp.int32)
-
-
 def _e2m1_round(y):
-  """y rounded to nearest-even E2M1 (saturating at 6), as a float32 value; the sign bit is kept, so a
-  negative value that rounds to zero gives -0 (as `v4jax.quant.e2m1` does)."""
-  mag = jnp.abs(y)
-  r = jnp.zeros_like(mag)
-  for mid, tie_up, step in _E2M1_STEPS:
-    r = r + jnp.where((mag >= mid) if tie_up else (mag > mid), step, 0.0)
-  return jnp.where(jax.lax.bitcast_convert_type(y, jnp.int32) < 0, -r, r)
+  """y rounded to nearest-even E2M1 (saturating at 6), as float32, sign bit kept: the XLA quantizer's
+  own encode and decode (`v4jax.quant.e2m1`), elementwise ops that lower in the kernel too."""
+  return e2m1.decode_e2m1(e2m1.encode_e2m1(y))
 
 
 def _divide(a, b, interpret: bool):
@@ -104,15 +90,15 @@ def _mxfp4_rows_kernel(x_ref, h_ref, v_ref, s_ref, *, exact_fp32: bool, interpre
   e_row = None
   for b in range(d // MX_BLOCK):  # per 32-block exponent, broadcast back over its columns
     amax = jnp.max(jnp.where(block == b, mag, 0.0), axis=1)  # [R]
-    e_b = _ceil_log2(_divide(jnp.maximum(amax, MX_AMAX_FLOOR), E2M1_MAX, interpret))
+    e_b = e8m0.ceil_log2(_divide(jnp.maximum(amax, MX_AMAX_FLOOR), E2M1_MAX, interpret))
     e_elem = jnp.where(block == b, e_b[:, None], e_elem)
     e_row = e_b if e_row is None else jnp.maximum(e_row, e_b)
-  r = _e2m1_round(y * _pow2(-e_elem))  # y / 2^e exactly
+  r = _e2m1_round(y * e8m0.pow2(-e_elem))  # y / 2^e exactly
   # relative to the row's largest block scale, exact; a block 2^127 or more below it (an all-zero block
-  # beside a large one) is +-0 in E4M3 anyway, and _pow2 only covers exponents >= -127 (2^-127 -> 0)
-  v = r * _pow2(jnp.maximum(e_elem - e_row[:, None], -127))
+  # beside a large one) is +-0 in E4M3 anyway, and pow2 covers exponents >= -127 (its bits give 2^-127 -> 0)
+  v = r * e8m0.pow2(jnp.maximum(e_elem - e_row[:, None], -127))
   v_ref[...] = v.astype(jnp.float8_e4m3fn).astype(v_ref.dtype)
-  s_ref[...] = _pow2(e_row)
+  s_ref[...] = e8m0.pow2(e_row)
 
 
 def quantize_rows(x: Float[Array, "*rows D"], quant: str, out_dtype=jnp.bfloat16, *,
