@@ -85,11 +85,11 @@ def test_reference_quant_modes_recall(quant, min_recall):
   assert oracle.recall(idx0, sets) == 1.0
 
 
-def test_kernel_operands_reproduce_fake_quant_values():
+def test_kernel_operand_rows_reproduce_fake_quant_values():
   x = jax.random.normal(jax.random.PRNGKey(np.random.randint(1 << 30)), (3, 5, 64)) * 4
   for quant in ("fp8", "mxfp4"):
     fq, _ = quantize.fake_quant_qk(x, x[0], quant)
-    q8, scale, _, _ = quantize.kernel_operands(x, x[0], quant)
+    q8, scale = quantize.quantize_rows(x, quant)
     assert q8.dtype == jnp.float8_e4m3fn
     np.testing.assert_array_equal(np.asarray(q8.astype(jnp.float32) * scale[..., None]), np.asarray(fq))
     assert float(jnp.abs(fq - (x if quant == "fp8" else quantize._rotate(x))).max()) > 0

@@ -6,7 +6,7 @@ Semantics (spec/dsv4.md 7.4 and the brief):
              2**ceil(log2(amax / 6)), RNE, saturating at 6; format "mxfp4").
 Two views of the same numbers:
   * `fake_quant_qk`: the dequantised fp32 values (what the XLA reference multiplies);
-  * `kernel_operands`: E4M3 tensors plus one positive fp32 scale per row, so that a kernel runs the QK
+  * `quantize_rows`: E4M3 tensors plus one positive fp32 scale per row, so that a kernel runs the QK
     product on FP8 tensor cores and applies the scales after the dot. For "mxfp4", E2M1 values times
     a power of two are exact in E4M3 once divided by the row's largest block scale, as long as the
     row's block exponents lie within 2**5 of each other (smaller blocks round to E4M3 subnormals, a
@@ -88,9 +88,3 @@ def e4m3_as_bf16(x: jax.Array) -> jax.Array:
   normal = jax.lax.bitcast_convert_type((sign << 31) | ((exp + 120) << 23) | (man << 20), jnp.float32)
   subnormal = man.astype(jnp.float32) * 2.0**-9 * (1.0 - 2.0 * sign.astype(jnp.float32))  # m * 2^-9, exact
   return jnp.where(exp > 0, normal, subnormal).astype(jnp.bfloat16)  # <= 4 significant bits: exact
-
-
-def kernel_operands(q: jax.Array, k: jax.Array, quant: str | None):
-  """(q_lowp, q_scale [B,S,H], k_lowp, k_scale [B,N]) for a kernel; scales are None for quant=None."""
-  (q8, qs), (k8, ks) = quantize_rows(q, quant), quantize_rows(k, quant)
-  return q8, qs, k8, ks
