@@ -114,6 +114,40 @@ def tile_schedule(group_sizes: jax.Array, num_rows: int, block_m: int) -> TileSc
     )
 
 
+class PaddedRows(NamedTuple):
+    """x's rows laid out with every group starting at a multiple of `align` (TMA tiles need aligned row
+    offsets): padded row p holds x row `source[p]` (num_rows: a zero row); x row r sits at `position[r]`."""
+
+    sizes: jax.Array  # int32 [G]: group sizes rounded up to `align`
+    source: jax.Array  # int32 [P]
+    position: jax.Array  # int32 [M]
+
+
+def padded_rows(group_sizes: jax.Array, num_rows: int, align: int) -> PaddedRows:
+    """The padded layout for `num_padded_rows(num_rows, G, align)` rows (see `PaddedRows`)."""
+    g_count = group_sizes.shape[0]
+    sizes = jnp.maximum(group_sizes.astype(jnp.int32), 0)
+    ends = jnp.minimum(jnp.cumsum(sizes), num_rows)
+    starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])
+    sizes = ends - starts
+    psizes = (sizes + align - 1) // align * align
+    pends = jnp.cumsum(psizes)
+    pstarts = pends - psizes
+    p = jnp.arange(num_padded_rows(num_rows, g_count, align), dtype=jnp.int32)
+    gp = jnp.minimum(jnp.searchsorted(pends, p, side="right"), g_count - 1)
+    i = p - pstarts[gp]
+    source = jnp.where((p < pends[-1]) & (i < sizes[gp]), starts[gp] + i, num_rows)
+    r = jnp.arange(num_rows, dtype=jnp.int32)
+    gr = jnp.minimum(jnp.searchsorted(ends, r, side="right"), g_count - 1)
+    position = pstarts[gr] + r - starts[gr]
+    return PaddedRows(psizes.astype(jnp.int32), source.astype(jnp.int32), position.astype(jnp.int32))
+
+
+def num_padded_rows(num_rows: int, num_groups: int, align: int) -> int:
+    """Static bound on the padded rows: each group gains at most align - 1."""
+    return round_up(num_rows + num_groups * (align - 1), align)
+
+
 def num_tiles(num_rows: int, block_m: int, num_groups: int) -> int:
     """Static upper bound on the number of grouped tiles (see `tile_schedule`)."""
     return -(-num_rows // block_m) + num_groups - 1

@@ -42,9 +42,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jaxtyping import Array, Float, UInt8
@@ -59,6 +61,8 @@ BYTES_PER_SCALE = common.BYTES_PER_SCALE  # 16 packed bytes share one E8M0 scale
 SWIZZLE = 128  # bytes per swizzled shared-memory row
 TRANSFORMS8 = (plgpu.TilingTransform((8, SWIZZLE)), plgpu.SwizzleTransform(SWIZZLE))  # uint8 tiles
 TRANSFORMS16 = (plgpu.TilingTransform((8, SWIZZLE // 2)), plgpu.SwizzleTransform(SWIZZLE))  # bf16 tiles
+PACKED_ROWS_PER_GROUP = 8  # grouped: packed tiles (tile_table) up to this many rows per expert on average
+ROW_ALIGN = 8  # TMA row offsets of x tiles (grouped: each group starts on such a row of a padded copy)
 SMEM_BUDGET = 200 * 1024  # bytes of shared memory a CTA may use (the H200 allows 227 KiB)
 
 
@@ -70,6 +74,7 @@ class Tiles:
     bk: int
     split: int
     stages: int
+    decode: str = "jnp"  # "jnp" (decode_plane16: runs in the interpreter) or "asm" (inline PTX, GPU only)
 
 
 def smem_bytes(bm: int, bk: int, stages: int, a_in_registers: bool) -> int:
@@ -93,7 +98,7 @@ def tiles(cfg: BlockConfig, m: int, k: int, a_in_registers: bool) -> Tiles:
         stages -= 1
     steps = k // bk
     split = max(d for d in range(1, max(1, cfg.split_k) + 1) if steps % d == 0)
-    return Tiles(bm=bm, bk=bk, split=split, stages=min(stages, steps // split))
+    return Tiles(bm=bm, bk=bk, split=split, stages=min(stages, steps // split), decode=cfg.decode)
 
 
 def x_planes2(x: jax.Array) -> jax.Array:
@@ -128,34 +133,150 @@ def decode_plane16(h: jax.Array, p: int, scale: jax.Array) -> jax.Array:
     return ((v * 16384.0) * scale).astype(jnp.bfloat16)
 
 
-def _tile_scales(s_smem, g0: int, groups: int) -> jax.Array:
+# bf16x2 decode of one nibble plane of two packed bytes, scaled ($1: bytes b, b+1 in bits 0..15 of a
+# zero-extended register; $2: the pair's bf16x2 scale 2**(s-127); result $0: W[2b+p], W[2b+2+p] as bf16x2).
+# prmt spreads byte b to bits 0..7 and byte b+1 to bits 16..23; the shifts put the nibble's exponent and
+# mantissa at bf16 bits 8..6 and its sign at bit 15, which reads as E2M1 * 2**-126 (the E2M1 subnormal
+# lands on a bf16 subnormal); the FMAs (with a -0 addend, so a product's zero sign is kept) scale by 2**126,
+# then by the E8M0 scale: both exact. The same instructions as the Triton kernel's "asm" decoder.
+_PTX_PLANE = """{{
+.reg .b32 t, u, v, c126, nz;
+mov.b32 c126, 0x7E807E80;
+mov.b32 nz, 0x80008000;
+prmt.b32 t, $1, $1, 0x7170;
+shl.b32 u, t, {sh_mag};
+and.b32 u, u, 0x01C001C0;
+shl.b32 v, t, {sh_sign};
+and.b32 v, v, 0x80008000;
+or.b32 u, u, v;
+fma.rn.bf16x2 u, u, c126, nz;
+fma.rn.bf16x2 $0, u, $2, nz;
+}}"""
+
+
+def _decode_ptx(byte: jax.Array, scale: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Packed bytes uint8 [64, C] and their bf16 scales [64, C] (both in the WGMMA register layout) -> the two
+    nibble planes bf16 [64, C] in the same layout, by inline PTX on the registers (GPU only: the interpreter
+    cannot run it; `decode_plane16` is the same arithmetic in jnp). Each register of the layout holds two
+    adjacent columns, i.e. two packed bytes: one 32-bit asm per plane decodes both."""
+    from jax.experimental.mosaic.gpu import fragmented_array as fa  # lazy: Mosaic GPU internals
+    from jax.experimental.mosaic.gpu import utils as mgpu_utils
+    from jaxlib.mlir import ir
+    from jaxlib.mlir.dialects import arith, llvm
+
+    out_type = plgpu.ShapeDtypeStruct(byte.shape, jnp.bfloat16, layout=plgpu.Layout.WGMMA)
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.Layout.WGMMA), return_type=(out_type, out_type))
+    def decode(_, b, s):
+        i16, i32 = ir.IntegerType.get_signless(16), ir.IntegerType.get_signless(32)
+        pair = ir.VectorType.get((2,), ir.BF16Type.get())
+        planes = []
+        for p in range(PLANES):
+            asm = _PTX_PLANE.format(sh_mag=6 - 4 * p, sh_sign=12 - 4 * p)
+            regs = np.empty(b.registers.shape, dtype=object)
+            for idx, reg in np.ndenumerate(b.registers):
+                word = arith.extui(i32, mgpu_utils.bitcast(reg, i16))  # bytes b, b+1 in bits 0..15
+                sc = mgpu_utils.bitcast(s.registers[idx], i32)
+                out = llvm.inline_asm(i32, [word, sc], asm, "=r,r,r")
+                regs[idx] = mgpu_utils.bitcast(out, pair)
+            planes.append(fa.FragmentedArray(_registers=regs, _layout=b.layout, _is_signed=None))
+        return tuple(planes)
+
+    return decode(byte, scale)
+
+
+def _e8m0_to_bf16(byte: jax.Array) -> jax.Array:
+    """E8M0 bytes -> bf16 2**(b-127) from the bit pattern: b << 7 (a normal bf16), 0 -> 2**-127 (the bf16
+    subnormal 0x0040), 255 -> NaN; exact, and no float32 subnormal on the way."""
+    b = byte.astype(jnp.uint16)
+    bits = jnp.where(b == 0, jnp.uint16(0x0040), b << 7)
+    bits = jnp.where(b == 255, jnp.uint16(0x7FC0), bits)
+    return jax.lax.bitcast_convert_type(bits, jnp.bfloat16)
+
+
+def _tile_scales(s_smem, g0: int, groups: int, dtype=jnp.float32) -> jax.Array:
     """Scale blocks g0 .. g0 + groups of the tile [G, 64] uint8 (transposed: one scale block per row) ->
-    float32 [64, 16 * groups] in the WGMMA layout: block g repeated over its 16 byte columns (2 register tiles)."""
+    `dtype` (float32, or bf16 for the PTX decoder) [64, 16 * groups] in the WGMMA layout: block g repeated over its 16 byte columns (2 register tiles)."""
     cols = []
     for g in range(g0, g0 + groups):
         row = plgpu.load(s_smem.at[g], layout=plgpu.Layout.WGMMA.reduce(1))  # [64] uint8, one per weight row
-        sc = common.e8m0_to_f32(row)  # [64] float32
+        sc = _e8m0_to_bf16(row) if dtype == jnp.bfloat16 else common.e8m0_to_f32(row)  # [64]
         cols.append(jnp.broadcast_to(sc[:, None], (BN, BYTES_PER_SCALE)))  # [64, 16]
     return jnp.concatenate(cols, axis=1)  # [64, 16 * groups]
 
 
-def _kernel(x_gmem, v_gmem, s_gmem, o_gmem, o_smem, *a_smem, t: Tiles, k: int):
-    """One CTA: weight rows [n*64, n*64 + 64) x activation rows [m*bm, m*bm + bm), K split `s`."""
+class TileTable(NamedTuple):
+    """The launch's work list, one column per tile (int32 [5, T] in the kernel): expert `group` (== G: a tile
+    of rows that belong to no group, written as zeros), the first row of its x tile `x_row0` (a multiple of
+    ROW_ALIGN in the x the kernel reads), and the `rows` output rows [out_row0, out_row0 + rows) it owns,
+    which are rows [lead, lead + rows) of its tile. Tiles past the real count have rows == 0."""
+
+    table: jax.Array  # int32 [5, T]: group, x_row0, out_row0, lead, rows
+    x_source: jax.Array | None  # int32 [P]: row of x for each row of the padded copy the kernel reads; None: x
+
+
+def tile_table(group_sizes: jax.Array, m: int, bm: int, packed: bool) -> TileTable:
+    """Grid tiles (`packed` False, for many rows per expert): row blocks of x as it is, one tile per (block,
+    group) pair that overlaps (`common.tile_schedule`), so a block that spans two groups is computed twice
+    and each tile stores only its own rows. Packed tiles (few rows per expert, decode): each group starts a
+    tile on a ROW_ALIGN row of a padded copy of x, so a group of <= bm rows is one tile and its expert's
+    weights stream once. Rows past sum(group_sizes) form a last pseudo-group G (zeros)."""
+    g = group_sizes.shape[0]
+    sizes = jnp.maximum(group_sizes.astype(jnp.int32), 0)
+    total = jnp.minimum(jnp.sum(sizes), m)
+    ext = jnp.concatenate([sizes, (m - total)[None]])  # [G + 1]
+    ends = jnp.minimum(jnp.cumsum(ext), m)
+    starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])
+    if not packed:
+        sch = common.tile_schedule(ext, m, bm)
+        rows = sch.hi - sch.lo
+        x_row0 = sch.block * bm
+        table = jnp.stack([sch.group, x_row0, sch.lo, sch.lo - x_row0, rows])
+        return TileTable(table.astype(jnp.int32), None)
+    pad = common.padded_rows(ext, m, ROW_ALIGN)
+    p_rows = pad.source.shape[0]
+    psizes = pad.sizes
+    pends = jnp.cumsum(psizes)
+    pstarts = pends - psizes
+    count = (psizes + bm - 1) // bm  # tiles per group
+    cum = jnp.cumsum(count)
+    t = jnp.arange(-(-p_rows // bm) + g + 1, dtype=jnp.int32)  # static bound: sum ceil(psize / bm)
+    grp = jnp.minimum(jnp.searchsorted(cum, t, side="right"), g).astype(jnp.int32)
+    i = t - (cum[grp] - count[grp])
+    valid = t < cum[-1]
+    x_row0 = jnp.where(valid, pstarts[grp] + i * bm, 0)
+    out_row0 = jnp.where(valid, starts[grp] + i * bm, 0)
+    rows = jnp.where(valid, jnp.clip(ends[grp] - out_row0, 0, bm), 0)
+    table = jnp.stack([jnp.where(valid, grp, g), x_row0, out_row0, jnp.zeros_like(t), rows])
+    return TileTable(table.astype(jnp.int32), pad.source)
+
+
+def _kernel(tab_gmem, x_gmem, v_gmem, s_gmem, o_gmem, o_smem, *a_smem, t: Tiles, k: int, num_groups: int):
+    """One CTA: weight rows [n*64, n*64 + 64) of expert `group` x the tile's bm rows of x, K split `s`; stores
+    its `rows` output rows (a ladder of power-of-two TMA stores: a store's row count must be static)."""
     bm, bk = t.bm, t.bk
     kb = bk // PLANES  # packed bytes per row per K step
     groups = bk // common.SCALE_BLOCK
     steps = k // bk // t.split
     ni, mi, si = (jax.lax.axis_index(a) for a in ("n", "m", "s"))
+    g, x_row0, out_row0, lead, rows = (tab_gmem[c, mi] for c in range(5))
+    x_row0 = pl.multiple_of(x_row0, ROW_ALIGN)  # tile_table's guarantee: TMA tiles start on aligned rows
+    gw = jnp.minimum(g, num_groups - 1)  # the zero pseudo-group reads no weights (its pipeline never runs)
+    x_tile = x_gmem.at[:, pl.ds(x_row0, bm), :]
 
     def scope(acc_ref):
         def body(_, x_smem, v_smem, s_smem):
             for c in range(kb // CHUNK):  # K chunks of 128 bytes: bounds the registers a decoded chunk needs
                 cols = pl.ds(c * CHUNK, CHUNK)
                 byte = plgpu.load(v_smem.at[:, cols], layout=plgpu.Layout.WGMMA)  # [64, 128] uint8
-                byte = byte.astype(jnp.uint16)
-                scale = _tile_scales(s_smem, c * CHUNK // BYTES_PER_SCALE, CHUNK // BYTES_PER_SCALE)  # [64, 128]
+                g0, ng = c * CHUNK // BYTES_PER_SCALE, CHUNK // BYTES_PER_SCALE
+                if t.decode == "asm":
+                    planes = _decode_ptx(byte, _tile_scales(s_smem, g0, ng, jnp.bfloat16))  # 2 x [64, 128] bf16
+                else:
+                    byte16, scale = byte.astype(jnp.uint16), _tile_scales(s_smem, g0, ng)  # [64, 128] each
+                    planes = [lambda p=p: decode_plane16(byte16, p, scale) for p in range(PLANES)]
                 for p in range(PLANES):
-                    a = decode_plane16(byte, p, scale)  # [64, 128] bf16: W[n rows, K columns 2b + p]
+                    a = planes[p] if t.decode == "asm" else planes[p]()  # [64, 128] bf16: W[n rows, K columns 2b + p]
                     b = x_smem.at[p, :, cols].transpose((1, 0))  # [128, bm]: x plane p, transposed view
                     if a_smem:  # interpret mode: the interpreter runs wgmma with A in shared memory only
                         a_smem[0][...] = a
@@ -171,22 +292,102 @@ def _kernel(x_gmem, v_gmem, s_gmem, o_gmem, o_smem, *a_smem, t: Tiles, k: int):
             body,
             grid=(steps,),
             in_specs=[
-                plgpu.BlockSpec((PLANES, bm, kb), lambda kk: (0, mi, k0 + kk), transforms=TRANSFORMS16),
+                plgpu.BlockSpec((PLANES, bm, kb), lambda kk: (0, 0, k0 + kk), transforms=TRANSFORMS16),
                 plgpu.BlockSpec((BN, kb), lambda kk: (ni, k0 + kk), transforms=TRANSFORMS8),
                 plgpu.BlockSpec((groups, BN), lambda kk: (k0 + kk, ni)),
             ],
             max_concurrent_steps=t.stages,
-        )(x_gmem, v_gmem, s_gmem)
-        o_smem[...] = acc_ref[...]  # [64, bm] float32
+        )(x_tile, v_gmem.at[gw], s_gmem.at[gw])
+        acc = acc_ref[...]  # [64, bm] float32
+        hi = acc.astype(jnp.bfloat16)
+        o_smem.at[0].transpose((1, 0))[...] = hi  # [bm, 64] <- [64, bm]: rows of y
+        if o_smem.shape[0] == 2:  # partial sums or a float32 result: float32's next 8 bits too (a float32
+            lo = (acc - hi.astype(jnp.float32)).astype(jnp.bfloat16)  # transposed store fails to lower)
+            o_smem.at[1].transpose((1, 0))[...] = lo
 
-    pl.run_scoped(scope, plgpu.ACC((BN, bm), jnp.float32))
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[si, pl.ds(ni * BN, BN), pl.ds(mi * bm, bm)])
-    plgpu.wait_smem_to_gmem(0)
+    @pl.when(rows > 0)
+    def _():
+        @pl.when(g < num_groups)
+        def _():
+            pl.run_scoped(scope, plgpu.ACC((BN, bm), jnp.float32))
+
+        @pl.when(g >= num_groups)
+        def _():
+            o_smem[...] = jnp.zeros(o_smem.shape, o_smem.dtype)
+
+        plgpu.commit_smem()
+        start, size = lead, 1 << (bm.bit_length() - 1)
+        while size >= 1:  # rows = sum of its binary digits: one static-size store per set bit
+            @pl.when(rows & size != 0)
+            def _(start=start, size=size):
+                for h in range(o_smem.shape[0]):
+                    plgpu.copy_smem_to_gmem(
+                        o_smem.at[h, pl.ds(start, size)],
+                        o_gmem.at[si, h, pl.ds(out_row0 + start - lead, size), pl.ds(ni * BN, BN)])
+
+            start = start + (rows & size)
+            size //= 2
+        plgpu.wait_smem_to_gmem(0)
 
 
 def _interpret_params(detect_races: bool):
     return plgpu.InterpretGPUParams(uninitialized_memory="nan", detect_races=detect_races)
+
+
+def _check_shapes(n: int, k: int, name: str) -> None:
+    if n % BN or k % 256:
+        raise ValueError(f"{name} mosaic_gpu: needs N % {BN} == 0 and K % 256 == 0, got N={n}, K={k}")
+
+
+def _run(x, values, scales, group_sizes, cfg, interpret, a_in_registers, detect_races, packed=None,
+         out_dtype=None):
+    """The kernel on bf16 x [M, K] and experts values [G, N, K/2], scales [G, N, K/32] -> [M, N] in
+    `out_dtype` (default x's)."""
+    out_dtype = out_dtype or x.dtype
+    m, k = x.shape
+    g, n = values.shape[:2]
+    if a_in_registers is None:
+        a_in_registers = not interpret
+    if interpret and a_in_registers:
+        raise ValueError("fp4_matmul mosaic_gpu: the interpreter runs wgmma with A in shared memory only")
+    if interpret and cfg.decode == "asm":  # the interpreter cannot run PTX: same numbers through jnp
+        cfg = dataclasses.replace(cfg, decode="jnp")
+    t = tiles(cfg, m, k, a_in_registers)
+    if packed is None:
+        packed = m <= PACKED_ROWS_PER_GROUP * g  # few rows per expert: don't stream an expert's weights twice
+    tt = tile_table(group_sizes, m, t.bm, packed)
+    num = tt.table.shape[1]
+    terms = 2 if t.split > 1 or out_dtype == jnp.float32 else 1  # bf16 hi + lo terms (see _kernel)
+    scratch = [plgpu.SMEM((terms, t.bm, BN), jnp.bfloat16)]
+    if not a_in_registers:
+        scratch.append(plgpu.SMEM((BN, CHUNK), jnp.bfloat16, transforms=TRANSFORMS16))
+    call = plgpu.kernel(
+        functools.partial(_kernel, t=t, k=k, num_groups=g),
+        out_type=jax.ShapeDtypeStruct((t.split, terms, m, n), jnp.bfloat16),
+        grid=(n // BN, num, t.split),
+        grid_names=("n", "m", "s"),
+        scratch_types=scratch,
+        interpret=_interpret_params(detect_races) if interpret else None,
+        kernel_name="fp4_matmul_mosaic_gpu" if g == 1 else "fp4_grouped_mosaic_gpu",
+    )
+    xb = x.astype(jnp.bfloat16)
+    if tt.x_source is not None:  # the padded copy: each group from an aligned row; a tile may overrun by < bm
+        src = jnp.concatenate([tt.x_source, jnp.full((t.bm,), m, jnp.int32)])
+        xb = jnp.take(jnp.concatenate([xb, jnp.zeros((1, k), xb.dtype)]), src, axis=0)
+    else:  # grid tiles: whole row blocks
+        rows_p = common.round_up(m, t.bm)
+        xb = jnp.pad(xb, ((0, rows_p - m), (0, 0))) if rows_p != m else xb
+    y = call(tt.table, x_planes2(xb), values, jnp.swapaxes(scales, 1, 2))  # [split, terms, M, N]
+    if terms == 1:
+        return y[0, 0].astype(out_dtype)
+    return jnp.sum(y.astype(jnp.float32), axis=(0, 1)).astype(out_dtype)  # [M, N]
+
+
+def _split_terms(run, x):
+    """float32 x: wgmma multiplies bf16, so run its three bf16 terms (hi, mid, lo) and add in float32."""
+    m = x.shape[0]
+    terms = split_f32(x)  # [3M, K]
+    return run(terms[:m]) + run(terms[m : 2 * m]) + run(terms[2 * m :])
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "interpret", "a_in_registers", "detect_races"))
@@ -207,32 +408,32 @@ def dense(
     asks the interpreter to check the pipeline's barriers for shared-memory races.
     """
     m, k = x.shape
-    n = values.shape[0]
-    if n % BN or k % 256:
-        raise ValueError(f"fp4_matmul mosaic_gpu: needs N % {BN} == 0 and K % 256 == 0, got N={n}, K={k}")
-    if a_in_registers is None:
-        a_in_registers = not interpret
-    if interpret and a_in_registers:
-        raise ValueError("fp4_matmul mosaic_gpu: the interpreter runs wgmma with A in shared memory only")
-    xb = split_f32(x) if x.dtype == jnp.float32 else x.astype(jnp.bfloat16)  # [T*M, K], T terms
-    rows = xb.shape[0]
-    t = tiles(cfg, rows, k, a_in_registers)
-    mp = common.round_up(rows, t.bm)
-    xb = jnp.pad(xb, ((0, mp - rows), (0, 0))) if mp != rows else xb
-    scratch = [plgpu.SMEM((BN, t.bm), jnp.float32)]
-    if not a_in_registers:
-        scratch.append(plgpu.SMEM((BN, CHUNK), jnp.bfloat16, transforms=TRANSFORMS16))
-    call = plgpu.kernel(
-        functools.partial(_kernel, t=t, k=k),
-        out_type=jax.ShapeDtypeStruct((t.split, n, mp), jnp.float32),
-        grid=(n // BN, mp // t.bm, t.split),
-        grid_names=("n", "m", "s"),
-        scratch_types=scratch,
-        interpret=_interpret_params(detect_races) if interpret else None,
-        kernel_name="fp4_matmul_mosaic_gpu",
-    )
-    yt = call(x_planes2(xb), values, scales.T)  # [split, N, Mp] float32 partial sums
-    y = jnp.sum(yt, axis=0).T[:rows]  # [T*M, N]
-    if x.dtype == jnp.float32:
-        y = y[:m] + y[m : 2 * m] + y[2 * m :]  # the three bf16 terms of x
-    return y.astype(x.dtype)
+    _check_shapes(values.shape[0], k, "fp4_matmul")
+    run = lambda xb: _run(xb, values[None], scales[None], jnp.full((1,), m, jnp.int32), cfg, interpret,
+                          a_in_registers, detect_races, packed=False, out_dtype=x.dtype)
+    return _split_terms(run, x) if x.dtype == jnp.float32 else run(x)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "interpret", "a_in_registers", "detect_races", "packed"))
+def grouped(
+    x: Float[Array, "m k"],
+    values: UInt8[Array, "g n kh"],
+    scales: UInt8[Array, "g n kb"],
+    group_sizes: jax.Array,
+    cfg: BlockConfig,
+    interpret: bool = False,
+    a_in_registers: bool | None = None,
+    detect_races: bool = False,
+    packed: bool | None = None,
+) -> Float[Array, "m n"]:
+    """y[rows of g] = x[rows] @ W[g].T; x [M, K] sorted by group, W [G, N, K] as packed `values` [G, N, K/2]
+    and E8M0 `scales` [G, N, K/32]; rows past sum(group_sizes) are zero.
+
+    Tiles from `tile_table` (`packed`: None picks packed tiles when M <= 8 rows per expert); each tile stores
+    only its own rows, straight into y. Same constraints and options as `dense`; an f32 x runs as its three
+    bf16 terms, one launch each.
+    """
+    _check_shapes(values.shape[1], x.shape[1], "fp4_grouped_matmul")
+    run = lambda xb: _run(xb, values, scales, group_sizes, cfg, interpret, a_in_registers, detect_races, packed,
+                          out_dtype=x.dtype)
+    return _split_terms(run, x) if x.dtype == jnp.float32 else run(x)

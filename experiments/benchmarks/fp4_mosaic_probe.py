@@ -1,0 +1,173 @@
+"""Mosaic GPU FP4 kernels on one GPU: device time per kernel (the Pallas kernel apart from the XLA ops around
+it), by config and decoder, beside XLA's bf16 dot on the same shapes. A quick probe for tuning; the
+issue's table comes from fp4_matmul.py.
+
+Rows (JSON lines in OUT/fp4_mosaic_probe.jsonl, also printed):
+  dense: M x K=N, config, decoder ("jnp" or "asm"), total device us per call, the kernel's own us, the
+         rest (x planes, scale transpose, split-K sum) by event name, TB/s on the packed bytes, TFLOP/s,
+         relative error vs a float32 HIGHEST reference;
+  grouped: the same for `mosaic_gpu.grouped` (64 experts, top-6 routing of T tokens, K=4096, N=2048).
+Usage: python experiments/benchmarks/fp4_mosaic_probe.py [--out DIR] [--parts dense,prefill,grouped]
+       [--budget-s S]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from device_timing import device_events  # noqa: E402
+from fp4_matmul import dense_ref, random_weight, rel_err  # noqa: E402
+
+from v4jax import quant  # noqa: E402
+from v4jax.kernels.fp4_matmul import mosaic_gpu, reference  # noqa: E402
+from v4jax.kernels.fp4_matmul.block_sizes import BlockConfig as B  # noqa: E402
+
+KERNEL_NAMES = ("fp4_matmul_mosaic_gpu", "fp4_grouped_mosaic_gpu")
+
+
+def timed(fn, arg_sets, reps=10):
+    """(total device us per call, kernel us, {other event: us}) of jax.jit(fn) over arg_sets."""
+    ev = device_events(jax.jit(fn), arg_sets, reps=reps) or {}
+    kern = sum(v for k, v in ev.items() if any(n in k for n in KERNEL_NAMES))
+    rest = {k[:60]: round(v * 1e6, 2) for k, v in ev.items() if not any(n in k for n in KERNEL_NAMES)}
+    return sum(ev.values()) * 1e6, kern * 1e6, rest
+
+
+def emit(out, row):
+    print(json.dumps(row), flush=True)
+    with open(os.path.join(out, "fp4_mosaic_probe.jsonl"), "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def dense_part(out, m, kn, cfgs, copies, deadline):
+    key = jax.random.key(kn + m)
+    kx, kw = jax.random.split(key)
+    x = jax.random.normal(kx, (m, kn), jnp.bfloat16)
+    ws = [quant.quantize(random_weight(jax.random.fold_in(kw, i), (kn, kn)), "mxfp4") for i in range(copies)]
+    ref = dense_ref(x, ws[0])
+    wd = [quant.dequantize(w).astype(jnp.bfloat16) for w in ws]
+    xla_total, _, _ = timed(lambda a, w: jnp.dot(a, w.T), [(x, w) for w in wd])
+    packed = ws[0].values.size + ws[0].scales.size
+    emit(out, {"part": "dense", "m": m, "kn": kn, "impl": "xla_bf16", "total_us": xla_total})
+    for cfg, regs in cfgs:
+        if time.time() > deadline:
+            print("budget reached", flush=True)
+            return
+        row = {"part": "dense", "m": m, "kn": kn, "cfg": [cfg.block_m, cfg.block_k, cfg.split_k, cfg.num_stages],
+               "decode": cfg.decode, "a_regs": regs}
+        try:
+            f = lambda a, w, cfg=cfg, regs=regs: mosaic_gpu.dense(a, w.values, w.scales, cfg=cfg,
+                                                                 a_in_registers=regs)
+            y = jax.block_until_ready(f(x, ws[0]))
+            row["rel_err"] = rel_err(y, ref)
+            total, kern, rest = timed(f, [(x, w) for w in ws])
+            row.update(total_us=total, kernel_us=kern, rest=rest, xla_bf16_us=xla_total,
+                       x_vs_xla=xla_total / total, kernel_tbps=packed / kern / 1e6 if kern else None,
+                       kernel_tflops=2 * m * kn * kn / kern / 1e6 if kern else None)
+        except Exception as e:  # noqa: BLE001  a config that does not compile is reported, not fatal
+            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            traceback.print_exc()
+        emit(out, row)
+
+
+def grouped_part(out, tokens, cfgs, deadline, g=64, k=4096, n=2048, topk=6):
+    key = jax.random.key(tokens)
+    kx, kw, kr = jax.random.split(key, 3)
+    w = quant.quantize(random_weight(kw, (g, n, k)), "mxfp4")
+    choice = jax.vmap(lambda kk: jax.random.choice(kk, g, (topk,), replace=False))(jax.random.split(kr, tokens))
+    group_sizes = jnp.bincount(choice.reshape(-1), length=g).astype(jnp.int32)
+    m = tokens * topk
+    x = jax.random.normal(kx, (m, k), jnp.bfloat16)
+    ref = reference.fp4_grouped_matmul_reference(x.astype(jnp.float32), w, group_sizes)
+    touched = int(jnp.sum(group_sizes > 0))
+    packed = (w.values.size + w.scales.size) * touched // g
+    flops = 2 * m * n * k
+    row0 = {"part": "grouped", "tokens": tokens, "m": m, "experts_touched": touched}
+    try:
+        from v4jax.kernels.grouped_matmul.api import grouped_matmul
+
+        wd = jnp.swapaxes(quant.dequantize(w).astype(jnp.bfloat16), 1, 2)  # [G, K, N]: the "x @ w" layout
+        tk_total, _, _ = timed(lambda a, ww: grouped_matmul(a, ww, group_sizes), [(x, wd)])
+        emit(out, {**row0, "impl": "tokamax_bf16", "total_us": tk_total,
+                   "tflops": flops / tk_total / 1e6})
+    except Exception as e:  # noqa: BLE001
+        tk_total = None
+        emit(out, {**row0, "impl": "tokamax_bf16", "error": f"{type(e).__name__}: {str(e)[:300]}"})
+    for cfg in cfgs:
+        if time.time() > deadline:
+            print("budget reached", flush=True)
+            return
+        row = {**row0, "cfg": [cfg.block_m, cfg.block_k, cfg.split_k, cfg.num_stages], "decode": cfg.decode}
+        try:
+            f = lambda a, gs, cfg=cfg: mosaic_gpu.grouped(a, w.values, w.scales, gs, cfg=cfg)
+            y = jax.block_until_ready(f(x, group_sizes))
+            row["rel_err"] = rel_err(y, ref)
+            total, kern, rest = timed(f, [(x, group_sizes)])
+            row.update(total_us=total, kernel_us=kern, rest=rest, tflops=flops / total / 1e6,
+                       tbps_touched=packed / total / 1e6,
+                       x_vs_tokamax=tk_total / total if tk_total else None)
+        except Exception as e:  # noqa: BLE001
+            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            traceback.print_exc()
+        emit(out, row)
+
+
+DENSE_DECODE = [
+    (B(64, block_k=256, split_k=4, num_stages=6, decode="asm"), True),
+    (B(64, block_k=256, split_k=8, num_stages=4, decode="asm"), True),
+    (B(64, block_k=256, split_k=14, num_stages=2, decode="asm"), True),
+    (B(64, block_k=256, split_k=16, num_stages=2, decode="asm"), True),
+    (B(64, block_k=512, split_k=7, num_stages=2, decode="asm"), True),
+]
+DENSE_PREFILL = [
+    (B(128, block_k=256, split_k=1, num_stages=2, decode="asm"), True),
+    (B(128, block_k=512, split_k=1, num_stages=2, decode="asm"), True),
+    (B(192, block_k=256, split_k=1, num_stages=2, decode="asm"), True),
+]
+GROUPED = [
+    B(128, block_k=256, num_stages=2, decode="asm"),
+    B(128, block_k=256, num_stages=3, decode="asm"),
+    B(64, block_k=256, num_stages=3, decode="asm"),
+    B(128, block_k=512, num_stages=1, decode="asm"),
+]
+GROUPED_DECODE = [
+    B(8, block_k=256, split_k=1, num_stages=6, decode="asm"),
+    B(8, block_k=256, split_k=4, num_stages=4, decode="asm"),
+    B(16, block_k=256, split_k=2, num_stages=6, decode="asm"),
+]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
+    ap.add_argument("--parts", default="dense,prefill,grouped,grouped_decode")
+    ap.add_argument("--budget-s", type=float, default=480)
+    args = ap.parse_args()
+    deadline = time.time() + args.budget_s
+    print(jax.devices(), flush=True)
+    for part in args.parts.split(","):  # in the order given
+        if part == "dense":
+            for kn in (4096, 7168):
+                dense_part(args.out, 16, kn, DENSE_DECODE, 12, deadline)
+        elif part == "prefill":
+            dense_part(args.out, 4096, 4096, DENSE_PREFILL, 2, deadline)
+        elif part == "grouped":
+            grouped_part(args.out, 8192, GROUPED, deadline)
+        elif part == "grouped_decode":
+            for tokens in (64, 8):
+                grouped_part(args.out, tokens, GROUPED_DECODE, deadline)
+        else:
+            raise SystemExit(f"fp4_mosaic_probe: unknown part {part!r}")
+
+if __name__ == "__main__":
+    main()
