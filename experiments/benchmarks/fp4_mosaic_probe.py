@@ -123,27 +123,24 @@ def grouped_part(out, tokens, cfgs, deadline, g=64, k=4096, n=2048, topk=6):
 
 
 DENSE_DECODE = [
-    (B(64, block_k=256, split_k=4, num_stages=6, decode="asm"), True),
     (B(64, block_k=256, split_k=8, num_stages=4, decode="asm"), True),
-    (B(64, block_k=256, split_k=14, num_stages=2, decode="asm"), True),
-    (B(64, block_k=256, split_k=16, num_stages=2, decode="asm"), True),
-    (B(64, block_k=512, split_k=7, num_stages=2, decode="asm"), True),
+    (B(64, block_n=128, block_k=256, split_k=8, num_stages=4, decode="asm"), True),
+    (B(64, block_k=256, split_k=4, num_stages=6, decode="asm"), True),
 ]
 DENSE_PREFILL = [
     (B(128, block_k=256, split_k=1, num_stages=2, decode="asm"), True),
-    (B(128, block_k=512, split_k=1, num_stages=2, decode="asm"), True),
-    (B(192, block_k=256, split_k=1, num_stages=2, decode="asm"), True),
+    (B(128, block_n=128, block_k=256, split_k=1, num_stages=2, decode="asm"), True),
+    (B(64, block_n=128, block_k=256, split_k=1, num_stages=3, decode="asm"), True),
 ]
 GROUPED = [
+    B(128, block_n=128, block_k=256, num_stages=2, decode="asm"),
+    B(64, block_n=128, block_k=256, num_stages=3, decode="asm"),
     B(128, block_k=256, num_stages=2, decode="asm"),
-    B(128, block_k=256, num_stages=3, decode="asm"),
-    B(64, block_k=256, num_stages=3, decode="asm"),
-    B(128, block_k=512, num_stages=1, decode="asm"),
 ]
 GROUPED_DECODE = [
-    B(8, block_k=256, split_k=1, num_stages=6, decode="asm"),
     B(8, block_k=256, split_k=4, num_stages=4, decode="asm"),
-    B(16, block_k=256, split_k=2, num_stages=6, decode="asm"),
+    B(8, block_n=128, block_k=256, split_k=4, num_stages=4, decode="asm"),
+    B(8, block_n=128, block_k=256, split_k=2, num_stages=6, decode="asm"),
 ]
 
 

@@ -75,22 +75,24 @@ class Tiles:
     split: int
     stages: int
     decode: str = "jnp"  # "jnp" (decode_plane16: runs in the interpreter) or "asm" (inline PTX, GPU only)
+    wn: int = BN  # weight rows per CTA: 64, or 128 (two accumulators share each x tile: half the x traffic)
 
 
-def smem_bytes(bm: int, bk: int, stages: int, a_in_registers: bool) -> int:
+def smem_bytes(bm: int, bk: int, stages: int, a_in_registers: bool, wn: int = BN, terms: int = 2) -> int:
     """Shared memory of one CTA: `stages` pipeline buffers (x planes bf16, half-words, scales), the decoded
-    A tile when it is staged in shared memory, and the float32 output tile."""
-    per_stage = bm * bk * 2 + BN * (bk // PLANES) + (bk // common.SCALE_BLOCK) * BN
+    A tile when it is staged in shared memory, and the output tile (two bf16 terms)."""
+    per_stage = bm * bk * 2 + wn * (bk // PLANES) + (bk // common.SCALE_BLOCK) * wn
     a_buf = 0 if a_in_registers else BN * CHUNK * 2
-    return stages * per_stage + a_buf + BN * bm * 4
+    return stages * per_stage + a_buf + wn * bm * 2 * terms
 
 
-def tiles(cfg: BlockConfig, m: int, k: int, a_in_registers: bool) -> Tiles:
+def tiles(cfg: BlockConfig, m: int, k: int, a_in_registers: bool, n: int = BN, terms: int = 2) -> Tiles:
     """Fit `cfg` to the shape: bm = M rounded up to 8 (at most block_m, at most 256), bk a power of two
     >= 256 dividing K and fitting `stages` pipeline buffers in shared memory, split | K/bk."""
     bm = min(common.round_up(max(m, 1), 8), max(8, common.round_up(cfg.block_m, 8)), 256)
     stages = max(1, cfg.num_stages)
-    smem = lambda bk, st: smem_bytes(bm, bk, st, a_in_registers)
+    wn = 2 * BN if cfg.block_n >= 2 * BN and n % (2 * BN) == 0 else BN
+    smem = lambda bk, st: smem_bytes(bm, bk, st, a_in_registers, wn, terms)
     bk = 256
     while bk * 2 <= cfg.block_k and k % (bk * 2) == 0 and smem(bk * 2, stages) <= SMEM_BUDGET:
         bk *= 2
@@ -98,7 +100,7 @@ def tiles(cfg: BlockConfig, m: int, k: int, a_in_registers: bool) -> Tiles:
         stages -= 1
     steps = k // bk
     split = max(d for d in range(1, max(1, cfg.split_k) + 1) if steps % d == 0)
-    return Tiles(bm=bm, bk=bk, split=split, stages=min(stages, steps // split), decode=cfg.decode)
+    return Tiles(bm=bm, bk=bk, split=split, stages=min(stages, steps // split), decode=cfg.decode, wn=wn)
 
 
 def x_planes2(x: jax.Array) -> jax.Array:
@@ -194,12 +196,12 @@ def _e8m0_to_bf16(byte: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type(bits, jnp.bfloat16)
 
 
-def _tile_scales(s_smem, g0: int, groups: int, dtype=jnp.float32) -> jax.Array:
+def _tile_scales(s_smem, g0: int, groups: int, dtype=jnp.float32, r0: int = 0) -> jax.Array:
     """Scale blocks g0 .. g0 + groups of the tile [G, 64] uint8 (transposed: one scale block per row) ->
     `dtype` (float32, or bf16 for the PTX decoder) [64, 16 * groups] in the WGMMA layout: block g repeated over its 16 byte columns (2 register tiles)."""
     cols = []
     for g in range(g0, g0 + groups):
-        row = plgpu.load(s_smem.at[g], layout=plgpu.Layout.WGMMA.reduce(1))  # [64] uint8, one per weight row
+        row = plgpu.load(s_smem.at[g, pl.ds(r0, BN)], layout=plgpu.Layout.WGMMA.reduce(1))  # [64] uint8 per row
         sc = _e8m0_to_bf16(row) if dtype == jnp.bfloat16 else common.e8m0_to_f32(row)  # [64]
         cols.append(jnp.broadcast_to(sc[:, None], (BN, BYTES_PER_SCALE)))  # [64, 16]
     return jnp.concatenate(cols, axis=1)  # [64, 16 * groups]
@@ -251,40 +253,52 @@ def tile_table(group_sizes: jax.Array, m: int, bm: int, packed: bool) -> TileTab
     return TileTable(table.astype(jnp.int32), pad.source)
 
 
-def _kernel(tab_gmem, x_gmem, v_gmem, s_gmem, o_gmem, o_smem, *a_smem, t: Tiles, k: int, num_groups: int):
-    """One CTA: weight rows [n*64, n*64 + 64) of expert `group` x the tile's bm rows of x, K split `s`; stores
-    its `rows` output rows (a ladder of power-of-two TMA stores: a store's row count must be static)."""
+def _kernel(tab_gmem, x_gmem, v_gmem, s_gmem, o_gmem, o_smem, *a_smem, t: Tiles, k: int, num_groups: int,
+            dense_rows: int | None):
+    """One CTA: weight rows [n*wn, n*wn + wn) of expert `group` x the tile's bm rows of x, K split `s`; stores
+    its `rows` output rows (a ladder of power-of-two TMA stores: a store's row count must be static).
+    Dense (`dense_rows` = M): tile m is rows [m*bm, m*bm + bm), known without reading the table."""
     bm, bk = t.bm, t.bk
     kb = bk // PLANES  # packed bytes per row per K step
     groups = bk // common.SCALE_BLOCK
     steps = k // bk // t.split
     ni, mi, si = (jax.lax.axis_index(a) for a in ("n", "m", "s"))
-    g, x_row0, out_row0, lead, rows = (tab_gmem[c, mi] for c in range(5))
+    if dense_rows is None:
+        g, x_row0, out_row0, lead, rows = (tab_gmem[c, mi] for c in range(5))
+    else:  # no dependent loads before the first TMA copy (they cost microseconds at decode sizes)
+        g, lead = 0, 0
+        x_row0 = out_row0 = mi * bm
+        rows = jnp.minimum(bm, dense_rows - mi * bm)
     x_row0 = pl.multiple_of(x_row0, ROW_ALIGN)  # tile_table's guarantee: TMA tiles start on aligned rows
     gw = jnp.minimum(g, num_groups - 1)  # the zero pseudo-group reads no weights (its pipeline never runs)
     x_tile = x_gmem.at[:, pl.ds(x_row0, bm), :]
 
-    def scope(acc_ref):
+    wn = t.wn
+    halves = wn // BN
+
+    def scope(*accs):
         def body(_, x_smem, v_smem, s_smem):
             for c in range(kb // CHUNK):  # K chunks of 128 bytes: bounds the registers a decoded chunk needs
                 cols = pl.ds(c * CHUNK, CHUNK)
-                byte = plgpu.load(v_smem.at[:, cols], layout=plgpu.Layout.WGMMA)  # [64, 128] uint8
                 g0, ng = c * CHUNK // BYTES_PER_SCALE, CHUNK // BYTES_PER_SCALE
-                if t.decode == "asm":
-                    planes = _decode_ptx(byte, _tile_scales(s_smem, g0, ng, jnp.bfloat16))  # 2 x [64, 128] bf16
-                else:
-                    byte16, scale = byte.astype(jnp.uint16), _tile_scales(s_smem, g0, ng)  # [64, 128] each
-                    planes = [lambda p=p: decode_plane16(byte16, p, scale) for p in range(PLANES)]
-                for p in range(PLANES):
-                    a = planes[p] if t.decode == "asm" else planes[p]()  # [64, 128] bf16: W[n rows, K columns 2b + p]
-                    b = x_smem.at[p, :, cols].transpose((1, 0))  # [128, bm]: x plane p, transposed view
-                    if a_smem:  # interpret mode: the interpreter runs wgmma with A in shared memory only
-                        a_smem[0][...] = a
-                        plgpu.commit_smem()
-                        plgpu.wgmma(acc_ref, a_smem[0], b)  # acc [64, bm] += W_p [64, 128] @ x_p.T
-                        plgpu.wgmma_wait(0)  # the A buffer is rewritten next
+                for h, acc_ref in enumerate(accs):  # 64 weight rows each; both read the same x tile
+                    wrows = pl.ds(h * BN, BN)
+                    byte = plgpu.load(v_smem.at[wrows, cols], layout=plgpu.Layout.WGMMA)  # [64, 128] uint8
+                    if t.decode == "asm":
+                        planes = _decode_ptx(byte, _tile_scales(s_smem, g0, ng, jnp.bfloat16, h * BN))  # 2 x [64, 128]
                     else:
-                        plgpu.wgmma(acc_ref, a, b)  # acc [64, bm] += W_p [64, 128] @ x_p.T, A in registers
+                        byte16, scale = byte.astype(jnp.uint16), _tile_scales(s_smem, g0, ng, r0=h * BN)
+                        planes = [lambda p=p: decode_plane16(byte16, p, scale) for p in range(PLANES)]
+                    for p in range(PLANES):
+                        a = planes[p] if t.decode == "asm" else planes[p]()  # [64, 128] bf16: W[rows, K cols 2b + p]
+                        b = x_smem.at[p, :, cols].transpose((1, 0))  # [128, bm]: x plane p, transposed view
+                        if a_smem:  # interpret mode: the interpreter runs wgmma with A in shared memory only
+                            a_smem[0][...] = a
+                            plgpu.commit_smem()
+                            plgpu.wgmma(acc_ref, a_smem[0], b)  # acc [64, bm] += W_p [64, 128] @ x_p.T
+                            plgpu.wgmma_wait(0)  # the A buffer is rewritten next
+                        else:
+                            plgpu.wgmma(acc_ref, a, b)  # acc [64, bm] += W_p [64, 128] @ x_p.T, A in registers
             plgpu.wgmma_wait(0)
 
         k0 = si * steps
@@ -293,23 +307,24 @@ def _kernel(tab_gmem, x_gmem, v_gmem, s_gmem, o_gmem, o_smem, *a_smem, t: Tiles,
             grid=(steps,),
             in_specs=[
                 plgpu.BlockSpec((PLANES, bm, kb), lambda kk: (0, 0, k0 + kk), transforms=TRANSFORMS16),
-                plgpu.BlockSpec((BN, kb), lambda kk: (ni, k0 + kk), transforms=TRANSFORMS8),
-                plgpu.BlockSpec((groups, BN), lambda kk: (k0 + kk, ni)),
+                plgpu.BlockSpec((wn, kb), lambda kk: (ni, k0 + kk), transforms=TRANSFORMS8),
+                plgpu.BlockSpec((groups, wn), lambda kk: (k0 + kk, ni)),
             ],
             max_concurrent_steps=t.stages,
         )(x_tile, v_gmem.at[gw], s_gmem.at[gw])
-        acc = acc_ref[...]  # [64, bm] float32
-        hi = acc.astype(jnp.bfloat16)
-        o_smem.at[0].transpose((1, 0))[...] = hi  # [bm, 64] <- [64, bm]: rows of y
-        if o_smem.shape[0] == 2:  # partial sums or a float32 result: float32's next 8 bits too (a float32
-            lo = (acc - hi.astype(jnp.float32)).astype(jnp.bfloat16)  # transposed store fails to lower)
-            o_smem.at[1].transpose((1, 0))[...] = lo
+        for h, acc_ref in enumerate(accs):
+            acc = acc_ref[...]  # [64, bm] float32
+            hi = acc.astype(jnp.bfloat16)
+            o_smem.at[0, :, pl.ds(h * BN, BN)].transpose((1, 0))[...] = hi  # [bm, 64] <- [64, bm]: rows of y
+            if o_smem.shape[0] == 2:  # partial sums or a float32 result: float32's next 8 bits too (a float32
+                lo = (acc - hi.astype(jnp.float32)).astype(jnp.bfloat16)  # transposed store fails to lower)
+                o_smem.at[1, :, pl.ds(h * BN, BN)].transpose((1, 0))[...] = lo
 
     @pl.when(rows > 0)
     def _():
         @pl.when(g < num_groups)
         def _():
-            pl.run_scoped(scope, plgpu.ACC((BN, bm), jnp.float32))
+            pl.run_scoped(scope, *[plgpu.ACC((BN, bm), jnp.float32) for _ in range(halves)])
 
         @pl.when(g >= num_groups)
         def _():
@@ -323,7 +338,7 @@ def _kernel(tab_gmem, x_gmem, v_gmem, s_gmem, o_gmem, o_smem, *a_smem, t: Tiles,
                 for h in range(o_smem.shape[0]):
                     plgpu.copy_smem_to_gmem(
                         o_smem.at[h, pl.ds(start, size)],
-                        o_gmem.at[si, h, pl.ds(out_row0 + start - lead, size), pl.ds(ni * BN, BN)])
+                        o_gmem.at[si, h, pl.ds(out_row0 + start - lead, size), pl.ds(ni * wn, wn)])
 
             start = start + (rows & size)
             size //= 2
@@ -340,7 +355,7 @@ def _check_shapes(n: int, k: int, name: str) -> None:
 
 
 def _run(x, values, scales, group_sizes, cfg, interpret, a_in_registers, detect_races, packed=None,
-         out_dtype=None):
+         out_dtype=None, dense_rows=None):
     """The kernel on bf16 x [M, K] and experts values [G, N, K/2], scales [G, N, K/32] -> [M, N] in
     `out_dtype` (default x's)."""
     out_dtype = out_dtype or x.dtype
@@ -352,19 +367,22 @@ def _run(x, values, scales, group_sizes, cfg, interpret, a_in_registers, detect_
         raise ValueError("fp4_matmul mosaic_gpu: the interpreter runs wgmma with A in shared memory only")
     if interpret and cfg.decode == "asm":  # the interpreter cannot run PTX: same numbers through jnp
         cfg = dataclasses.replace(cfg, decode="jnp")
-    t = tiles(cfg, m, k, a_in_registers)
+    terms = 2 if cfg.split_k > 1 or out_dtype == jnp.float32 else 1  # bf16 hi (+ lo) output terms (_kernel)
+    t = tiles(cfg, m, k, a_in_registers, n, terms)
     if packed is None:
         packed = m <= PACKED_ROWS_PER_GROUP * g  # few rows per expert: don't stream an expert's weights twice
-    tt = tile_table(group_sizes, m, t.bm, packed)
-    num = tt.table.shape[1]
-    terms = 2 if t.split > 1 or out_dtype == jnp.float32 else 1  # bf16 hi + lo terms (see _kernel)
-    scratch = [plgpu.SMEM((terms, t.bm, BN), jnp.bfloat16)]
+    if dense_rows is None:
+        tt = tile_table(group_sizes, m, t.bm, packed)
+    else:  # the kernel derives dense tiles from the grid: no table (and no XLA ops to build one)
+        tt = TileTable(jnp.zeros((5, 1), jnp.int32), None)
+    num = tt.table.shape[1] if dense_rows is None else -(-m // t.bm)
+    scratch = [plgpu.SMEM((terms, t.bm, t.wn), jnp.bfloat16)]
     if not a_in_registers:
         scratch.append(plgpu.SMEM((BN, CHUNK), jnp.bfloat16, transforms=TRANSFORMS16))
     call = plgpu.kernel(
-        functools.partial(_kernel, t=t, k=k, num_groups=g),
+        functools.partial(_kernel, t=t, k=k, num_groups=g, dense_rows=dense_rows),
         out_type=jax.ShapeDtypeStruct((t.split, terms, m, n), jnp.bfloat16),
-        grid=(n // BN, num, t.split),
+        grid=(n // t.wn, num, t.split),
         grid_names=("n", "m", "s"),
         scratch_types=scratch,
         interpret=_interpret_params(detect_races) if interpret else None,
@@ -410,7 +428,7 @@ def dense(
     m, k = x.shape
     _check_shapes(values.shape[0], k, "fp4_matmul")
     run = lambda xb: _run(xb, values[None], scales[None], jnp.full((1,), m, jnp.int32), cfg, interpret,
-                          a_in_registers, detect_races, packed=False, out_dtype=x.dtype)
+                          a_in_registers, detect_races, packed=False, out_dtype=x.dtype, dense_rows=m)
     return _split_terms(run, x) if x.dtype == jnp.float32 else run(x)
 
 
