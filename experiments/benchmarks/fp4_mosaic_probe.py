@@ -7,10 +7,12 @@ Rows (JSON lines in OUT/fp4_mosaic_probe.jsonl, also printed):
          rest (x planes, scale transpose, split-K sum) by event name, TB/s on the packed bytes, TFLOP/s,
          relative error vs a float32 HIGHEST reference;
   grouped: the same for `mosaic_gpu.grouped` (64 experts, top-6 routing of T tokens, K=4096, N=2048).
-Usage: python experiments/benchmarks/fp4_mosaic_probe.py [--out DIR] [--parts dense,prefill,grouped]
-       [--budget-s S]
+  api: the public api (implementation=None) on the issue's shapes, with tokamax / XLA in the same run.
+Usage: python experiments/benchmarks/fp4_mosaic_probe.py [--out DIR] [--parts api,dense,prefill,grouped,
+       grouped_decode] [--budget-s S]
 """
 
+# ruff: noqa: B023  (closures are called inside the loop iteration that defines them)
 from __future__ import annotations
 
 import argparse
@@ -22,15 +24,14 @@ import traceback
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from device_timing import device_events  # noqa: E402
-from fp4_matmul import dense_ref, random_weight, rel_err  # noqa: E402
+from device_timing import device_events
+from fp4_matmul import dense_ref, random_weight, rel_err
 
-from v4jax import quant  # noqa: E402
-from v4jax.kernels.fp4_matmul import mosaic_gpu, reference  # noqa: E402
-from v4jax.kernels.fp4_matmul.block_sizes import BlockConfig as B  # noqa: E402
+from v4jax import quant
+from v4jax.kernels.fp4_matmul import mosaic_gpu, reference
+from v4jax.kernels.fp4_matmul.block_sizes import BlockConfig as B
 
 KERNEL_NAMES = ("fp4_matmul_mosaic_gpu", "fp4_grouped_mosaic_gpu")
 
@@ -122,6 +123,58 @@ def grouped_part(out, tokens, cfgs, deadline, g=64, k=4096, n=2048, topk=6):
         emit(out, row)
 
 
+def api_part(out, deadline, reps=10):
+    """The public api with implementation=None (what the model calls): grouped at 8192, 64 and 8 tokens x
+    top-6 against tokamax's bf16 ragged_dot, dense M=16 against XLA's bf16 dot, and the grouped VJP (dx)
+    against the reference on the GPU."""
+    from v4jax.kernels import fp4_matmul
+    from v4jax.kernels.grouped_matmul.api import grouped_matmul
+
+    g, k, n, topk = 64, 4096, 2048, 6
+    w = quant.quantize(random_weight(jax.random.key(7), (g, n, k)), "mxfp4")
+    wd = jnp.swapaxes(quant.dequantize(w).astype(jnp.bfloat16), 1, 2)  # [G, K, N] for tokamax
+    for tokens in (8192, 64, 8):
+        if time.time() > deadline:
+            return
+        kx, kr = jax.random.split(jax.random.key(tokens))
+        choice = jax.vmap(lambda kk: jax.random.choice(kk, g, (topk,), replace=False))(jax.random.split(kr, tokens))
+        sizes = jnp.bincount(choice.reshape(-1), length=g).astype(jnp.int32)
+        m = tokens * topk
+        x = jax.random.normal(kx, (m, k), jnp.bfloat16)
+        ref = reference.fp4_grouped_matmul_reference(x.astype(jnp.float32), w, sizes)
+        f = lambda a, gs: fp4_matmul.fp4_grouped_matmul(a, w, gs)
+        y = jax.block_until_ready(jax.jit(f)(x, sizes))
+        total, kern, rest = timed(f, [(x, sizes)], reps)
+        tk, _, _ = timed(lambda a, ww, gs: grouped_matmul(a, ww, gs), [(x, wd, sizes)], reps)
+        touched = int(jnp.sum(sizes > 0))
+        packed = (w.values.size + w.scales.size) * touched // g
+        row = {"part": "api_grouped", "tokens": tokens, "m": m, "experts_touched": touched,
+               "rel_err": rel_err(y, ref), "nan": bool(jnp.any(jnp.isnan(y))), "total_us": total,
+               "kernel_us": kern, "glue_us": total - kern, "tokamax_us": tk, "x_vs_tokamax": tk / total,
+               "tflops": 2 * m * n * k / total / 1e6, "tbps_touched": packed / total / 1e6}
+        if tokens == 64:  # dL/dx of the api's custom VJP against autodiff of the reference, on the GPU
+            dy = jax.random.normal(jax.random.key(3), (m, n), jnp.float32)
+            gx = jax.grad(lambda a: jnp.sum(fp4_matmul.fp4_grouped_matmul(a, w, sizes).astype(jnp.float32) * dy))
+            gr = jax.grad(lambda a: jnp.sum(reference.fp4_grouped_matmul_reference(a, w, sizes) * dy))
+            row["vjp_rel_err"] = rel_err(jax.jit(gx)(x), gr(x.astype(jnp.float32)))
+        emit(out, row)
+    for kn in (4096, 7168):
+        if time.time() > deadline:
+            return
+        x = jax.random.normal(jax.random.key(kn), (16, kn), jnp.bfloat16)
+        ws = [quant.quantize(random_weight(jax.random.key(kn + i), (kn, kn)), "mxfp4") for i in range(12)]
+        wds = [quant.dequantize(ww).astype(jnp.bfloat16) for ww in ws]
+        f = lambda a, ww: fp4_matmul.fp4_matmul(a, ww)
+        y = jax.block_until_ready(jax.jit(f)(x, ws[0]))
+        total, kern, rest = timed(f, [(x, ww) for ww in ws], reps)
+        xla, _, _ = timed(lambda a, ww: jnp.dot(a, ww.T), [(x, ww) for ww in wds], reps)
+        packed = ws[0].values.size + ws[0].scales.size
+        emit(out, {"part": "api_dense", "m": 16, "kn": kn, "rel_err": rel_err(y, dense_ref(x, ws[0])),
+                   "total_us": total, "kernel_us": kern, "glue_us": total - kern, "rest": rest,
+                   "xla_bf16_us": xla, "x_vs_xla": xla / total, "tbps": packed / total / 1e6,
+                   "kernel_tbps": packed / kern / 1e6 if kern else None})
+
+
 DENSE_DECODE = [
     (B(64, block_k=256, split_k=8, num_stages=4, decode="asm"), True),
     (B(64, block_n=128, block_k=256, split_k=8, num_stages=4, decode="asm"), True),
@@ -158,6 +211,8 @@ def main():
                 dense_part(args.out, 16, kn, DENSE_DECODE, 12, deadline)
         elif part == "prefill":
             dense_part(args.out, 4096, 4096, DENSE_PREFILL, 2, deadline)
+        elif part == "api":
+            api_part(args.out, deadline)
         elif part == "grouped":
             grouped_part(args.out, 8192, GROUPED, deadline)
         elif part == "grouped_decode":

@@ -196,9 +196,9 @@ def test_bad_inputs_raise_one_line_errors():
     x = jnp.ones((4, 256), jnp.bfloat16)
     with pytest.raises(ValueError, match="implementation"):
         fp4_matmul.fp4_matmul(x, w, implementation="cuda")
-    with pytest.raises(NotImplementedError, match="mosaic_gpu"):  # dense only so far
+    with pytest.raises(ValueError, match="N % 64"):  # mosaic_gpu's wgmma tiles: 64 weight rows
         fp4_matmul.fp4_grouped_matmul(
-            x, _weight(jax.random.key(1), (3, 64, 256)), jnp.ones((3,), jnp.int32), "mosaic_gpu"
+            x, _weight(jax.random.key(1), (3, 96, 256)), jnp.ones((3,), jnp.int32), "mosaic_gpu"
         )
     with pytest.raises(ValueError, match="K=256"):
         fp4_matmul.fp4_matmul(jnp.ones((4, 128)), w)

@@ -117,11 +117,102 @@ def test_tiles_fit_shared_memory_and_bad_shapes_raise():
                          interpret=True, a_in_registers=True)
 
 
-def test_mosaic_gpu_is_opt_in(monkeypatch):
-    """On GPU, implementation=None keeps picking Triton until the Mosaic kernel is measured there."""
+def test_gpu_default_routes_dense_decode_and_grouped_to_mosaic_gpu(monkeypatch):
+    """On GPU, implementation=None sends dense M <= 16 and every grouped call (shapes permitting) to mosaic_gpu,
+    the faster kernel on the H200 (RESULTS.md, session 5); other dense sizes stay on Triton / dequantize."""
     from v4jax.kernels.fp4_matmul import api
 
+    seen = []
     monkeypatch.setattr(api.jax, "default_backend", lambda: "gpu")
-    assert api._pick(None, "fp4_matmul") == "triton"
-    assert api._pick("mosaic_gpu", "fp4_matmul") == "mosaic_gpu"
+    monkeypatch.setattr(api, "_prefers_dequantize", lambda op, m: False)
+    monkeypatch.setattr(api, "_dense_vjp", lambda x, w, impl, interpret: seen.append(("dense", impl)))
+    monkeypatch.setattr(api, "_grouped_vjp", lambda x, w, gs, impl, interpret: seen.append(("grouped", impl)))
+    w = _weight(jax.random.key(0), (128, 512))
+    fp4_matmul.fp4_matmul(jnp.ones((16, 512), jnp.bfloat16), w)
+    fp4_matmul.fp4_matmul(jnp.ones((64, 512), jnp.bfloat16), w)
+    wg = _weight(jax.random.key(1), (2, 128, 512))
+    fp4_matmul.fp4_grouped_matmul(jnp.ones((300, 512), jnp.bfloat16), wg, jnp.array([100, 200]))
+    wodd = _weight(jax.random.key(2), (2, 96, 512))  # N % 64 != 0: Triton
+    fp4_matmul.fp4_grouped_matmul(jnp.ones((8, 512), jnp.bfloat16), wodd, jnp.array([4, 4]))
+    assert seen == [("dense", "mosaic_gpu"), ("dense", "triton"), ("grouped", "mosaic_gpu"), ("grouped", "triton")]
     assert api._backend_module("mosaic_gpu") is mosaic_gpu
+
+
+def _ref_grouped(x, w, sizes):
+    """Per-group x @ dequantize(w)[g].T in float64; rows past sum(sizes) are zero."""
+    wd = np.asarray(quant.dequantize(w), np.float64)
+    xs, out, r = np.asarray(x, np.float64), np.zeros((x.shape[0], w.shape[1])), 0
+    for g, s in enumerate(np.asarray(sizes)):
+        out[r : r + s] = xs[r : r + s] @ wd[g].T
+        r += s
+    return out
+
+
+@pytest.mark.parametrize("bm, block_n, split, packed, dtype, tol", [
+    (8, 64, 1, True, jnp.bfloat16, 1e-2),   # decode tiles: each group from an aligned row of a padded copy
+    (8, 128, 2, True, jnp.bfloat16, 1e-2),  # two accumulators per CTA, split-K partials as bf16 hi + lo
+    (16, 128, 1, False, jnp.bfloat16, 1e-2),  # grid tiles: blocks spanning two groups store only their rows
+    (16, 64, 2, False, jnp.float32, 1e-5),  # float32 x: three bf16 terms, float32-exact outputs
+])
+def test_grouped_matches_reference(bm, block_n, split, packed, dtype, tol):
+    """Fresh random inputs; an empty group, a group longer than a tile, groups not aligned to 8 rows, and rows
+    past sum(group_sizes) (they must read zero). Outputs start as NaN in the interpreter: no NaN = all written."""
+    kx, kw = jax.random.split(_key())
+    w = _weight(kw, (4, 128, 512))
+    sizes = jnp.array([5, 0, 21, 9], jnp.int32)
+    x = jax.random.normal(kx, (40, 512), dtype)
+    cfg = block_sizes.BlockConfig(block_m=bm, block_n=block_n, block_k=256, split_k=split, num_stages=2)
+    y = mosaic_gpu.grouped(x, w.values, w.scales, sizes, cfg=cfg, interpret=True, packed=packed)
+    assert y.shape == (40, 128) and y.dtype == dtype
+    ref = _ref_grouped(x, w, sizes)
+    assert _rel(y[:35], ref[:35]) < tol
+    np.testing.assert_array_equal(np.asarray(y[35:], np.float32), 0.0)
+
+
+def test_grouped_api_value_and_vjp():
+    """fp4_grouped_matmul(implementation="mosaic_gpu"): value and dL/dx against the XLA reference."""
+    kx, kw, kd = jax.random.split(_key(), 3)
+    w = _weight(kw, (3, 64, 256))
+    sizes = jnp.array([7, 12, 0], jnp.int32)
+    x = jax.random.normal(kx, (20, 256), jnp.float32)
+    dy = jax.random.normal(kd, (20, 64), jnp.float32)
+    f = lambda xx: jnp.sum(fp4_matmul.fp4_grouped_matmul(xx, w, sizes, implementation="mosaic_gpu", interpret=True) * dy)
+    g = lambda xx: jnp.sum(reference.fp4_grouped_matmul_reference(xx, w, sizes) * dy)
+    (v, dx), (v_ref, dx_ref) = jax.value_and_grad(f)(x), jax.value_and_grad(g)(x)
+    assert abs(float(v) - float(v_ref)) <= 1e-5 * abs(float(v_ref)) and _rel(dx, dx_ref) < 1e-5
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_tile_table_covers_every_row_once(packed):
+    """Each row below M is stored by exactly one tile, from its own group's expert (or the zero pseudo-group
+    past sum(group_sizes)); x tiles start on 8-row boundaries; a packed group of <= bm rows is one tile."""
+    sizes = np.array([3, 0, 17, 8, 1, 30], np.int32)
+    m, bm, g = 70, 16, 6  # sum = 59: rows 59..69 belong to no group
+    tt = mosaic_gpu.tile_table(jnp.asarray(sizes), m, bm, packed)
+    group, x_row0, out_row0, lead, rows = np.asarray(tt.table)
+    owner = np.full(m, -1)
+    for t in np.nonzero(rows)[0]:
+        assert x_row0[t] % 8 == 0 and 0 <= lead[t] and lead[t] + rows[t] <= bm
+        for r in range(out_row0[t], out_row0[t] + rows[t]):
+            assert owner[r] == -1
+            owner[r] = group[t]
+    expect = np.concatenate([np.repeat(np.arange(g), sizes), np.full(m - sizes.sum(), g)])
+    np.testing.assert_array_equal(owner, expect)
+    if packed:  # the padded copy holds row r at x_row0 + (r - out_row0) of its tile
+        src = np.asarray(tt.x_source)
+        for t in np.nonzero(rows)[0]:
+            np.testing.assert_array_equal(src[x_row0[t] : x_row0[t] + rows[t]],
+                                          np.arange(out_row0[t], out_row0[t] + rows[t]))
+        assert [int(np.sum((rows > 0) & (group == q))) for q in range(g)] == [1, 0, 2, 1, 1, 2]
+
+
+@pytest.mark.parametrize("packed, block_n", [(True, 64), (False, 128)])
+def test_grouped_lowers_for_cuda_without_a_gpu(packed, block_n):
+    """The GPU variant (PTX decode, A in registers) lowers to one Mosaic GPU custom call."""
+    w = _weight(jax.random.key(0), (4, 128, 512))
+    x = jnp.ones((40, 512), jnp.bfloat16)
+    sizes = jnp.array([5, 0, 21, 9], jnp.int32)
+    cfg = block_sizes.BlockConfig(block_m=8, block_n=block_n, block_k=256, split_k=2, num_stages=2, decode="asm")
+    f = lambda xx, v, s, gs: mosaic_gpu.grouped(xx, v, s, gs, cfg=cfg, packed=packed)
+    text = jax.jit(f).trace(x, w.values, w.scales, sizes).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("custom_call @mosaic_gpu_v2") == 1

@@ -7,10 +7,11 @@
 Both compute x @ dequantize(w).T (per group) with float32 accumulation, returned in x's dtype.
 Implementations: "xla" (reference.py: dequantize, then one dot), "triton" (triton.py, GPU), "mosaic_tpu"
 (mosaic_tpu.py, TPU; no TPU was available, so it is tested in interpret mode only), "mosaic_gpu"
-(mosaic_gpu.py, Hopper: TMA + wgmma; dense only, opt-in: interpret-tested and lowered for CUDA, not yet
-timed on a GPU). `None` picks "triton" on GPU, "mosaic_tpu" on TPU, else "xla";
-on GPU the stored H200 table may route large-M dense calls to "xla" where dequantize + cuBLAS is faster.
-`interpret=True` runs a Pallas backend on CPU.
+(mosaic_gpu.py, Hopper: TMA + in-register PTX decode + wgmma, dense and grouped; measured on the H200).
+`None` picks, on GPU, "mosaic_gpu" where its shapes fit (N % 64, K % 256; the fastest there for dense
+decode, M <= 16, and for every grouped size measured), with large-M dense calls going to our dequantize kernel +
+cuBLAS (the stored table's `dense_dequant_min_m`) and other shapes to "triton"; "mosaic_tpu" on TPU;
+else "xla". `interpret=True` runs a Pallas backend on CPU.
 
 Gradients: a `jax.custom_vjp` w.r.t. x only, dx = dy @ dequantize(W) computed by XLA (the grouped one via
 `grouped_matmul`'s bf16 path). Packed weights are frozen at inference, so w gets no gradient (zeros);
@@ -30,6 +31,7 @@ from v4jax.quant.qarray import QArray
 from v4jax.quant.quantize import dequantize
 
 IMPLEMENTATIONS = ("xla", "triton", "mosaic_gpu", "mosaic_tpu")
+MOSAIC_DENSE_MAX_M = 16  # GPU default: dense calls up to this M take mosaic_gpu (measured at M = 16 on the H200)
 
 
 def _check_x(x: jax.Array, k: int, name: str) -> None:
@@ -78,6 +80,9 @@ def fp4_matmul(
         return reference.fp4_matmul_reference(x, w)
     if implementation is None and impl == "triton" and _prefers_dequantize("dense", x.shape[0]):
         return _dequantize_then_dot(x, w, interpret)
+    if (implementation is None and impl == "triton" and x.shape[0] <= MOSAIC_DENSE_MAX_M
+            and _kernel_friendly(n, k, "mosaic_gpu")):
+        impl = "mosaic_gpu"
     return _dense_vjp(x, w, impl, interpret)
 
 
@@ -148,13 +153,12 @@ def fp4_grouped_matmul(
             f"fp4_grouped_matmul: group_sizes must be [G={g}], got shape {group_sizes.shape}"
         )
     impl = _pick(implementation, "fp4_grouped_matmul")
-    if impl == "mosaic_gpu":
-        raise NotImplementedError("fp4_grouped_matmul: mosaic_gpu has no grouped kernel yet; use 'triton' on GPU")
-    if impl != "xla" and not _kernel_friendly(n, k):
+    if implementation is None and impl == "triton" and _kernel_friendly(n, k, "mosaic_gpu"):
+        impl = "mosaic_gpu"  # measured on the H200: ahead of Triton and of dequantize + tokamax at every size
+    if impl != "xla" and not _kernel_friendly(n, k, impl):
         if implementation is not None:
-            raise ValueError(
-                f"fp4_grouped_matmul: {impl} needs N % 16 == 0 and K % 64 == 0, got N={n}, K={k}"
-            )
+            need = "N % 64 == 0 and K % 256 == 0" if impl == "mosaic_gpu" else "N % 16 == 0 and K % 64 == 0"
+            raise ValueError(f"fp4_grouped_matmul: {impl} needs {need}, got N={n}, K={k}")
         impl = "xla"
     if impl == "xla":
         return reference.fp4_grouped_matmul_reference(x, w, group_sizes)
@@ -188,9 +192,8 @@ def _dequantize_then_grouped(x, w: QArray, group_sizes, interpret: bool):
 
 
 def _grouped_forward(x, w: QArray, group_sizes, impl: str, interpret: bool):
-    cfg = block_sizes.select(
-        "grouped", x.shape[0], chip=None if not interpret else "interpret"
-    )
+    op = "grouped_mosaic" if impl == "mosaic_gpu" else "grouped"  # the Mosaic kernel tiles differently
+    cfg = block_sizes.select(op, x.shape[0], chip=None if not interpret else "interpret")
     return _backend_module(impl).grouped(
         x, w.values, w.scales, group_sizes, cfg=cfg, interpret=interpret
     )

@@ -127,6 +127,11 @@ DEFAULTS["dense_mosaic"] = [
     {"max_m": 64, "config": {"block_m": 64, "block_k": 512, "split_k": 2, "num_stages": 4}},
     {"max_m": None, "config": {"block_m": 128, "block_k": 256, "split_k": 1, "num_stages": 2}},
 ]
+# The Mosaic GPU grouped kernel: block_n 128 = two 64-row accumulators per CTA sharing each x tile.
+DEFAULTS["grouped_mosaic"] = [
+    {"max_m": 512, "config": {"block_m": 8, "block_k": 256, "split_k": 4, "num_stages": 4}},
+    {"max_m": None, "config": {"block_m": 64, "block_n": 128, "block_k": 256, "split_k": 1, "num_stages": 3}},
+]
 
 
 def chip_name(device_kind: str) -> str:
@@ -145,7 +150,7 @@ def load_table(chip: str) -> dict:
 
 
 def select(op: str, m: int, chip: str | None = None) -> BlockConfig:
-    """The config for `op` ("dense", "dense_mosaic", "grouped" or "dequantize") at M rows on `chip` (default: the first device's kind)."""
+    """The config for `op` ("dense", "dense_mosaic", "grouped", "grouped_mosaic" or "dequantize") at M rows on `chip` (default: the first device's kind)."""
     if chip is None:
         import jax  # lazy: keeps this module importable without a backend
 

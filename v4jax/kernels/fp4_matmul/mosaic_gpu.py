@@ -78,15 +78,15 @@ class Tiles:
     wn: int = BN  # weight rows per CTA: 64, or 128 (two accumulators share each x tile: half the x traffic)
 
 
-def smem_bytes(bm: int, bk: int, stages: int, a_in_registers: bool, wn: int = BN, terms: int = 2) -> int:
+def smem_bytes(bm: int, bk: int, stages: int, a_in_registers: bool, wn: int = BN, terms: int = 3) -> int:
     """Shared memory of one CTA: `stages` pipeline buffers (x planes bf16, half-words, scales), the decoded
-    A tile when it is staged in shared memory, and the output tile (two bf16 terms)."""
+    A tile when it is staged in shared memory, and the output tile (`terms` bf16 terms, see `out_terms`)."""
     per_stage = bm * bk * 2 + wn * (bk // PLANES) + (bk // common.SCALE_BLOCK) * wn
     a_buf = 0 if a_in_registers else BN * CHUNK * 2
     return stages * per_stage + a_buf + wn * bm * 2 * terms
 
 
-def tiles(cfg: BlockConfig, m: int, k: int, a_in_registers: bool, n: int = BN, terms: int = 2) -> Tiles:
+def tiles(cfg: BlockConfig, m: int, k: int, a_in_registers: bool, n: int = BN, terms: int = 3) -> Tiles:
     """Fit `cfg` to the shape: bm = M rounded up to 8 (at most block_m, at most 256), bk a power of two
     >= 256 dividing K and fitting `stages` pipeline buffers in shared memory, split | K/bk."""
     bm = min(common.round_up(max(m, 1), 8), max(8, common.round_up(cfg.block_m, 8)), 256)
@@ -161,7 +161,9 @@ def _decode_ptx(byte: jax.Array, scale: jax.Array) -> tuple[jax.Array, jax.Array
     nibble planes bf16 [64, C] in the same layout, by inline PTX on the registers (GPU only: the interpreter
     cannot run it; `decode_plane16` is the same arithmetic in jnp). Each register of the layout holds two
     adjacent columns, i.e. two packed bytes: one 32-bit asm per plane decodes both."""
-    from jax.experimental.mosaic.gpu import fragmented_array as fa  # lazy: Mosaic GPU internals
+    from jax.experimental.mosaic.gpu import (
+        fragmented_array as fa,  # lazy: Mosaic GPU internals
+    )
     from jax.experimental.mosaic.gpu import utils as mgpu_utils
     from jaxlib.mlir import ir
     from jaxlib.mlir.dialects import arith, llvm
@@ -205,6 +207,15 @@ def _tile_scales(s_smem, g0: int, groups: int, dtype=jnp.float32, r0: int = 0) -
         sc = _e8m0_to_bf16(row) if dtype == jnp.bfloat16 else common.e8m0_to_f32(row)  # [64]
         cols.append(jnp.broadcast_to(sc[:, None], (BN, BYTES_PER_SCALE)))  # [64, 16]
     return jnp.concatenate(cols, axis=1)  # [64, 16 * groups]
+
+
+def out_terms(split: int, out_dtype) -> int:
+    """bf16 terms per output element. A float32 transposed store does not lower (jax 0.11.2), so the kernel
+    stores its float32 sums as bf16 terms that add back exactly enough: 1 for a bf16 result, 2 (16 bits)
+    for split-K partial sums of a bf16 result, 3 (24 bits: float32's significand) for a float32 result."""
+    if out_dtype == jnp.float32:
+        return 3
+    return 2 if split > 1 else 1
 
 
 class TileTable(NamedTuple):
@@ -284,13 +295,13 @@ def _kernel(tab_gmem, x_gmem, v_gmem, s_gmem, o_gmem, o_smem, *a_smem, t: Tiles,
                 for h, acc_ref in enumerate(accs):  # 64 weight rows each; both read the same x tile
                     wrows = pl.ds(h * BN, BN)
                     byte = plgpu.load(v_smem.at[wrows, cols], layout=plgpu.Layout.WGMMA)  # [64, 128] uint8
-                    if t.decode == "asm":
-                        planes = _decode_ptx(byte, _tile_scales(s_smem, g0, ng, jnp.bfloat16, h * BN))  # 2 x [64, 128]
+                    if t.decode == "asm":  # both planes at once: 2 x [64, 128] bf16
+                        planes = _decode_ptx(byte, _tile_scales(s_smem, g0, ng, jnp.bfloat16, h * BN))
                     else:
                         byte16, scale = byte.astype(jnp.uint16), _tile_scales(s_smem, g0, ng, r0=h * BN)
-                        planes = [lambda p=p: decode_plane16(byte16, p, scale) for p in range(PLANES)]
                     for p in range(PLANES):
-                        a = planes[p] if t.decode == "asm" else planes[p]()  # [64, 128] bf16: W[rows, K cols 2b + p]
+                        # [64, 128] bf16: W[rows, K columns 2b + p]
+                        a = planes[p] if t.decode == "asm" else decode_plane16(byte16, p, scale)
                         b = x_smem.at[p, :, cols].transpose((1, 0))  # [128, bm]: x plane p, transposed view
                         if a_smem:  # interpret mode: the interpreter runs wgmma with A in shared memory only
                             a_smem[0][...] = a
@@ -313,12 +324,12 @@ def _kernel(tab_gmem, x_gmem, v_gmem, s_gmem, o_gmem, o_smem, *a_smem, t: Tiles,
             max_concurrent_steps=t.stages,
         )(x_tile, v_gmem.at[gw], s_gmem.at[gw])
         for h, acc_ref in enumerate(accs):
-            acc = acc_ref[...]  # [64, bm] float32
-            hi = acc.astype(jnp.bfloat16)
-            o_smem.at[0, :, pl.ds(h * BN, BN)].transpose((1, 0))[...] = hi  # [bm, 64] <- [64, bm]: rows of y
-            if o_smem.shape[0] == 2:  # partial sums or a float32 result: float32's next 8 bits too (a float32
-                lo = (acc - hi.astype(jnp.float32)).astype(jnp.bfloat16)  # transposed store fails to lower)
-                o_smem.at[1, :, pl.ds(h * BN, BN)].transpose((1, 0))[...] = lo
+            rest = acc_ref[...]  # [64, bm] float32
+            for term in range(o_smem.shape[0]):  # bf16 terms of the float32 sums (see `out_terms`)
+                part = rest.astype(jnp.bfloat16)
+                o_smem.at[term, :, pl.ds(h * BN, BN)].transpose((1, 0))[...] = part  # [bm, 64] <- [64, bm]
+                if term + 1 < o_smem.shape[0]:
+                    rest = rest - part.astype(jnp.float32)
 
     @pl.when(rows > 0)
     def _():
@@ -367,7 +378,7 @@ def _run(x, values, scales, group_sizes, cfg, interpret, a_in_registers, detect_
         raise ValueError("fp4_matmul mosaic_gpu: the interpreter runs wgmma with A in shared memory only")
     if interpret and cfg.decode == "asm":  # the interpreter cannot run PTX: same numbers through jnp
         cfg = dataclasses.replace(cfg, decode="jnp")
-    terms = 2 if cfg.split_k > 1 or out_dtype == jnp.float32 else 1  # bf16 hi (+ lo) output terms (_kernel)
+    terms = out_terms(cfg.split_k, out_dtype)
     t = tiles(cfg, m, k, a_in_registers, n, terms)
     if packed is None:
         packed = m <= PACKED_ROWS_PER_GROUP * g  # few rows per expert: don't stream an expert's weights twice
