@@ -186,9 +186,9 @@ DENSE_PREFILL = [
     (B(64, block_n=128, block_k=256, split_k=1, num_stages=3, decode="asm"), True),
 ]
 GROUPED = [
-    B(128, block_n=128, block_k=256, num_stages=2, decode="asm"),
-    B(64, block_n=128, block_k=256, num_stages=3, decode="asm"),
-    B(128, block_k=256, num_stages=2, decode="asm"),
+    B(64, block_n=128, block_k=256, num_stages=3, decode="asm"),  # the stored table's entry
+    B(64, block_n=128, block_k=512, num_stages=2, decode="asm"),
+    B(96, block_n=128, block_k=256, num_stages=2, decode="asm"),
 ]
 GROUPED_DECODE = [
     B(8, block_k=256, split_k=4, num_stages=4, decode="asm"),
