@@ -1,41 +1,56 @@
-"""Pallas Mosaic GPU (Hopper) MXFP4 x bf16 dense matmul: TMA pipeline, in-register decode, wgmma.
+"""Pallas Mosaic GPU (Hopper) MXFP4 x bf16 matmuls, dense and grouped (MoE experts): TMA pipeline,
+in-register decode, wgmma.
 
 Hopper has no FP4 tensor cores, so each CTA (one warpgroup) streams its packed weight tiles through shared
 memory with TMA copies (`plgpu.emit_pipeline`, `num_stages` deep), decodes them in registers to bf16 and
 feeds `wgmma` with float32 accumulators. Swap-AB: the decoded weights are wgmma's A operand (64 rows of N,
 the wgmma M tile) and the activations its B operand, so a decode-sized M (1..64 rows, padded to a multiple
-of 8, wgmma's smallest N) costs no padding to 64 rows: the bytes, not the FLOPs, bound it.
+of 8, wgmma's smallest N) costs no padding to 64 rows: the bytes, not the FLOPs, bound it. A CTA covers 64
+or 128 weight rows (`wn`, from the config's block_n): with 128, two accumulators share each x tile, which
+halves the activation traffic per FLOP (the grouped prefill's winner on the H200).
 
 Layout (why bytes): the packed uint8 tile goes to shared memory by TMA as it is stored (no per-call XLA
 bitcast or copy of the weights: the kernel's only weight traffic is one read of values + scales). Loaded in
 the WGMMA register layout, each register tile covers 8 consecutive bytes of a row = 16 K elements, half an
 E8M0 scale block, so each row's scale is constant over a register tile: a [64] row vector broadcast over 16
 columns (`_tile_scales`), with no gather. Byte b holds K elements 2b (low nibble, plane 0) and 2b+1 (high,
-plane 1); a plane decodes with shifts and masks through the float16 bit pattern (as
-`common.decode_plane`: exact, E2M1 subnormal included), and the activations come split into the same 2
-column planes, so y.T = W_0 @ x_0.T + W_1 @ x_1.T keeps the K order. Each pipeline step decodes its tile in
-chunks of 128 bytes per row (8 scale blocks) to bound the live registers. The scales are read transposed
-([K/32, N], a small XLA transpose: 1/16 of the packed bytes) so that one scale block of a tile is one
-contiguous row.
+plane 1), and the activations come split into the same 2 column planes, so y.T = W_0 @ x_0.T + W_1 @ x_1.T
+keeps the K order. Each pipeline step decodes its tile in chunks of 128 bytes per row (8 scale blocks) to
+bound the live registers. The scales are read transposed ([K/32, N], a small XLA transpose: 1/16 of the
+packed bytes) so that one scale block of a tile is one contiguous row.
+
+Decoders: "asm" (the GPU's): one inline-PTX asm per plane and register (`plgpu.inline_mgpu`) turns two packed
+bytes into a bf16x2 pair: prmt + shifts + masks, then two exact bf16x2 FMAs (the Triton kernel's "asm"
+decoder). "jnp" (`decode_plane16`): the same numbers through the float16 bit pattern, about 3x the
+instructions; the interpreter runs it (it cannot run PTX). Measured on the H200 (M = 16, K = N = 7168): 28.2
+us of kernel with "jnp", 18.6 with "asm".
+
+Tiles and stores: a launch is a list of tiles (`tile_table`): expert, first row of its x tile, and the output
+rows it owns. Dense tiles are row blocks of x. Grouped tiles are either grid tiles (row blocks of x as it
+is, one per (block, expert) pair that overlaps; a block spanning two experts is computed twice) or, for
+decode-sized M, packed tiles (each expert's rows from an 8-aligned row of a padded copy of x, so an expert
+with <= bm rows streams its weights once). Each CTA writes its [64, bm] accumulator transposed into shared
+memory and stores only its own rows straight into y [M, N] with a ladder of power-of-two TMA row stores (a
+TMA copy's size is static; the row count is not): no masked stores, no XLA gather after the kernel. A float32
+transposed store does not lower (jax 0.11.2), so float32 sums leave as bf16 terms (`out_terms`): one for a
+bf16 result, two for split-K partial sums (added by XLA), three (float32's 24 bits) for a float32 result.
 
 A operand: in registers on the GPU (`a_in_registers`, the fast path: no shared-memory round trip). The
 Mosaic GPU interpreter (jax 0.11.2) only runs wgmma with A in shared memory, so interpret mode stores the
 decoded tile to shared memory first; everything else (TMA pipeline, decode, scales, B operand, epilogue)
 is the same code. Both variants lower for CUDA without a GPU (tests/kernels/test_fp4_matmul_mosaic_gpu.py).
 
-Float32 x: wgmma multiplies bf16 (or tf32) operands, so an f32 x is split into three bf16 terms
-(x = hi + mid + lo: 3 x 8 significand bits, float32's 24) stacked along M; the decoded weights are exact in bf16
-(2-bit significands, power-of-two scales), so the f32 result matches the reference to float32 rounding.
-At decode sizes this triples only the (tiny) activation bytes, not the weight bytes.
+Float32 x: wgmma multiplies bf16 (or tf32) operands, so an f32 x runs as its three bf16 terms (x = hi + mid
++ lo: 3 x 8 significand bits, float32's 24); the decoded weights are exact in bf16 (2-bit significands,
+power-of-two scales), so the f32 result matches the reference to float32 rounding.
 
-Not yet measured on a GPU (no device time in the session that wrote it): speed, and the register-A wgmma
-path numerically (`experiments/benchmarks/fp4_matmul.py --sections decode --mosaic` times and checks both
-A variants beside the Triton rows). Only the "dense" op; grouped stays on Triton. Leads for that session,
-unmeasured: the jnp decode costs about 10 scalar ops per element (20 per packed byte), which at one op per
-lane per cycle caps the kernel near 1.6 TB/s of packed bytes on 132 SMs (less where integer ops run at
-half rate), so the next step is likely a bf16x2 decoder in inline PTX (`plgpu.inline_mgpu`, as Mosaic's
-own int4 -> bf16 upcast does; GPU-only, the interpreter cannot run it); the XLA ops around the call (x planes, scales.T, the split-K sum and the
-output transpose) are small but each is a launch.
+Measured on the H200 (device time, RESULTS.md "FP4 matmul, session 5"): grouped prefill (64 experts, top-6
+of 8192 tokens, K=4096, N=2048) 2.46 ms against tokamax's bf16 ragged_dot at 2.72 ms (1.10x); grouped decode
+(64 / 8 tokens) 1.18x / 1.25x tokamax, but 36% / 29% of copy bandwidth with the XLA ops around the kernel
+(about 75 us: tile table, x planes, scale transpose, split-K sum) and 54-55% for the kernel alone; dense
+decode M = 16 at 1.02x / 1.43x XLA bf16 (K = N = 4096 / 7168). What is left for the decode targets: the
+weights in a load-time layout (scales pre-transposed, nibbles permuted so x needs no plane split) and the
+tile table computed without a chain of small XLA ops.
 """
 
 from __future__ import annotations
