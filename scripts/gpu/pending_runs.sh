@@ -6,7 +6,9 @@
 #   ep N      issue 8, on a machine of N = 2 or 4 GPUs: real-GPU parity and step times at expert = 1 .. N, every
 #             dispatch mode (expert GEMMs on XLA: tokamax's per-shape compiles ate a whole call in session 3),
 #             then the multi-process launcher (N processes, one GPU each).
-#   fp4       issue 6: the dense decode stage breakdown (load, decode, kernel, Mosaic, XLA), device-timed.
+#   fp4       issue 6: the public api on the issue's shapes (Mosaic GPU dense decode, grouped decode and prefill vs
+#             XLA / tokamax, with the grouped VJP), then the kernel sweeps, device-timed per kernel.
+#   fp4diag   issue 6: the session-3 dense decode stage breakdown of the Triton kernel (load, decode, kernel, XLA).
 #   indexer   issue 7 (resolved in session 4; re-measure after indexer changes): the score kernels' rate at 8K
 #             (quantizers, chunks, tile sweep), then refined quantized selection at 32K / 128K, by stage.
 #   mosaic    issue 7's Mosaic GPU score kernel (never run on a GPU): checked and timed against Triton at 8K / 32K.
@@ -21,6 +23,15 @@ case "${1:-}" in
     OUT="$OUT/multihost" timeout 230 bash experiments/multihost/two_process_gpu.sh "$n" 40 > "$OUT/mp.log" 2>&1
     echo "launcher rc=$?"; tail -n 30 "$OUT/mp.log" ;;
   fp4)
+    timeout 540 python3 experiments/benchmarks/fp4_mosaic_probe.py --parts api,grouped_decode,dense,grouped \
+      --budget-s 420 --out "$OUT" > "$OUT/probe.log" 2>&1
+    echo "rc=$?"; grep -v '^{' "$OUT/probe.log" | tail -5
+    python3 -c "
+import json
+for l in open('$OUT/fp4_mosaic_probe.jsonl'):
+    r = json.loads(l); r.pop('rest', None)
+    print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()})" ;;
+  fp4diag)
     timeout 540 python3 experiments/benchmarks/fp4_decode_diagnose.py --budget-s 420 --out "$OUT" > "$OUT/diag.log" 2>&1
     echo "rc=$?"; grep -v '^{' "$OUT/diag.log" | tail -5
     python3 -c "
