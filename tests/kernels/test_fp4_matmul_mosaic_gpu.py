@@ -1,4 +1,5 @@
-"""The Mosaic GPU (Hopper) FP4 dense kernel: in the Mosaic GPU interpreter vs the reference, and lowered for CUDA.
+"""The Mosaic GPU (Hopper) FP4 kernels, dense and grouped: in the Mosaic GPU interpreter vs the reference, the
+tile table, the api's routing, and lowered for CUDA.
 
 The interpreter (jax 0.11.2) simulates TMA copies, barriers and wgmma on CPU, filling output buffers with
 NaN first, so "no NaN in the result" checks that every element was written. It runs wgmma with A in shared
@@ -42,8 +43,8 @@ def test_byte_plane_decode_is_exact_for_every_byte_and_scale():
 
 @pytest.mark.parametrize("dtype, m, tol", [(jnp.bfloat16, 5, 1e-2), (jnp.float32, 13, 1e-5), (jnp.bfloat16, 130, 1e-2)])
 def test_dense_api_matches_reference(dtype, m, tol):
-    """Through fp4_matmul: M not a multiple of the 8-row tile; f32 x runs as three bf16 terms. bf16: K = 512 is
-    one pipeline step of two 128-byte decode chunks; f32 (39 rows): bk = 256 in two K splits; M = 130: the
+    """Through fp4_matmul: M not a multiple of the 8-row tile; f32 x runs as three bf16 launches whose outputs
+    leave as three bf16 terms each. K = 512 is one pipeline step of two 128-byte decode chunks; M = 130: the
     large-M table entry, 128-row tiles (wgmma N = 128), two of them."""
     kx, kw = jax.random.split(_key())
     x = jax.random.normal(kx, (m, 512), dtype)
@@ -54,14 +55,14 @@ def test_dense_api_matches_reference(dtype, m, tol):
 
 
 def test_dense_pipeline_split_k_and_m_tiles_race_free():
-    """4 K steps split in 2 (2-deep TMA pipeline each), 3 tiles of 8 rows over M = 20 (x3 terms: 60 rows),
-    2 N tiles, with the interpreter's shared-memory race detector on."""
+    """4 K steps split in 2 (2-deep TMA pipeline each), 3 tiles of 8 rows over M = 20 (the last one 4 rows),
+    2 N tiles, float32 x (three launches), with the interpreter's shared-memory race detector on."""
     kx, kw = jax.random.split(_key())
     x = jax.random.normal(kx, (20, 1024), jnp.float32)
     w = _weight(kw, (128, 1024))
-    cfg = block_sizes.BlockConfig(block_m=24, block_k=256, split_k=2, num_stages=2)
-    t = mosaic_gpu.tiles(cfg, 60, 1024, a_in_registers=False)
-    assert (t.bm, t.bk, t.split, t.stages) == (24, 256, 2, 2)
+    cfg = block_sizes.BlockConfig(block_m=8, block_k=256, split_k=2, num_stages=2)
+    t = mosaic_gpu.tiles(cfg, 20, 1024, a_in_registers=False)
+    assert (t.bm, t.bk, t.split, t.stages) == (8, 256, 2, 2)
     y = mosaic_gpu.dense(x, w.values, w.scales, cfg=cfg, interpret=True, detect_races=True)
     assert _rel(y, _ref_dense(x, w)) < 1e-5
     from jax._src.pallas.mosaic_gpu.interpret import (
@@ -111,6 +112,11 @@ def test_tiles_fit_shared_memory_and_bad_shapes_raise():
     w = _weight(jax.random.key(1), (96, 256))  # N = 96: not a multiple of 64
     with pytest.raises(ValueError, match="N % 64"):
         fp4_matmul.fp4_matmul(jnp.ones((4, 256), jnp.bfloat16), w, implementation="mosaic_gpu", interpret=True)
+    with pytest.raises(ValueError, match="bfloat16 or float32"):  # wgmma multiplies bf16 terms
+        fp4_matmul.fp4_matmul(jnp.ones((4, 256), jnp.float16), _weight(jax.random.key(3), (64, 256)),
+                              implementation="mosaic_gpu", interpret=True)
+    with pytest.raises(ValueError, match="shared memory"):  # one stage of 256 x rows x 512 K does not fit
+        mosaic_gpu.tiles(block_sizes.BlockConfig(block_m=256, block_n=128, block_k=512), 4096, 4096, True, 256)
     with pytest.raises(ValueError, match="A in shared memory"):
         w64 = _weight(jax.random.key(2), (64, 256))
         mosaic_gpu.dense(jnp.ones((4, 256)), w64.values, w64.scales, cfg=block_sizes.BlockConfig(),
@@ -118,12 +124,15 @@ def test_tiles_fit_shared_memory_and_bad_shapes_raise():
 
 
 def test_gpu_default_routes_dense_decode_and_grouped_to_mosaic_gpu(monkeypatch):
-    """On GPU, implementation=None sends dense M <= 16 and every grouped call (shapes permitting) to mosaic_gpu,
-    the faster kernel on the H200 (RESULTS.md, session 5); other dense sizes stay on Triton / dequantize."""
+    """On a Hopper GPU, implementation=None sends dense M <= 16 and every grouped call (shapes and dtype
+    permitting) to mosaic_gpu, the faster kernel on the H200 (RESULTS.md, session 5); other dense sizes, float16
+    x, other shapes and other GPUs (no wgmma) stay on Triton."""
     from v4jax.kernels.fp4_matmul import api
 
     seen = []
+    hopper = [True]
     monkeypatch.setattr(api.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(api, "_is_hopper", lambda: hopper[0])
     monkeypatch.setattr(api, "_prefers_dequantize", lambda op, m: False)
     monkeypatch.setattr(api, "_dense_vjp", lambda x, w, impl, interpret: seen.append(("dense", impl)))
     monkeypatch.setattr(api, "_grouped_vjp", lambda x, w, gs, impl, interpret: seen.append(("grouped", impl)))
@@ -134,7 +143,12 @@ def test_gpu_default_routes_dense_decode_and_grouped_to_mosaic_gpu(monkeypatch):
     fp4_matmul.fp4_grouped_matmul(jnp.ones((300, 512), jnp.bfloat16), wg, jnp.array([100, 200]))
     wodd = _weight(jax.random.key(2), (2, 96, 512))  # N % 64 != 0: Triton
     fp4_matmul.fp4_grouped_matmul(jnp.ones((8, 512), jnp.bfloat16), wodd, jnp.array([4, 4]))
-    assert seen == [("dense", "mosaic_gpu"), ("dense", "triton"), ("grouped", "mosaic_gpu"), ("grouped", "triton")]
+    fp4_matmul.fp4_grouped_matmul(jnp.ones((300, 512), jnp.float16), wg, jnp.array([100, 200]))  # float16: Triton
+    hopper[0] = False  # e.g. an A100: no wgmma / TMA
+    fp4_matmul.fp4_grouped_matmul(jnp.ones((300, 512), jnp.bfloat16), wg, jnp.array([100, 200]))
+    fp4_matmul.fp4_matmul(jnp.ones((16, 512), jnp.bfloat16), w)
+    assert seen == [("dense", "mosaic_gpu"), ("dense", "triton"), ("grouped", "mosaic_gpu"), ("grouped", "triton"),
+                    ("grouped", "triton"), ("grouped", "triton"), ("dense", "triton")]
     assert api._backend_module("mosaic_gpu") is mosaic_gpu
 
 
@@ -148,25 +162,32 @@ def _ref_grouped(x, w, sizes):
     return out
 
 
-@pytest.mark.parametrize("bm, block_n, split, packed, dtype, tol", [
-    (8, 64, 1, True, jnp.bfloat16, 1e-2),   # decode tiles: each group from an aligned row of a padded copy
-    (8, 128, 2, True, jnp.bfloat16, 1e-2),  # two accumulators per CTA, split-K partials as bf16 hi + lo
-    (16, 128, 1, False, jnp.bfloat16, 1e-2),  # grid tiles: blocks spanning two groups store only their rows
-    (16, 64, 2, False, jnp.float32, 1e-5),  # float32 x: three bf16 terms, float32-exact outputs
+@pytest.mark.parametrize("bm, block_n, n, split, packed, dtype, sizes, tol", [
+    (8, 64, 128, 1, True, jnp.bfloat16, (5, 0, 21, 9), 1e-2),  # decode tiles: groups from aligned rows of a copy
+    (8, 128, 128, 2, True, jnp.bfloat16, (5, 0, 21, 9), 1e-2),  # two accumulators per CTA, split-K hi + lo terms
+    (16, 128, 128, 1, False, jnp.bfloat16, (5, 0, 21, 9), 1e-2),  # grid tiles: a block spanning groups, own rows
+    (16, 64, 128, 2, False, jnp.float32, (5, 0, 21, 9), 1e-5),  # float32 x: three bf16 terms, float32 outputs
+    (24, 128, 192, 1, False, jnp.bfloat16, (5, 0, 21, 9), 1e-2),  # bm 24: a 16 + 8 store ladder; N % 128: wn 64
+    (16, 64, 128, 1, False, jnp.bfloat16, (30, 0, 30, 9), 1e-2),  # sum(sizes) > M: groups end at row M
+    (16, 64, 128, 1, True, jnp.bfloat16, (30, 0, 30, 9), 1e-2),
 ])
-def test_grouped_matches_reference(bm, block_n, split, packed, dtype, tol):
+def test_grouped_matches_reference(bm, block_n, n, split, packed, dtype, sizes, tol):
     """Fresh random inputs; an empty group, a group longer than a tile, groups not aligned to 8 rows, and rows
     past sum(group_sizes) (they must read zero). Outputs start as NaN in the interpreter: no NaN = all written."""
     kx, kw = jax.random.split(_key())
-    w = _weight(kw, (4, 128, 512))
-    sizes = jnp.array([5, 0, 21, 9], jnp.int32)
-    x = jax.random.normal(kx, (40, 512), dtype)
+    w = _weight(kw, (4, n, 512))
+    m = 40
+    x = jax.random.normal(kx, (m, 512), dtype)
     cfg = block_sizes.BlockConfig(block_m=bm, block_n=block_n, block_k=256, split_k=split, num_stages=2)
-    y = mosaic_gpu.grouped(x, w.values, w.scales, sizes, cfg=cfg, interpret=True, packed=packed)
-    assert y.shape == (40, 128) and y.dtype == dtype
-    ref = _ref_grouped(x, w, sizes)
-    assert _rel(y[:35], ref[:35]) < tol
-    np.testing.assert_array_equal(np.asarray(y[35:], np.float32), 0.0)
+    assert mosaic_gpu.tiles(cfg, m, 512, False, n).wn == (128 if block_n == 128 and n % 128 == 0 else 64)
+    y = mosaic_gpu.grouped(x, w.values, w.scales, jnp.array(sizes, jnp.int32), cfg=cfg, interpret=True,
+                           packed=packed)
+    assert y.shape == (m, n) and y.dtype == dtype
+    used = min(sum(sizes), m)
+    clipped = np.diff(np.minimum(np.cumsum((0, *sizes)), m))
+    ref = _ref_grouped(x, w, clipped)
+    assert _rel(y[:used], ref[:used]) < tol
+    np.testing.assert_array_equal(np.asarray(y[used:], np.float32), 0.0)
 
 
 def test_grouped_api_value_and_vjp():
@@ -183,11 +204,13 @@ def test_grouped_api_value_and_vjp():
 
 
 @pytest.mark.parametrize("packed", [True, False])
-def test_tile_table_covers_every_row_once(packed):
+@pytest.mark.parametrize("m", [70, 40])
+def test_tile_table_covers_every_row_once(packed, m):
     """Each row below M is stored by exactly one tile, from its own group's expert (or the zero pseudo-group
-    past sum(group_sizes)); x tiles start on 8-row boundaries; a packed group of <= bm rows is one tile."""
+    past sum(group_sizes)); x tiles start on 8-row boundaries; a packed group of <= bm rows is one tile.
+    M = 70: rows 59..69 belong to no group; M = 40: the groups run past M and are cut there."""
     sizes = np.array([3, 0, 17, 8, 1, 30], np.int32)
-    m, bm, g = 70, 16, 6  # sum = 59: rows 59..69 belong to no group
+    bm, g = 16, 6
     tt = mosaic_gpu.tile_table(jnp.asarray(sizes), m, bm, packed)
     group, x_row0, out_row0, lead, rows = np.asarray(tt.table)
     owner = np.full(m, -1)
@@ -196,14 +219,15 @@ def test_tile_table_covers_every_row_once(packed):
         for r in range(out_row0[t], out_row0[t] + rows[t]):
             assert owner[r] == -1
             owner[r] = group[t]
-    expect = np.concatenate([np.repeat(np.arange(g), sizes), np.full(m - sizes.sum(), g)])
+    expect = np.concatenate([np.repeat(np.arange(g), sizes), np.full(max(m - sizes.sum(), 0), g)])[:m]
     np.testing.assert_array_equal(owner, expect)
     if packed:  # the padded copy holds row r at x_row0 + (r - out_row0) of its tile
         src = np.asarray(tt.x_source)
         for t in np.nonzero(rows)[0]:
             np.testing.assert_array_equal(src[x_row0[t] : x_row0[t] + rows[t]],
                                           np.arange(out_row0[t], out_row0[t] + rows[t]))
-        assert [int(np.sum((rows > 0) & (group == q))) for q in range(g)] == [1, 0, 2, 1, 1, 2]
+        per_group = [1, 0, 2, 1, 1, 2] if m == 70 else [1, 0, 2, 1, 1, 1]  # M = 40: group 5 keeps 11 rows
+        assert [int(np.sum((rows > 0) & (group == q))) for q in range(g)] == per_group
 
 
 @pytest.mark.parametrize("packed, block_n", [(True, 64), (False, 128)])
@@ -216,3 +240,4 @@ def test_grouped_lowers_for_cuda_without_a_gpu(packed, block_n):
     f = lambda xx, v, s, gs: mosaic_gpu.grouped(xx, v, s, gs, cfg=cfg, packed=packed)
     text = jax.jit(f).trace(x, w.values, w.scales, sizes).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("custom_call @mosaic_gpu_v2") == 1
+    assert "prmt.b32" in text and "fma.rn.bf16x2" in text  # the PTX decoder is in the kernel

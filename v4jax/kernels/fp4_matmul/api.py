@@ -52,6 +52,17 @@ def _pick(implementation: str | None, name: str) -> str:
     return {"gpu": "triton", "tpu": "mosaic_tpu"}.get(backend, "xla")
 
 
+def _is_hopper() -> bool:
+    """The Mosaic GPU kernels issue wgmma and TMA: sm_90 (Hopper) only."""
+    return getattr(jax.devices()[0], "compute_capability", None) in ("9.0", "9.0a")
+
+
+def _mosaic_gpu_fits(x: jax.Array, n: int, k: int) -> bool:
+    """Whether the GPU default may take mosaic_gpu: a Hopper device, bf16 or float32 x (the kernel multiplies
+    bf16 terms: a float16 x would lose bits), and its tile shapes."""
+    return x.dtype in (jnp.bfloat16, jnp.float32) and _kernel_friendly(n, k, "mosaic_gpu") and _is_hopper()
+
+
 def _kernel_friendly(n: int, k: int, impl: str = "triton") -> bool:
     """The Pallas backends need N a multiple of 16 and K of 64 (bf16 MMA tiles, whole scale blocks per tile);
     mosaic_gpu needs N % 64 (one warpgroup's wgmma rows) and K % 256 (128-byte swizzled half-word rows)."""
@@ -81,7 +92,7 @@ def fp4_matmul(
     if implementation is None and impl == "triton" and _prefers_dequantize("dense", x.shape[0]):
         return _dequantize_then_dot(x, w, interpret)
     if (implementation is None and impl == "triton" and x.shape[0] <= MOSAIC_DENSE_MAX_M
-            and _kernel_friendly(n, k, "mosaic_gpu")):
+            and _mosaic_gpu_fits(x, n, k)):
         impl = "mosaic_gpu"
     return _dense_vjp(x, w, impl, interpret)
 
@@ -153,8 +164,8 @@ def fp4_grouped_matmul(
             f"fp4_grouped_matmul: group_sizes must be [G={g}], got shape {group_sizes.shape}"
         )
     impl = _pick(implementation, "fp4_grouped_matmul")
-    if implementation is None and impl == "triton" and _kernel_friendly(n, k, "mosaic_gpu"):
-        impl = "mosaic_gpu"  # measured on the H200: ahead of Triton and of dequantize + tokamax at every size
+    if implementation is None and impl == "triton" and _mosaic_gpu_fits(x, n, k):
+        impl = "mosaic_gpu"  # H200: ahead of Triton and of dequantize + tokamax at 8, 64 and 8192 tokens x top-6
     if impl != "xla" and not _kernel_friendly(n, k, impl):
         if implementation is not None:
             need = "N % 64 == 0 and K % 256 == 0" if impl == "mosaic_gpu" else "N % 16 == 0 and K % 64 == 0"

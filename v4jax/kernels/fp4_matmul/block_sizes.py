@@ -119,15 +119,15 @@ DEFAULTS["dequantize"] = [
     {"max_m": None, "config": {"block_m": 16, "block_n": 64, "block_k": 256, "num_warps": 4, "num_stages": 3}},
 ]
 
-# The Mosaic GPU dense kernel (mosaic_gpu.py): block_m caps the rows of x per CTA (wgmma N, padded to 8),
-# block_k the K per pipeline step, num_stages the TMA pipeline depth; N tiles are always 64 rows (one
-# warpgroup). Split-K 2 gives 4096 / 64 * 2 = 128 CTAs for the 132 SMs at decode. The H200 table's M <= 16
-# entry was measured (session 3); these defaults, and its larger-M entries, were not.
+# The Mosaic GPU kernels (mosaic_gpu.py): block_m caps the rows of x per CTA (wgmma N, padded to 8), block_n
+# the weight rows per CTA (64, or 128: two 64-row accumulators sharing each x tile, where N % 128 == 0),
+# block_k the K per pipeline step, num_stages the TMA pipeline depth, decode "asm" (PTX) or "jnp". Split-K 2
+# gives 4096 / 64 * 2 = 128 CTAs for the 132 SMs at decode. These defaults were not measured; the H200 table's
+# entries were (its "source").
 DEFAULTS["dense_mosaic"] = [
     {"max_m": 64, "config": {"block_m": 64, "block_k": 512, "split_k": 2, "num_stages": 4}},
     {"max_m": None, "config": {"block_m": 128, "block_k": 256, "split_k": 1, "num_stages": 2}},
 ]
-# The Mosaic GPU grouped kernel: block_n 128 = two 64-row accumulators per CTA sharing each x tile.
 DEFAULTS["grouped_mosaic"] = [
     {"max_m": 512, "config": {"block_m": 8, "block_k": 256, "split_k": 4, "num_stages": 4}},
     {"max_m": None, "config": {"block_m": 64, "block_n": 128, "block_k": 256, "split_k": 1, "num_stages": 3}},

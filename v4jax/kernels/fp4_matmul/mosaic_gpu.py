@@ -113,6 +113,9 @@ def tiles(cfg: BlockConfig, m: int, k: int, a_in_registers: bool, n: int = BN, t
         bk *= 2
     while stages > 1 and smem(bk, stages) > SMEM_BUDGET:
         stages -= 1
+    if smem(bk, stages) > SMEM_BUDGET:
+        raise ValueError(f"fp4_matmul mosaic_gpu: one pipeline stage of bm={bm}, bk={bk}, {wn} weight rows needs "
+                         f"{smem(bk, stages)} bytes of shared memory (budget {SMEM_BUDGET}): lower block_m")
     steps = k // bk
     split = max(d for d in range(1, max(1, cfg.split_k) + 1) if steps % d == 0)
     return Tiles(bm=bm, bk=bk, split=split, stages=min(stages, steps // split), decode=cfg.decode, wn=wn)
@@ -226,8 +229,10 @@ def _tile_scales(s_smem, g0: int, groups: int, dtype=jnp.float32, r0: int = 0) -
 
 def out_terms(split: int, out_dtype) -> int:
     """bf16 terms per output element. A float32 transposed store does not lower (jax 0.11.2), so the kernel
-    stores its float32 sums as bf16 terms that add back exactly enough: 1 for a bf16 result, 2 (16 bits)
-    for split-K partial sums of a bf16 result, 3 (24 bits: float32's significand) for a float32 result."""
+    stores its float32 sums as bf16 terms (hi, then the remainders): 1 for a bf16 result; 2 for split-K
+    partial sums of a bf16 result (each partial kept to about 2**-17 of itself, so the sum is off the float32
+    one by more than a bf16 ulp only where partials cancel by 2**8 or more); 3 for a float32 result (24
+    bits: float32's significand). A partial sum beyond bf16's range would come back as inf/NaN."""
     if out_dtype == jnp.float32:
         return 3
     return 2 if split > 1 else 1
@@ -375,7 +380,9 @@ def _interpret_params(detect_races: bool):
     return plgpu.InterpretGPUParams(uninitialized_memory="nan", detect_races=detect_races)
 
 
-def _check_shapes(n: int, k: int, name: str) -> None:
+def _check_shapes(n: int, k: int, name: str, dtype=jnp.bfloat16) -> None:
+    if dtype not in (jnp.bfloat16, jnp.float32):  # wgmma multiplies bf16 terms: a float16 x would lose bits
+        raise ValueError(f"{name} mosaic_gpu: x must be bfloat16 or float32, got {jnp.dtype(dtype).name}")
     if n % BN or k % 256:
         raise ValueError(f"{name} mosaic_gpu: needs N % {BN} == 0 and K % 256 == 0, got N={n}, K={k}")
 
@@ -393,8 +400,8 @@ def _run(x, values, scales, group_sizes, cfg, interpret, a_in_registers, detect_
         raise ValueError("fp4_matmul mosaic_gpu: the interpreter runs wgmma with A in shared memory only")
     if interpret and cfg.decode == "asm":  # the interpreter cannot run PTX: same numbers through jnp
         cfg = dataclasses.replace(cfg, decode="jnp")
-    terms = out_terms(cfg.split_k, out_dtype)
-    t = tiles(cfg, m, k, a_in_registers, n, terms)
+    t = tiles(cfg, m, k, a_in_registers, n, out_terms(cfg.split_k, out_dtype))  # shared memory for the most
+    terms = out_terms(t.split, out_dtype)  # terms the config may need; the split as fitted decides
     if packed is None:
         packed = m <= PACKED_ROWS_PER_GROUP * g  # few rows per expert: don't stream an expert's weights twice
     if dense_rows is None:
@@ -452,7 +459,7 @@ def dense(
     asks the interpreter to check the pipeline's barriers for shared-memory races.
     """
     m, k = x.shape
-    _check_shapes(values.shape[0], k, "fp4_matmul")
+    _check_shapes(values.shape[0], k, "fp4_matmul", x.dtype)
     run = lambda xb: _run(xb, values[None], scales[None], jnp.full((1,), m, jnp.int32), cfg, interpret,
                           a_in_registers, detect_races, packed=False, out_dtype=x.dtype, dense_rows=m)
     return _split_terms(run, x) if x.dtype == jnp.float32 else run(x)
@@ -477,7 +484,7 @@ def grouped(
     only its own rows, straight into y. Same constraints and options as `dense`; an f32 x runs as its three
     bf16 terms, one launch each.
     """
-    _check_shapes(values.shape[1], x.shape[1], "fp4_grouped_matmul")
+    _check_shapes(values.shape[1], x.shape[1], "fp4_grouped_matmul", x.dtype)
     run = lambda xb: _run(xb, values, scales, group_sizes, cfg, interpret, a_in_registers, detect_races, packed,
                           out_dtype=x.dtype)
     return _split_terms(run, x) if x.dtype == jnp.float32 else run(x)
