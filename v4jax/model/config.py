@@ -19,7 +19,7 @@ LAYER_KINDS = ("sliding", "csa", "hca")
 MOE_KINDS = ("hash", "learned")
 DTYPES = ("float32", "bfloat16", "float16")
 INDEXER_IMPLS = ("auto", "xla", "triton", "mosaic_gpu", "mosaic_tpu")  # "auto": kernels.indexer's own platform choice
-FP4_IMPLS = ("auto", "xla", "triton", "mosaic_tpu")  # "auto": kernels.fp4_matmul's own platform choice
+FP4_IMPLS = ("auto", "xla", "triton", "mosaic_gpu", "mosaic_tpu")  # "auto": kernels.fp4_matmul's own platform choice
 
 
 @dataclasses.dataclass(frozen=True)
