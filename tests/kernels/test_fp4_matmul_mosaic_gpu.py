@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from fp4_reference import ref_dense as _ref_dense
+from fp4_reference import ref_grouped as _ref_grouped
 from fp4_reference import rel as _rel
 from fp4_reference import weight as _weight
 
@@ -150,16 +151,6 @@ def test_gpu_default_routes_dense_decode_and_grouped_to_mosaic_gpu(monkeypatch):
     assert seen == [("dense", "mosaic_gpu"), ("dense", "triton"), ("grouped", "mosaic_gpu"), ("grouped", "triton"),
                     ("grouped", "triton"), ("grouped", "triton"), ("dense", "triton")]
     assert api._backend_module("mosaic_gpu") is mosaic_gpu
-
-
-def _ref_grouped(x, w, sizes):
-    """Per-group x @ dequantize(w)[g].T in float64; rows past sum(sizes) are zero."""
-    wd = np.asarray(quant.dequantize(w), np.float64)
-    xs, out, r = np.asarray(x, np.float64), np.zeros((x.shape[0], w.shape[1])), 0
-    for g, s in enumerate(np.asarray(sizes)):
-        out[r : r + s] = xs[r : r + s] @ wd[g].T
-        r += s
-    return out
 
 
 @pytest.mark.parametrize("bm, block_n, n, split, packed, dtype, sizes, tol", [

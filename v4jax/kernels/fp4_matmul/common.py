@@ -70,6 +70,32 @@ def decode_bytes(packed: jax.Array) -> tuple[jax.Array, jax.Array]:
     return e2m1_to_f32(c & 0xF), e2m1_to_f32((c >> 4) & 0xF)
 
 
+# bf16x2 decode of two E2M1 nibbles (the Triton and Mosaic GPU "asm" decoders). prmt brings the byte of each
+# element to bits 7..0 and 23..16 (`sel`, from operands `src`); the shifts move each nibble's exponent and
+# mantissa to bf16 bits 8..6 and its sign to bit 15, which reads as E2M1 * 2**-126 (the E2M1 subnormal lands
+# on a bf16 subnormal); the FMAs, with a -0 addend so that a zero's sign is kept, scale by 2**126 and then by
+# the pair's bf16x2 E8M0 scale (operand `scale`): both exact. Result in $0.
+_PTX_NIBBLE_PAIR = """{{
+.reg .b32 t, u, v, c126, nz;
+mov.b32 c126, 0x7E807E80;
+mov.b32 nz, 0x80008000;
+prmt.b32 t, {src}, {sel};
+shl.b32 u, t, {sh_mag};
+and.b32 u, u, 0x01C001C0;
+shl.b32 v, t, {sh_sign};
+and.b32 v, v, 0x80008000;
+or.b32 u, u, v;
+fma.rn.bf16x2 u, u, c126, nz;
+fma.rn.bf16x2 $0, u, {scale}, nz;
+}}"""
+
+
+def ptx_nibble_pair(src: str, sel: int, high_nibble: bool, scale: str) -> str:
+    """The inline PTX above for the low (bits 3..0) or high (bits 7..4) nibble of the selected bytes."""
+    sh_mag, sh_sign = (2, 8) if high_nibble else (6, 12)
+    return _PTX_NIBBLE_PAIR.format(src=src, sel=hex(sel), sh_mag=sh_mag, sh_sign=sh_sign, scale=scale)
+
+
 class TileSchedule(NamedTuple):
     """The grouped kernels' work list: tile t multiplies rows [lo[t], hi[t]) of row block `block[t]` by
     expert `group[t]`. Tiles past the real count have lo == hi (nothing to do) and repeat the last block."""

@@ -153,27 +153,6 @@ def decode_plane16(h: jax.Array, p: int, scale: jax.Array) -> jax.Array:
     return ((v * 16384.0) * scale).astype(jnp.bfloat16)
 
 
-# bf16x2 decode of one nibble plane of two packed bytes, scaled ($1: bytes b, b+1 in bits 0..15 of a
-# zero-extended register; $2: the pair's bf16x2 scale 2**(s-127); result $0: W[2b+p], W[2b+2+p] as bf16x2).
-# prmt spreads byte b to bits 0..7 and byte b+1 to bits 16..23; the shifts put the nibble's exponent and
-# mantissa at bf16 bits 8..6 and its sign at bit 15, which reads as E2M1 * 2**-126 (the E2M1 subnormal
-# lands on a bf16 subnormal); the FMAs (with a -0 addend, so a product's zero sign is kept) scale by 2**126,
-# then by the E8M0 scale: both exact. The same instructions as the Triton kernel's "asm" decoder.
-_PTX_PLANE = """{{
-.reg .b32 t, u, v, c126, nz;
-mov.b32 c126, 0x7E807E80;
-mov.b32 nz, 0x80008000;
-prmt.b32 t, $1, $1, 0x7170;
-shl.b32 u, t, {sh_mag};
-and.b32 u, u, 0x01C001C0;
-shl.b32 v, t, {sh_sign};
-and.b32 v, v, 0x80008000;
-or.b32 u, u, v;
-fma.rn.bf16x2 u, u, c126, nz;
-fma.rn.bf16x2 $0, u, $2, nz;
-}}"""
-
-
 def _decode_ptx(byte: jax.Array, scale: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Packed bytes uint8 [64, C] and their bf16 scales [64, C] (both in the WGMMA register layout) -> the two
     nibble planes bf16 [64, C] in the same layout, by inline PTX on the registers (GPU only: the interpreter
@@ -194,7 +173,8 @@ def _decode_ptx(byte: jax.Array, scale: jax.Array) -> tuple[jax.Array, jax.Array
         pair = ir.VectorType.get((2,), ir.BF16Type.get())
         planes = []
         for p in range(PLANES):
-            asm = _PTX_PLANE.format(sh_mag=6 - 4 * p, sh_sign=12 - 4 * p)
+            # bytes b, b+1 of the zero-extended pair to bits 7..0 and 23..16 (selector 7: a zero byte)
+            asm = common.ptx_nibble_pair("$1, $1", 0x7170, high_nibble=p == 1, scale="$2")
             regs = np.empty(b.registers.shape, dtype=object)
             for idx, reg in np.ndenumerate(b.registers):
                 word = arith.extui(i32, mgpu_utils.bitcast(reg, i16))  # bytes b, b+1 in bits 0..15

@@ -39,31 +39,12 @@ from v4jax.kernels.fp4_matmul.block_sizes import BlockConfig
 
 P = common.PLANES
 
-# bf16x2 decode of nibble plane j from two uint32 words ($1: element c, $2: element c+1) and the pair's
-# bf16x2 scale ($3), into $0 (one asm per plane: Pallas lowers single-result inline asm only). prmt puts
-# byte j//2 of each word in the low byte of each 16-bit half; the shifts move the nibble's
-# exponent+mantissa to bf16 bits 8..6 and its sign to bit 15, which reads as E2M1 * 2**-126 (a bf16
-# subnormal for the E2M1 subnormal); the FMAs scale by 2**126 and by the E8M0 scale, both exact.
-_ASM_PLANE = """{{
-.reg .b32 t, u, v, c126, nz;
-mov.b32 c126, 0x7E807E80;
-mov.b32 nz, 0x80008000;
-prmt.b32 t, $1, $2, {sel};
-shl.b32 u, t, {sh_mag};
-and.b32 u, u, 0x01C001C0;
-shl.b32 v, t, {sh_sign};
-and.b32 v, v, 0x80008000;
-or.b32 u, u, v;
-fma.rn.bf16x2 u, u, c126, nz;
-fma.rn.bf16x2 $0, u, $3, nz;
-}}"""
-
-
 def _asm_plane(j: int) -> str:
+    """PTX for nibble plane j of two uint32 words ($1: element c, $2: element c+1) and the pair's bf16x2
+    scale ($3), into $0 (one asm per plane: Pallas lowers single-result inline asm only)."""
     q = j // 2  # the byte holding nibble j
     sel = ((4 + q) << 12) | ((4 + q) << 8) | (q << 4) | q  # byte q of $1 -> bits 7..0, of $2 -> bits 23..16
-    low = j % 2 == 0
-    return _ASM_PLANE.format(sel=hex(sel), sh_mag=6 if low else 2, sh_sign=12 if low else 8)
+    return common.ptx_nibble_pair("$1, $2", sel, high_nibble=j % 2 == 1, scale="$3")
 
 
 def _decode_planes(words: jax.Array, scale: jax.Array, dtype, how: str) -> list[jax.Array]:
