@@ -203,6 +203,8 @@ def main():
     ap.add_argument("--parts", default="dense,prefill,grouped,grouped_decode")
     ap.add_argument("--budget-s", type=float, default=480)
     args = ap.parse_args()
+    if jax.default_backend() != "gpu":  # device time comes from GPU kernel events; the kernels need Hopper
+        raise SystemExit("fp4_mosaic_probe: needs a GPU (Hopper); the CPU tests are tests/kernels/test_fp4_matmul*.py")
     deadline = time.time() + args.budget_s
     print(jax.devices(), flush=True)
     for part in args.parts.split(","):  # in the order given
