@@ -141,11 +141,12 @@ def tile_schedule(group_sizes: jax.Array, num_rows: int, block_m: int) -> TileSc
 
 class PaddedRows(NamedTuple):
     """x's rows laid out with every group starting at a multiple of `align` (TMA tiles need aligned row
-    offsets): padded row p holds x row `source[p]` (num_rows: a zero row); x row r sits at `position[r]`."""
+    offsets): group g occupies padded rows [starts[g], starts[g] + sizes[g]); padded row p holds x row
+    `source[p]` (num_rows: a zero row)."""
 
     sizes: jax.Array  # int32 [G]: group sizes rounded up to `align`
+    starts: jax.Array  # int32 [G]: each group's first padded row (a multiple of `align`)
     source: jax.Array  # int32 [P]
-    position: jax.Array  # int32 [M]
 
 
 def padded_rows(group_sizes: jax.Array, num_rows: int, align: int) -> PaddedRows:
@@ -162,10 +163,7 @@ def padded_rows(group_sizes: jax.Array, num_rows: int, align: int) -> PaddedRows
     gp = jnp.minimum(jnp.searchsorted(pends, p, side="right"), g_count - 1)
     i = p - pstarts[gp]
     source = jnp.where((p < pends[-1]) & (i < sizes[gp]), starts[gp] + i, num_rows)
-    r = jnp.arange(num_rows, dtype=jnp.int32)
-    gr = jnp.minimum(jnp.searchsorted(ends, r, side="right"), g_count - 1)
-    position = pstarts[gr] + r - starts[gr]
-    return PaddedRows(psizes.astype(jnp.int32), source.astype(jnp.int32), position.astype(jnp.int32))
+    return PaddedRows(psizes.astype(jnp.int32), pstarts.astype(jnp.int32), source.astype(jnp.int32))
 
 
 def num_padded_rows(num_rows: int, num_groups: int, align: int) -> int:

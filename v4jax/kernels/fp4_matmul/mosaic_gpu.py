@@ -248,16 +248,13 @@ def tile_table(group_sizes: jax.Array, m: int, bm: int, packed: bool) -> TileTab
         return TileTable(table.astype(jnp.int32), None)
     pad = common.padded_rows(ext, m, ROW_ALIGN)
     p_rows = pad.source.shape[0]
-    psizes = pad.sizes
-    pends = jnp.cumsum(psizes)
-    pstarts = pends - psizes
-    count = (psizes + bm - 1) // bm  # tiles per group
+    count = (pad.sizes + bm - 1) // bm  # tiles per group
     cum = jnp.cumsum(count)
     t = jnp.arange(-(-p_rows // bm) + g + 1, dtype=jnp.int32)  # static bound: sum ceil(psize / bm)
     grp = jnp.minimum(jnp.searchsorted(cum, t, side="right"), g).astype(jnp.int32)
     i = t - (cum[grp] - count[grp])
     valid = t < cum[-1]
-    x_row0 = jnp.where(valid, pstarts[grp] + i * bm, 0)
+    x_row0 = jnp.where(valid, pad.starts[grp] + i * bm, 0)
     out_row0 = jnp.where(valid, starts[grp] + i * bm, 0)
     rows = jnp.where(valid, jnp.clip(ends[grp] - out_row0, 0, bm), 0)
     table = jnp.stack([jnp.where(valid, grp, g), x_row0, out_row0, jnp.zeros_like(t), rows])
