@@ -44,8 +44,8 @@ def test_byte_plane_decode_is_exact_for_every_byte_and_scale():
 
 @pytest.mark.parametrize("dtype, m, tol", [(jnp.bfloat16, 5, 1e-2), (jnp.float32, 13, 1e-5), (jnp.bfloat16, 130, 1e-2)])
 def test_dense_api_matches_reference(dtype, m, tol):
-    """Through fp4_matmul: M not a multiple of the 8-row tile; f32 x runs as three bf16 launches whose outputs
-    leave as three bf16 terms each. K = 512 is one pipeline step of two 128-byte decode chunks; M = 130: the
+    """Through fp4_matmul: M not a multiple of the 8-row tile; f32 x runs as its three bf16 terms stacked along
+    M in one launch, whose float32 sums leave as three bf16 terms each. K = 512 is one pipeline step of two 128-byte decode chunks; M = 130: the
     large-M table entry, 128-row tiles (wgmma N = 128), two of them."""
     kx, kw = jax.random.split(_key())
     x = jax.random.normal(kx, (m, 512), dtype)
@@ -56,13 +56,13 @@ def test_dense_api_matches_reference(dtype, m, tol):
 
 
 def test_dense_pipeline_split_k_and_m_tiles_race_free():
-    """4 K steps split in 2 (2-deep TMA pipeline each), 3 tiles of 8 rows over M = 20 (the last one 4 rows),
-    2 N tiles, float32 x (three launches), with the interpreter's shared-memory race detector on."""
+    """4 K steps split in 2 (2-deep TMA pipeline each), 8 tiles of 8 rows over M = 20 float32 rows (their three
+    bf16 terms stacked: 60 rows, the last tile 4 of them), 2 N tiles, with the interpreter's race detector on."""
     kx, kw = jax.random.split(_key())
     x = jax.random.normal(kx, (20, 1024), jnp.float32)
     w = _weight(kw, (128, 1024))
     cfg = block_sizes.BlockConfig(block_m=8, block_k=256, split_k=2, num_stages=2)
-    t = mosaic_gpu.tiles(cfg, 20, 1024, a_in_registers=False)
+    t = mosaic_gpu.tiles(cfg, 60, 1024, a_in_registers=False)
     assert (t.bm, t.bk, t.split, t.stages) == (8, 256, 2, 2)
     y = mosaic_gpu.dense(x, w.values, w.scales, cfg=cfg, interpret=True, detect_races=True)
     assert _rel(y, _ref_dense(x, w)) < 1e-5

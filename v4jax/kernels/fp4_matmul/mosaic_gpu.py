@@ -42,7 +42,9 @@ is the same code. Both variants lower for CUDA without a GPU (tests/kernels/test
 
 Float32 x: wgmma multiplies bf16 (or tf32) operands, so an f32 x runs as its three bf16 terms (x = hi + mid
 + lo: 3 x 8 significand bits, float32's 24); the decoded weights are exact in bf16 (2-bit significands,
-power-of-two scales), so the f32 result matches the reference to float32 rounding.
+power-of-two scales), so the f32 result matches the reference to float32 rounding. Dense stacks the three
+terms along M (one launch: the weights are read once); grouped runs one launch per term (stacking would break
+the rows' group order), so it reads the weights three times.
 
 Measured on the H200 (device time, RESULTS.md "FP4 matmul, session 5"): grouped prefill (64 experts, top-6
 of 8192 tokens, K=4096, N=2048) 2.46 ms against tokamax's bf16 ragged_dot at 2.72 ms (1.10x); grouped decode
@@ -343,10 +345,10 @@ def _kernel(tab_gmem, x_gmem, v_gmem, s_gmem, o_gmem, o_smem, *a_smem, t: Tiles,
         while size >= 1:  # rows = sum of its binary digits: one static-size store per set bit
             @pl.when(rows & size != 0)
             def _(start=start, size=size):
-                for h in range(o_smem.shape[0]):
+                for term in range(o_smem.shape[0]):
                     plgpu.copy_smem_to_gmem(
-                        o_smem.at[h, pl.ds(start, size)],
-                        o_gmem.at[si, h, pl.ds(out_row0 + start - lead, size), pl.ds(ni * wn, wn)])
+                        o_smem.at[term, pl.ds(start, size)],
+                        o_gmem.at[si, term, pl.ds(out_row0 + start - lead, size), pl.ds(ni * wn, wn)])
 
             start = start + (rows & size)
             size //= 2
@@ -412,7 +414,8 @@ def _run(x, values, scales, group_sizes, cfg, interpret, a_in_registers, detect_
 
 
 def _split_terms(run, x):
-    """float32 x: wgmma multiplies bf16, so run its three bf16 terms (hi, mid, lo) and add in float32."""
+    """float32 x (grouped): wgmma multiplies bf16, so run its three bf16 terms (hi, mid, lo), one launch each
+    (stacking them along M would break the rows' group order), and add in float32."""
     m = x.shape[0]
     terms = split_f32(x)  # [3M, K]
     return run(terms[:m]) + run(terms[m : 2 * m]) + run(terms[2 * m :])
@@ -437,9 +440,11 @@ def dense(
     """
     m, k = x.shape
     _check_shapes(values.shape[0], k, "fp4_matmul", x.dtype)
-    run = lambda xb: _run(xb, values[None], scales[None], jnp.full((1,), m, jnp.int32), cfg, interpret,
-                          a_in_registers, detect_races, packed=False, out_dtype=x.dtype, dense_rows=m)
-    return _split_terms(run, x) if x.dtype == jnp.float32 else run(x)
+    xb = split_f32(x) if x.dtype == jnp.float32 else x  # f32: its 3 bf16 terms stacked along M, one launch
+    rows = xb.shape[0]
+    y = _run(xb.astype(jnp.bfloat16), values[None], scales[None], jnp.full((1,), rows, jnp.int32), cfg,
+             interpret, a_in_registers, detect_races, packed=False, out_dtype=x.dtype, dense_rows=rows)
+    return y[:m] + y[m : 2 * m] + y[2 * m :] if x.dtype == jnp.float32 else y  # [M, N]
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "interpret", "a_in_registers", "detect_races", "packed"))
