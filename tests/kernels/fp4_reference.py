@@ -36,3 +36,9 @@ def ref_grouped(x, w, group_sizes):
         out[start : start + size] = x[start : start + size] @ wd[g].T
         start += size
     return out
+
+
+def sum_err(v, v_ref, terms):
+    """|v - v_ref| over sum(|terms|), for a loss v = sum(terms): float32 rounding of a sum is bounded by the
+    magnitude of its terms, not of the result, which random signs can bring near zero (cancellation)."""
+    return abs(float(v) - float(v_ref)) / float(np.sum(np.abs(np.asarray(terms, np.float64))))
