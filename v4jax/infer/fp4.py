@@ -13,7 +13,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from v4jax import quant
-from v4jax.model.moe import PACKED_SUFFIX, SCALE_SUFFIX
+from v4jax.kernels.fp4_matmul import planar
+from v4jax.model.moe import (
+    PACKED_SUFFIX,
+    PLANAR_SCALE_SUFFIX,
+    PLANAR_SUFFIX,
+    SCALE_SUFFIX,
+)
 
 
 def is_expert_weight(path: str) -> bool:
@@ -34,6 +40,31 @@ def pack_experts(params: dict) -> dict:
             out[k + PACKED_SUFFIX], out[k + SCALE_SUFFIX] = q.values, q.scales
         else:
             out[k] = v
+    return flax.traverse_util.unflatten_dict(out, sep="/")
+
+
+def planarize_experts(params: dict) -> dict:
+    """A copy of `params` whose packed expert leaves (`pack_experts`) are in the Hopper kernel's load-time
+    layout (`fp4_matmul.PlanarMXFP4`): `w{n}_fp4_planar` (uint8 [.., E, out, in/2], each 256-input chunk's
+    halves in the low and high nibbles) and `w{n}_fp4_planar_scale` (E8M0 bytes [.., E, in/32, out]). The
+    model computes the same numbers; on an H200 the expert GEMMs then skip a pass over the activations and a
+    scale transpose per call. Needs `in` % 256 == 0 for every expert matrix."""
+    flat = flax.traverse_util.flatten_dict(params, sep="/")
+    out = {}
+    for k, v in flat.items():
+        if not (is_expert_weight(k) and k.endswith(PACKED_SUFFIX)):
+            if not (is_expert_weight(k) and k.endswith(SCALE_SUFFIX)):
+                out[k] = v
+            continue
+        base = k[: -len(PACKED_SUFFIX)]
+        d_in = 2 * v.shape[-1]
+        if d_in % planar.CHUNK:
+            raise ValueError(f"planarize_experts: {base} has {d_in} inputs, not a multiple of {planar.CHUNK}")
+        q = quant.QArray(values=v, scales=flat[base + SCALE_SUFFIX], global_scale=None,
+                         fmt=quant.get_format("mxfp4"), shape=(*v.shape[:-1], d_in), dtype=np.dtype(np.float32),
+                         axis=v.ndim - 1)
+        p = planar.to_planar(q)
+        out[base + PLANAR_SUFFIX], out[base + PLANAR_SCALE_SUFFIX] = p.values, p.scales
     return flax.traverse_util.unflatten_dict(out, sep="/")
 
 

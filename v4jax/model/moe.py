@@ -20,7 +20,9 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from v4jax import quant
+from v4jax.kernels.fp4_matmul.planar import PlanarMXFP4, as_qarray
 from v4jax.kernels.grouped_matmul import grouped_matmul
+from v4jax.kernels.grouped_matmul.api import is_packed_fp4
 from v4jax.model.config import ModelConfig
 from v4jax.model.layers import Dense, declare, dtype_of, normal_init
 from v4jax.parallel.expert import expert_parallel_active, routed_experts_parallel
@@ -109,6 +111,8 @@ class Router(nn.Module):
 
 
 PACKED_SUFFIX, SCALE_SUFFIX = "_fp4", "_fp4_scale"  # packed MXFP4 expert leaves (see v4jax.infer.fp4)
+# the same in the Hopper kernel's load-time layout (`fp4_matmul.PlanarMXFP4`, `v4jax.infer.fp4.planarize_experts`)
+PLANAR_SUFFIX, PLANAR_SCALE_SUFFIX = "_fp4_planar", "_fp4_planar_scale"
 
 
 class Experts(nn.Module):
@@ -116,8 +120,9 @@ class Experts(nn.Module):
 
     Weights may be float arrays (training; fake-quantised along their input axis when a QAT policy is on)
     or packed MXFP4 leaves (inference, `v4jax.infer.fp4.pack_experts`), stored [E, out, in/2] in the FP4
-    kernels' layout and handed to `grouped_matmul` as `QArray`s, so the GEMMs run on the packed bytes
-    (`v4jax.kernels.fp4_matmul`, backend `config.model.fp4_impl`).
+    kernels' layout and handed to `grouped_matmul` as `QArray`s (or `PlanarMXFP4`s, for leaves converted by
+    `planarize_experts`), so the GEMMs run on the packed bytes (`v4jax.kernels.fp4_matmul`, backend
+    `config.model.fp4_impl`).
     Under an active multi-device mesh (`jax.set_mesh`) the same computation runs expert-parallel through
     `v4jax.parallel.expert.routed_experts_parallel`; otherwise the single-device path below.
     """
@@ -140,7 +145,7 @@ class Experts(nn.Module):
         impl = None if cfg.fp4_impl == "auto" else cfg.fp4_impl
 
         def gmm(a, w, sizes):  # fp4_impl picks the backend of packed weights only; float ones: the api's choice
-            if isinstance(w, quant.QArray):
+            if is_packed_fp4(w):
                 return grouped_matmul(a, w, sizes, implementation=impl, interpret=cfg.fp4_interpret)
             return grouped_matmul(a, w, sizes)
 
@@ -158,7 +163,13 @@ class Experts(nn.Module):
 
     def _weight(self, name, shape, axes, qat_factor):
         """The expert tensor `name`: a float array [E, in, out], or for packed FP4 leaves a `QArray` of its
-        transpose [E, out, in] quantised along `in` (the layout the FP4 kernels read, no copy per call)."""
+        transpose [E, out, in] quantised along `in` (the layout the FP4 kernels read, no copy per call), or
+        for planar leaves the same numbers as a `PlanarMXFP4`."""
+        if self.has_variable("params", name + PLANAR_SUFFIX):
+            e, d_in, d_out = shape
+            return PlanarMXFP4(values=self.get_variable("params", name + PLANAR_SUFFIX),
+                               scales=self.get_variable("params", name + PLANAR_SCALE_SUFFIX),
+                               shape=(e, d_out, d_in), dtype=np.dtype(np.float32))
         if self.has_variable("params", name + PACKED_SUFFIX):
             e, d_in, d_out = shape
             return quant.QArray(values=self.get_variable("params", name + PACKED_SUFFIX),
@@ -174,13 +185,13 @@ class Experts(nn.Module):
 
 def _cast(w, dtype):
     """Float weights to the compute dtype; packed FP4 weights stay packed (the kernels decode them)."""
-    return w if isinstance(w, quant.QArray) else w.astype(dtype)
+    return w if is_packed_fp4(w) else w.astype(dtype)
 
 
 def _as_float(w, dtype) -> jax.Array:
     """Expert weights as a float [E, in, out] array (the expert-parallel path dequantises packed ones)."""
-    if isinstance(w, quant.QArray):
-        return jnp.swapaxes(quant.dequantize(w), -1, -2).astype(dtype)  # [E, out, in] -> [E, in, out]
+    if is_packed_fp4(w):
+        return jnp.swapaxes(quant.dequantize(as_qarray(w)), -1, -2).astype(dtype)  # [E, out, in] -> [E, in, out]
     return w.astype(dtype)
 
 

@@ -13,6 +13,11 @@ decode, M <= 16, and for every grouped size measured), with large-M dense calls 
 cuBLAS (the stored table's `dense_dequant_min_m`) and other shapes to "triton"; "mosaic_tpu" on TPU;
 else "xla". `interpret=True` runs a Pallas backend on CPU.
 
+Weights: an mxfp4 `QArray`, or the same numbers in mosaic_gpu's load-time layout (`to_planar` ->
+`PlanarMXFP4`: nibbles ordered so that the kernel reads x as it is and scales stored [K/32, N]), which saves
+the per-call split of x into column planes and the scale transpose. Backends other than mosaic_gpu convert a
+`PlanarMXFP4` back to a QArray on each call.
+
 Gradients: a `jax.custom_vjp` w.r.t. x only, dx = dy @ dequantize(W) computed by XLA (the grouped one via
 `grouped_matmul`'s bf16 path). Packed weights are frozen at inference, so w gets no gradient (zeros);
 training uses bf16/fp32 master weights through `grouped_matmul` instead.
@@ -27,6 +32,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from v4jax.kernels.fp4_matmul import block_sizes, common, reference
+from v4jax.kernels.fp4_matmul.planar import PlanarMXFP4, as_qarray
 from v4jax.quant.qarray import QArray
 from v4jax.quant.quantize import dequantize
 
@@ -39,6 +45,15 @@ def _check_x(x: jax.Array, k: int, name: str) -> None:
         raise ValueError(f"{name}: x must be [M, K={k}], got shape {x.shape}")
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise ValueError(f"{name}: x must be floating, got {x.dtype}")
+
+
+def _check_weight(w, ndim: int, name: str) -> None:
+    """One-line ValueError unless `w` is an mxfp4 QArray (or `PlanarMXFP4`) of rank `ndim` along its last axis."""
+    if isinstance(w, PlanarMXFP4):
+        if w.ndim != ndim:
+            raise ValueError(f"{name}: w must have rank {ndim}, got a PlanarMXFP4 of shape {w.shape}")
+        return
+    common.check_mxfp4_weight(w, ndim, name)
 
 
 def _pick(implementation: str | None, name: str) -> str:
@@ -73,12 +88,13 @@ def _kernel_friendly(n: int, k: int, impl: str = "triton") -> bool:
 
 def fp4_matmul(
     x: Float[Array, "m k"],
-    w: QArray,
+    w: QArray | PlanarMXFP4,
     implementation: str | None = None,
     interpret: bool = False,
 ) -> Float[Array, "m n"]:
-    """y = x @ dequantize(w).T, [M, N]. x [M, K] (bf16 or fp32); w: mxfp4 QArray of W [N, K] along K."""
-    common.check_mxfp4_weight(w, 2, "fp4_matmul")
+    """y = x @ dequantize(w).T, [M, N]. x [M, K] (bf16 or fp32); w: mxfp4 QArray of W [N, K] along K, or the
+    same as a `PlanarMXFP4` (mosaic_gpu's load-time layout; other backends convert it back on each call)."""
+    _check_weight(w, 2, "fp4_matmul")
     n, k = w.shape
     _check_x(x, k, "fp4_matmul")
     impl = _pick(implementation, "fp4_matmul")
@@ -87,13 +103,16 @@ def fp4_matmul(
             need = "N % 64 == 0 and K % 256 == 0" if impl == "mosaic_gpu" else "N % 16 == 0 and K % 64 == 0"
             raise ValueError(f"fp4_matmul: {impl} needs {need}, got N={n}, K={k}")
         impl = "xla"
-    if impl == "xla":
-        return reference.fp4_matmul_reference(x, w)
-    if implementation is None and impl == "triton" and _prefers_dequantize("dense", x.shape[0]):
-        return _dequantize_then_dot(x, w, interpret)
-    if (implementation is None and impl == "triton" and x.shape[0] <= MOSAIC_DENSE_MAX_M
+    dequant_route = implementation is None and impl == "triton" and _prefers_dequantize("dense", x.shape[0])
+    if (implementation is None and impl == "triton" and not dequant_route and x.shape[0] <= MOSAIC_DENSE_MAX_M
             and _mosaic_gpu_fits(x, n, k)):
         impl = "mosaic_gpu"
+    if impl != "mosaic_gpu":
+        w = as_qarray(w)
+    if impl == "xla":
+        return reference.fp4_matmul_reference(x, w)
+    if dequant_route:
+        return _dequantize_then_dot(x, w, interpret)
     return _dense_vjp(x, w, impl, interpret)
 
 
@@ -117,11 +136,16 @@ def _dequantize_then_dot(x, w: QArray, interpret: bool):
     return jnp.einsum("mk,nk->mn", x, wd, preferred_element_type=jnp.float32).astype(x.dtype)  # [M, N]
 
 
-def _dense_forward(x, w: QArray, impl: str, interpret: bool):
+def _layout_kwargs(w) -> dict:
+    """The mosaic_gpu kernels' `planar` flag for planar weights (only mosaic_gpu receives them)."""
+    return {"planar": True} if isinstance(w, PlanarMXFP4) else {}
+
+
+def _dense_forward(x, w: QArray | PlanarMXFP4, impl: str, interpret: bool):
     op = "dense_mosaic" if impl == "mosaic_gpu" else "dense"  # the Mosaic kernel tiles differently
     cfg = block_sizes.select(op, x.shape[0], chip=None if not interpret else "interpret")
     backend = _backend_module(impl)
-    return backend.dense(x, w.values, w.scales, cfg=cfg, interpret=interpret)
+    return backend.dense(x, w.values, w.scales, cfg=cfg, interpret=interpret, **_layout_kwargs(w))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -135,7 +159,7 @@ def _dense_fwd(x, w, impl, interpret):
 
 def _dense_bwd(impl, interpret, w, dy):
     del impl, interpret
-    wd = dequantize(w).astype(dy.dtype)  # [N, K]
+    wd = dequantize(as_qarray(w)).astype(dy.dtype)  # [N, K]
     dx = jnp.einsum("mn,nk->mk", dy, wd, preferred_element_type=jnp.float32).astype(
         dy.dtype
     )  # [M, K]
@@ -147,16 +171,17 @@ _dense_vjp.defvjp(_dense_fwd, _dense_bwd)
 
 def fp4_grouped_matmul(
     x: Float[Array, "m k"],
-    w: QArray,
+    w: QArray | PlanarMXFP4,
     group_sizes: Int[Array, " g"],
     implementation: str | None = None,
     interpret: bool = False,
 ) -> Float[Array, "m n"]:
     """y[rows of group g] = x[rows] @ dequantize(w)[g].T, [M, N]; rows past sum(group_sizes) are zero.
 
-    x [M, K] with rows sorted by group; w: mxfp4 QArray of W [G, N, K] quantized along K; group_sizes [G].
+    x [M, K] with rows sorted by group; w: mxfp4 QArray of W [G, N, K] quantized along K, or the same as a
+    `PlanarMXFP4` (mosaic_gpu's load-time layout; other backends convert it back on each call); group_sizes [G].
     """
-    common.check_mxfp4_weight(w, 3, "fp4_grouped_matmul")
+    _check_weight(w, 3, "fp4_grouped_matmul")
     g, n, k = w.shape
     _check_x(x, k, "fp4_grouped_matmul")
     if group_sizes.shape != (g,):
@@ -171,6 +196,8 @@ def fp4_grouped_matmul(
             need = "N % 64 == 0 and K % 256 == 0" if impl == "mosaic_gpu" else "N % 16 == 0 and K % 64 == 0"
             raise ValueError(f"fp4_grouped_matmul: {impl} needs {need}, got N={n}, K={k}")
         impl = "xla"
+    if impl != "mosaic_gpu":
+        w = as_qarray(w)
     if impl == "xla":
         return reference.fp4_grouped_matmul_reference(x, w, group_sizes)
     if (implementation is None and impl == "triton" and _prefers_dequantize("grouped", x.shape[0])
@@ -202,11 +229,11 @@ def _dequantize_then_grouped(x, w: QArray, group_sizes, interpret: bool):
     return grouped_matmul(x, wd, group_sizes)
 
 
-def _grouped_forward(x, w: QArray, group_sizes, impl: str, interpret: bool):
+def _grouped_forward(x, w: QArray | PlanarMXFP4, group_sizes, impl: str, interpret: bool):
     op = "grouped_mosaic" if impl == "mosaic_gpu" else "grouped"  # the Mosaic kernel tiles differently
     cfg = block_sizes.select(op, x.shape[0], chip=None if not interpret else "interpret")
     return _backend_module(impl).grouped(
-        x, w.values, w.scales, group_sizes, cfg=cfg, interpret=interpret
+        x, w.values, w.scales, group_sizes, cfg=cfg, interpret=interpret, **_layout_kwargs(w)
     )
 
 
@@ -225,9 +252,7 @@ def _grouped_bwd(impl, interpret, res, dy):
     from v4jax.kernels.grouped_matmul.api import grouped_matmul
 
     w, group_sizes = res
-    wd = dequantize(w).astype(
-        dy.dtype
-    )  # [G, N, K]: the "x @ w" layout for dy [M, N] -> dx [M, K]
+    wd = dequantize(as_qarray(w)).astype(dy.dtype)  # [G, N, K]: the "x @ w" layout for dy [M, N] -> dx [M, K]
     dx = grouped_matmul(
         dy, wd, group_sizes
     )  # [M, K]; rows past sum(group_sizes) are zero

@@ -155,9 +155,9 @@ def decode_plane16(h: jax.Array, p: int, scale: jax.Array) -> jax.Array:
     return ((v * 16384.0) * scale).astype(jnp.bfloat16)
 
 
-def _decode_ptx(byte: jax.Array, scale: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Packed bytes uint8 [64, C] and their bf16 scales [64, C] (both in the WGMMA register layout) -> the two
-    nibble planes bf16 [64, C] in the same layout, by inline PTX on the registers (GPU only: the interpreter
+def _decode_ptx(byte: jax.Array, scale: jax.Array, planes: tuple[int, ...] = (0, 1)) -> tuple[jax.Array, ...]:
+    """Packed bytes uint8 [64, C] and their bf16 scales [64, C] (both in the WGMMA register layout) -> nibble
+    planes `planes` bf16 [64, C] in the same layout, by inline PTX on the registers (GPU only: the interpreter
     cannot run it; `decode_plane16` is the same arithmetic in jnp). Each register of the layout holds two
     adjacent columns, i.e. two packed bytes: one 32-bit asm per plane decodes both."""
     from jax.experimental.mosaic.gpu import (
@@ -169,24 +169,24 @@ def _decode_ptx(byte: jax.Array, scale: jax.Array) -> tuple[jax.Array, jax.Array
 
     out_type = plgpu.ShapeDtypeStruct(byte.shape, jnp.bfloat16, layout=plgpu.Layout.WGMMA)
 
-    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.Layout.WGMMA), return_type=(out_type, out_type))
+    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.Layout.WGMMA), return_type=(out_type,) * len(planes))
     def decode(_, b, s):
         i16, i32 = ir.IntegerType.get_signless(16), ir.IntegerType.get_signless(32)
         pair = ir.VectorType.get((2,), ir.BF16Type.get())
-        planes = []
-        for p in range(PLANES):
+        out = []
+        for p in planes:
             # bytes b, b+1 of the zero-extended pair to bits 7..0 and 23..16 (selector 7: a zero byte)
             asm = common.ptx_nibble_pair("$1, $1", 0x7170, high_nibble=p == 1, scale="$2")
             regs = np.empty(b.registers.shape, dtype=object)
             for idx, reg in np.ndenumerate(b.registers):
                 word = arith.extui(i32, mgpu_utils.bitcast(reg, i16))  # bytes b, b+1 in bits 0..15
                 sc = mgpu_utils.bitcast(s.registers[idx], i32)
-                out = llvm.inline_asm(i32, [word, sc], asm, "=r,r,r")
-                regs[idx] = mgpu_utils.bitcast(out, pair)
-            planes.append(fa.FragmentedArray(_registers=regs, _layout=b.layout, _is_signed=None))
-        return tuple(planes)
+                pair_bits = llvm.inline_asm(i32, [word, sc], asm, "=r,r,r")
+                regs[idx] = mgpu_utils.bitcast(pair_bits, pair)
+            out.append(fa.FragmentedArray(_registers=regs, _layout=b.layout, _is_signed=None))
+        return tuple(out)
 
-    return decode(byte, scale)
+    return tuple(decode(byte, scale))
 
 
 def _e8m0_to_bf16(byte: jax.Array) -> jax.Array:
@@ -207,6 +207,18 @@ def _tile_scales(s_smem, g0: int, groups: int, dtype=jnp.float32, r0: int = 0) -
         sc = _e8m0_to_bf16(row) if dtype == jnp.bfloat16 else common.e8m0_to_f32(row)  # [64]
         cols.append(jnp.broadcast_to(sc[:, None], (BN, BYTES_PER_SCALE)))  # [64, 16]
     return jnp.concatenate(cols, axis=1)  # [64, 16 * groups]
+
+
+def _planar_scales(s_smem, c: int, p: int, dtype=jnp.float32, r0: int = 0) -> jax.Array:
+    """Planar weights: plane p of K chunk c (its elements c*256 + p*128 + j, j < 128, in byte column j) spans
+    the 4 scale blocks c*8 + p*4 + i -> `dtype` [64, 128] in the WGMMA layout: block i over byte columns
+    [32i, 32i + 32)."""
+    cols = []
+    for g in range(c * 8 + p * 4, c * 8 + p * 4 + 4):
+        row = plgpu.load(s_smem.at[g, pl.ds(r0, BN)], layout=plgpu.Layout.WGMMA.reduce(1))  # [64] uint8 per row
+        sc = _e8m0_to_bf16(row) if dtype == jnp.bfloat16 else common.e8m0_to_f32(row)  # [64]
+        cols.append(jnp.broadcast_to(sc[:, None], (BN, 2 * BYTES_PER_SCALE)))  # [64, 32]
+    return jnp.concatenate(cols, axis=1)  # [64, 128]
 
 
 def out_terms(split: int, out_dtype) -> int:
@@ -264,15 +276,18 @@ def tile_table(group_sizes: jax.Array, m: int, bm: int, packed: bool) -> TileTab
 
 
 def _kernel(tab_gmem, x_gmem, v_gmem, s_gmem, o_gmem, o_smem, *a_smem, t: Tiles, k: int, num_groups: int,
-            dense_rows: int | None):
+            dense_rows: int | None, planar: bool):
     """One CTA: weight rows [n*wn, n*wn + wn) of expert `group` x the tile's bm rows of x, K split `s`; stores
     its `rows` output rows (a ladder of power-of-two TMA stores: a store's row count must be static).
-    Dense (`dense_rows` = M): tile m is rows [m*bm, m*bm + bm), known without reading the table."""
+    Dense (`dense_rows` = M): tile m is rows [m*bm, m*bm + bm), known without reading the table.
+    `planar` (weights in `planar.PlanarMXFP4`'s layout): x [M, K] as it is, and each plane's own scales;
+    else x comes as its two column planes [2, M, K/2] and both planes of a byte share a scale."""
     bm, bk = t.bm, t.bk
     kb = bk // PLANES  # packed bytes per row per K step
     groups = bk // common.SCALE_BLOCK
     steps = k // bk // t.split
     ni, mi, si = (jax.lax.axis_index(a) for a in ("n", "m", "s"))
+    k0 = si * steps  # this split's first K step
     if dense_rows is None:
         g, x_row0, out_row0, lead, rows = (tab_gmem[c, mi] for c in range(5))
     else:  # no dependent loads before the first TMA copy (they cost microseconds at decode sizes)
@@ -281,7 +296,9 @@ def _kernel(tab_gmem, x_gmem, v_gmem, s_gmem, o_gmem, o_smem, *a_smem, t: Tiles,
         rows = jnp.minimum(bm, dense_rows - mi * bm)
     x_row0 = pl.multiple_of(x_row0, ROW_ALIGN)  # tile_table's guarantee: TMA tiles start on aligned rows
     gw = jnp.minimum(g, num_groups - 1)  # the zero pseudo-group reads no weights (its pipeline never runs)
-    x_tile = x_gmem.at[:, pl.ds(x_row0, bm), :]
+    x_tile = x_gmem.at[pl.ds(x_row0, bm), :] if planar else x_gmem.at[:, pl.ds(x_row0, bm), :]
+    x_spec = (plgpu.BlockSpec((bm, bk), lambda kk: (0, k0 + kk), transforms=TRANSFORMS16) if planar else
+              plgpu.BlockSpec((PLANES, bm, kb), lambda kk: (0, 0, k0 + kk), transforms=TRANSFORMS16))
 
     wn = t.wn
     halves = wn // BN
@@ -294,14 +311,21 @@ def _kernel(tab_gmem, x_gmem, v_gmem, s_gmem, o_gmem, o_smem, *a_smem, t: Tiles,
                 for h, acc_ref in enumerate(accs):  # 64 weight rows each; both read the same x tile
                     wrows = pl.ds(h * BN, BN)
                     byte = plgpu.load(v_smem.at[wrows, cols], layout=plgpu.Layout.WGMMA)  # [64, 128] uint8
-                    if t.decode == "asm":  # both planes at once: 2 x [64, 128] bf16
-                        planes = _decode_ptx(byte, _tile_scales(s_smem, g0, ng, jnp.bfloat16, h * BN))
-                    else:
-                        byte16, scale = byte.astype(jnp.uint16), _tile_scales(s_smem, g0, ng, r0=h * BN)
+                    asm, sdt = t.decode == "asm", jnp.bfloat16 if t.decode == "asm" else jnp.float32
+                    if not planar:  # one scale per byte, both planes at once: 2 x [64, 128] bf16
+                        scale = _tile_scales(s_smem, g0, ng, sdt, h * BN)
+                        planes = _decode_ptx(byte, scale) if asm else None
+                    byte16 = None if asm else byte.astype(jnp.uint16)
                     for p in range(PLANES):
-                        # [64, 128] bf16: W[rows, K columns 2b + p]
-                        a = planes[p] if t.decode == "asm" else decode_plane16(byte16, p, scale)
-                        b = x_smem.at[p, :, cols].transpose((1, 0))  # [128, bm]: x plane p, transposed view
+                        if planar:  # each plane its own 4 scale blocks: decode one plane at a time
+                            scale = _planar_scales(s_smem, c, p, sdt, h * BN)
+                            a = _decode_ptx(byte, scale, (p,))[0] if asm else decode_plane16(byte16, p, scale)
+                            # [128, bm]: x columns c*256 + p*128 + j, the ones plane p multiplies, transposed
+                            b = x_smem.at[:, pl.ds(c * 2 * CHUNK + p * CHUNK, CHUNK)].transpose((1, 0))
+                        else:
+                            # [64, 128] bf16: W[rows, K columns 2b + p]
+                            a = planes[p] if asm else decode_plane16(byte16, p, scale)
+                            b = x_smem.at[p, :, cols].transpose((1, 0))  # [128, bm]: x plane p, transposed view
                         if a_smem:  # interpret mode: the interpreter runs wgmma with A in shared memory only
                             a_smem[0][...] = a
                             plgpu.commit_smem()
@@ -311,12 +335,11 @@ def _kernel(tab_gmem, x_gmem, v_gmem, s_gmem, o_gmem, o_smem, *a_smem, t: Tiles,
                             plgpu.wgmma(acc_ref, a, b)  # acc [64, bm] += W_p [64, 128] @ x_p.T, A in registers
             plgpu.wgmma_wait(0)
 
-        k0 = si * steps
         plgpu.emit_pipeline(
             body,
             grid=(steps,),
             in_specs=[
-                plgpu.BlockSpec((PLANES, bm, kb), lambda kk: (0, 0, k0 + kk), transforms=TRANSFORMS16),
+                x_spec,
                 plgpu.BlockSpec((wn, kb), lambda kk: (ni, k0 + kk), transforms=TRANSFORMS8),
                 plgpu.BlockSpec((groups, wn), lambda kk: (k0 + kk, ni)),
             ],
@@ -359,17 +382,21 @@ def _interpret_params(detect_races: bool):
     return plgpu.InterpretGPUParams(uninitialized_memory="nan", detect_races=detect_races)
 
 
-def _check_shapes(n: int, k: int, name: str, dtype=jnp.bfloat16) -> None:
+def _check_shapes(n: int, k: int, name: str, dtype=jnp.bfloat16, scales_shape=None, planar=False) -> None:
     if dtype not in (jnp.bfloat16, jnp.float32):  # wgmma multiplies bf16 terms: a float16 x would lose bits
         raise ValueError(f"{name} mosaic_gpu: x must be bfloat16 or float32, got {jnp.dtype(dtype).name}")
     if n % BN or k % 256:
         raise ValueError(f"{name} mosaic_gpu: needs N % {BN} == 0 and K % 256 == 0, got N={n}, K={k}")
+    want = (k // common.SCALE_BLOCK, n) if planar else (n, k // common.SCALE_BLOCK)
+    if scales_shape is not None and tuple(scales_shape[-2:]) != want:
+        raise ValueError(f"{name} mosaic_gpu: scales must end in {want} ({'planar' if planar else 'QArray'} "
+                         f"layout), got {tuple(scales_shape)}")
 
 
 def _run(x, values, scales, group_sizes, cfg, interpret, a_in_registers, detect_races, packed=None,
-         out_dtype=None, dense_rows=None):
-    """The kernel on bf16 x [M, K] and experts values [G, N, K/2], scales [G, N, K/32] -> [M, N] in
-    `out_dtype` (default x's)."""
+         out_dtype=None, dense_rows=None, planar=False):
+    """The kernel on bf16 x [M, K] and experts values [G, N, K/2], scales [G, N, K/32] (`planar`: the
+    `planar.PlanarMXFP4` layout, scales [G, K/32, N]) -> [M, N] in `out_dtype` (default x's)."""
     out_dtype = out_dtype or x.dtype
     m, k = x.shape
     g, n = values.shape[:2]
@@ -392,7 +419,7 @@ def _run(x, values, scales, group_sizes, cfg, interpret, a_in_registers, detect_
     if not a_in_registers:
         scratch.append(plgpu.SMEM((BN, CHUNK), jnp.bfloat16, transforms=TRANSFORMS16))
     call = plgpu.kernel(
-        functools.partial(_kernel, t=t, k=k, num_groups=g, dense_rows=dense_rows),
+        functools.partial(_kernel, t=t, k=k, num_groups=g, dense_rows=dense_rows, planar=planar),
         out_type=jax.ShapeDtypeStruct((t.split, terms, m, n), jnp.bfloat16),
         grid=(n // t.wn, num, t.split),
         grid_names=("n", "m", "s"),
@@ -402,12 +429,15 @@ def _run(x, values, scales, group_sizes, cfg, interpret, a_in_registers, detect_
     )
     xb = x.astype(jnp.bfloat16)
     if tt.x_source is not None:  # the padded copy: each group from an aligned row; a tile may overrun by < bm
-        src = jnp.concatenate([tt.x_source, jnp.full((t.bm,), m, jnp.int32)])
-        xb = jnp.take(jnp.concatenate([xb, jnp.zeros((1, k), xb.dtype)]), src, axis=0)
+        src = jnp.concatenate([tt.x_source, jnp.full((t.bm,), m, jnp.int32)])  # row m: out of range, a zero row
+        xb = jnp.take(xb, src, axis=0, mode="fill", fill_value=0)
     else:  # grid tiles: whole row blocks
         rows_p = common.round_up(m, t.bm)
         xb = jnp.pad(xb, ((0, rows_p - m), (0, 0))) if rows_p != m else xb
-    y = call(tt.table, x_planes2(xb), values, jnp.swapaxes(scales, 1, 2))  # [split, terms, M, N]
+    if planar:  # the load-time layout: x as it is, scales already [G, K/32, N]
+        y = call(tt.table, xb, values, scales)  # [split, terms, M, N]
+    else:  # per call: x's two column planes [2, M, K/2], scales transposed to [G, K/32, N]
+        y = call(tt.table, x_planes2(xb), values, jnp.swapaxes(scales, 1, 2))  # [split, terms, M, N]
     if terms == 1:
         return y[0, 0].astype(out_dtype)
     return jnp.sum(y.astype(jnp.float32), axis=(0, 1)).astype(out_dtype)  # [M, N]
@@ -421,17 +451,19 @@ def _split_terms(run, x):
     return run(terms[:m]) + run(terms[m : 2 * m]) + run(terms[2 * m :])
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "interpret", "a_in_registers", "detect_races"))
+@functools.partial(jax.jit, static_argnames=("cfg", "interpret", "a_in_registers", "detect_races", "planar"))
 def dense(
     x: Float[Array, "m k"],
     values: UInt8[Array, "n kh"],
-    scales: UInt8[Array, "n kb"],
+    scales: UInt8[Array, "s0 s1"],  # [N, K/32], or [K/32, N] planar
     cfg: BlockConfig,
     interpret: bool = False,
     a_in_registers: bool | None = None,
     detect_races: bool = False,
+    planar: bool = False,
 ) -> Float[Array, "m n"]:
-    """y = x @ W.T for x [M, K] (bf16 or f32), W given as packed `values` [N, K/2] and E8M0 `scales` [N, K/32].
+    """y = x @ W.T for x [M, K] (bf16 or f32), W given as packed `values` [N, K/2] and E8M0 `scales` [N, K/32]
+    (a QArray's fields), or with `planar` as a `planar.PlanarMXFP4`'s fields (scales [K/32, N]).
 
     Needs N % 64 == 0 and K % 256 == 0. `a_in_registers` (default: True unless `interpret`) feeds the decoded
     weights to wgmma from registers; False stages them through shared memory (what the interpreter runs).
@@ -439,34 +471,37 @@ def dense(
     asks the interpreter to check the pipeline's barriers for shared-memory races.
     """
     m, k = x.shape
-    _check_shapes(values.shape[0], k, "fp4_matmul", x.dtype)
+    _check_shapes(values.shape[0], k, "fp4_matmul", x.dtype, scales.shape, planar)
     xb = split_f32(x) if x.dtype == jnp.float32 else x  # f32: its 3 bf16 terms stacked along M, one launch
     rows = xb.shape[0]
     y = _run(xb.astype(jnp.bfloat16), values[None], scales[None], jnp.full((1,), rows, jnp.int32), cfg,
-             interpret, a_in_registers, detect_races, packed=False, out_dtype=x.dtype, dense_rows=rows)
+             interpret, a_in_registers, detect_races, packed=False, out_dtype=x.dtype, dense_rows=rows,
+             planar=planar)
     return y[:m] + y[m : 2 * m] + y[2 * m :] if x.dtype == jnp.float32 else y  # [M, N]
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "interpret", "a_in_registers", "detect_races", "packed"))
+@functools.partial(jax.jit, static_argnames=("cfg", "interpret", "a_in_registers", "detect_races", "packed",
+                                             "planar"))
 def grouped(
     x: Float[Array, "m k"],
     values: UInt8[Array, "g n kh"],
-    scales: UInt8[Array, "g n kb"],
+    scales: UInt8[Array, "g s0 s1"],  # [G, N, K/32], or [G, K/32, N] planar
     group_sizes: jax.Array,
     cfg: BlockConfig,
     interpret: bool = False,
     a_in_registers: bool | None = None,
     detect_races: bool = False,
     packed: bool | None = None,
+    planar: bool = False,
 ) -> Float[Array, "m n"]:
     """y[rows of g] = x[rows] @ W[g].T; x [M, K] sorted by group, W [G, N, K] as packed `values` [G, N, K/2]
-    and E8M0 `scales` [G, N, K/32]; rows past sum(group_sizes) are zero.
+    and E8M0 `scales` [G, N, K/32] (`planar`: [G, K/32, N], see `dense`); rows past sum(group_sizes) are zero.
 
     Tiles from `tile_table` (`packed`: None picks packed tiles when M <= 8 rows per expert); each tile stores
     only its own rows, straight into y. Same constraints and options as `dense`; an f32 x runs as its three
     bf16 terms, one launch each.
     """
-    _check_shapes(values.shape[1], x.shape[1], "fp4_grouped_matmul", x.dtype)
+    _check_shapes(values.shape[1], x.shape[1], "fp4_grouped_matmul", x.dtype, scales.shape, planar)
     run = lambda xb: _run(xb, values, scales, group_sizes, cfg, interpret, a_in_registers, detect_races, packed,
-                          out_dtype=x.dtype)
+                          out_dtype=x.dtype, planar=planar)
     return _split_terms(run, x) if x.dtype == jnp.float32 else run(x)

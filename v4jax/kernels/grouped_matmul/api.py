@@ -15,6 +15,7 @@ compute y = x @ dequantize(w) per group. Two storage layouts are accepted, told 
 - [G, K, N] quantized along K (axis 1, `quant.quantize(w, "mxfp4", axis=1)` of the MoE's "x @ w"
   weights): transposed to [G, N, K] on every call (a pass over the packed bytes); convert once at load
   time with `fp4_matmul.transpose_kn_to_nk` to avoid it.
+A `fp4_matmul.PlanarMXFP4` (the [G, N, K] weights in the Hopper kernel's load-time layout) goes through as is.
 For a QArray, `implementation` is one of fp4_matmul.IMPLEMENTATIONS ("xla" dequantizes then ragged_dots;
 None picks the platform's FP4 kernel). Gradients flow to x only (packed weights are frozen).
 
@@ -34,6 +35,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from v4jax.kernels.fp4_matmul.planar import PlanarMXFP4
 from v4jax.quant.qarray import QArray
 
 IMPLEMENTATIONS = ("xla", "tokamax")
@@ -74,12 +76,12 @@ def resolved_implementation(x_dtype, w_dtype) -> str:
     return auto_implementation(x_dtype, w_dtype, jax.default_backend(), _tokamax_ragged_dot() is not None)
 
 
-def grouped_matmul(x: Float[Array, "m k"], w: Float[Array, "g k n"] | QArray, group_sizes: Int[Array, " g"],
+def grouped_matmul(x: Float[Array, "m k"], w: Float[Array, "g k n"] | QArray | PlanarMXFP4, group_sizes: Int[Array, " g"],
                    implementation: str | None = None, interpret: bool = False) -> Float[Array, "m n"]:
     """`y[rows of group i] = x[rows of group i] @ w[i]`; rows beyond sum(group_sizes) give zeros.
 
     `interpret` runs a Pallas FP4 backend in interpret mode (QArray weights only; CPU tests)."""
-    if isinstance(w, QArray):
+    if is_packed_fp4(w):
         return _fp4_grouped(x, w, group_sizes, implementation, interpret)
     if implementation not in (None, *IMPLEMENTATIONS):
         raise ValueError(f"grouped_matmul: unknown implementation {implementation!r} (known: {IMPLEMENTATIONS})")
@@ -93,9 +95,16 @@ def grouped_matmul(x: Float[Array, "m k"], w: Float[Array, "g k n"] | QArray, gr
     return jax.lax.ragged_dot(x, w, group_sizes.astype("int32"))
 
 
-def _fp4_grouped(x, w: QArray, group_sizes, implementation, interpret):
+def is_packed_fp4(w) -> bool:
+    """Whether `w` is packed FP4 (a `QArray`, or a `fp4_matmul.PlanarMXFP4`) rather than a float array."""
+    return isinstance(w, (QArray, PlanarMXFP4))
+
+
+def _fp4_grouped(x, w, group_sizes, implementation, interpret):
     from v4jax.kernels import fp4_matmul  # lazy: fp4_matmul's VJP imports this module
 
+    if isinstance(w, PlanarMXFP4):  # [G, N, K] in mosaic_gpu's load-time layout
+        return fp4_matmul.fp4_grouped_matmul(x, w, group_sizes, implementation=implementation, interpret=interpret)
     if w.ndim != 3 or w.axis not in (1, 2):
         raise ValueError(f"grouped_matmul: a QArray w must be [G, N, K] (axis 2) or [G, K, N] (axis 1), got axis {w.axis}")
     if w.axis == 1:

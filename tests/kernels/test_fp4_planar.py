@@ -1,0 +1,168 @@
+"""`PlanarMXFP4`, the Hopper kernel's load-time weight layout: the byte order it promises, the round trip, the
+Mosaic GPU kernels reading it (interpreter, and lowered for CUDA with the PTX decoder), the api with it on
+every backend, and the MoE's planar expert leaves."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from fp4_reference import ref_dense as _ref_dense
+from fp4_reference import ref_grouped as _ref_grouped
+from fp4_reference import rel as _rel
+from fp4_reference import sum_err as _sum_err
+from fp4_reference import weight as _weight
+
+from v4jax import quant
+from v4jax.infer.fp4 import pack_experts, planarize_experts
+from v4jax.kernels import fp4_matmul
+from v4jax.kernels.fp4_matmul import block_sizes, mosaic_gpu, reference
+from v4jax.kernels.grouped_matmul import grouped_matmul
+from v4jax.model import ModelConfig, Transformer, presets
+from v4jax.model.moe import Experts
+
+
+def _key():
+    return jax.random.key(np.random.randint(1 << 30))
+
+
+def test_planar_bytes_hold_each_chunks_halves_and_round_trip():
+    """Byte j of every 256-element chunk holds element j (low nibble) and 128 + j (high); scales [.., K/32, N];
+    `to_qarray` gives back the QArray's bytes exactly."""
+    w = _weight(_key(), (2, 64, 768))
+    p = fp4_matmul.to_planar(w)
+    assert p.values.shape == (2, 64, 384) and p.scales.shape == (2, 24, 64) and p.shape == w.shape
+    v = np.asarray(w.values)
+    codes = np.stack([v & 15, v >> 4], -1).reshape(2, 64, 3, 2, 128)  # [.., chunk, half, j]: nibble codes
+    pv = np.asarray(p.values).reshape(2, 64, 3, 128)
+    np.testing.assert_array_equal(pv & 15, codes[..., 0, :])
+    np.testing.assert_array_equal(pv >> 4, codes[..., 1, :])
+    np.testing.assert_array_equal(np.asarray(p.scales), np.swapaxes(np.asarray(w.scales), -1, -2))
+    q = p.to_qarray()
+    np.testing.assert_array_equal(np.asarray(q.values), v)
+    np.testing.assert_array_equal(np.asarray(q.scales), np.asarray(w.scales))
+    assert (q.shape, q.axis, q.fmt) == (w.shape, w.axis, w.fmt)
+
+
+def test_to_planar_rejects_what_it_cannot_hold():
+    with pytest.raises(ValueError, match="multiple of 256"):
+        fp4_matmul.to_planar(quant.quantize(jnp.ones((64, 96)), "mxfp4"))
+    with pytest.raises(ValueError, match="mxfp4"):
+        fp4_matmul.to_planar(quant.quantize(jnp.ones((64, 256)), "nvfp4"))
+    with pytest.raises(ValueError, match="QArray"):
+        fp4_matmul.to_planar(jnp.ones((64, 256)))
+    with pytest.raises(ValueError, match="rank 2"):
+        fp4_matmul.fp4_matmul(jnp.ones((4, 256)), fp4_matmul.to_planar(_weight(_key(), (2, 64, 256))))
+
+
+@pytest.mark.parametrize("dtype, m, tol", [(jnp.bfloat16, 5, 1e-2), (jnp.float32, 13, 1e-5)])
+def test_dense_kernel_reads_planar_weights(dtype, m, tol):
+    """mosaic_gpu.dense on the planar fields: K = 768 is three chunks, two of them in one 512-wide K step."""
+    kx, kw = jax.random.split(_key())
+    x = jax.random.normal(kx, (m, 768), dtype)
+    w = _weight(kw, (128, 768))
+    p = fp4_matmul.to_planar(w)
+    cfg = block_sizes.BlockConfig(block_m=16, block_n=64, block_k=512, split_k=1, num_stages=2)
+    y = mosaic_gpu.dense(x, p.values, p.scales, cfg, interpret=True, planar=True)
+    assert y.dtype == dtype and _rel(y, _ref_dense(x, w)) < tol
+    with pytest.raises(ValueError, match="planar"):  # QArray-shaped scales handed in as planar ones
+        mosaic_gpu.dense(x, w.values, w.scales, cfg, interpret=True, planar=True)
+
+
+@pytest.mark.parametrize("packed, block_n", [(True, 64), (False, 128)])
+def test_grouped_kernel_reads_planar_weights(packed, block_n):
+    """Packed and grid tiles, 64 and 128 weight rows per CTA, split K, an empty expert, rows past the sum."""
+    kx, kw = jax.random.split(_key())
+    w = _weight(kw, (3, 128, 512))
+    p = fp4_matmul.to_planar(w)
+    sizes = jnp.array([7, 0, 9], jnp.int32)
+    x = jax.random.normal(kx, (20, 512), jnp.bfloat16)
+    cfg = block_sizes.BlockConfig(block_m=8, block_n=block_n, block_k=256, split_k=2, num_stages=2)
+    y = mosaic_gpu.grouped(x, p.values, p.scales, sizes, cfg, interpret=True, packed=packed, planar=True)
+    ref = _ref_grouped(x, w, sizes)
+    assert _rel(y[:16], ref[:16]) < 1e-2
+    np.testing.assert_array_equal(np.asarray(y[16:], np.float32), 0.0)
+
+
+def test_planar_kernels_lower_for_cuda_with_the_ptx_decoder():
+    """The GPU variant (A in registers, PTX decode one plane at a time) lowers to one Mosaic GPU call."""
+    p = fp4_matmul.to_planar(_weight(jax.random.key(0), (4, 128, 512)))
+    x = jnp.ones((40, 512), jnp.bfloat16)
+    sizes = jnp.array([5, 0, 21, 9], jnp.int32)
+    cfg = block_sizes.BlockConfig(block_m=8, block_n=128, block_k=512, split_k=1, num_stages=2, decode="asm")
+    f = lambda xx, v, s, gs: mosaic_gpu.grouped(xx, v, s, gs, cfg=cfg, planar=True)
+    text = jax.jit(f).trace(x, p.values, p.scales, sizes).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("custom_call @mosaic_gpu_v2") == 1
+    assert "prmt.b32" in text and "fma.rn.bf16x2" in text
+
+
+@pytest.mark.parametrize("implementation", ["mosaic_gpu", "triton", "xla"])
+def test_api_takes_planar_weights_on_every_backend(implementation):
+    """Value and dL/dx of fp4_grouped_matmul with planar weights equal the QArray reference (other backends
+    convert the layout back), and dense likewise."""
+    kx, kw, kd = jax.random.split(_key(), 3)
+    w = _weight(kw, (3, 64, 256))
+    p = fp4_matmul.to_planar(w)
+    sizes = jnp.array([7, 12, 0], jnp.int32)
+    x = jax.random.normal(kx, (20, 256), jnp.float32)
+    dy = jax.random.normal(kd, (20, 64), jnp.float32)
+    interpret = implementation != "xla"
+    f = lambda xx: jnp.sum(fp4_matmul.fp4_grouped_matmul(xx, p, sizes, implementation, interpret) * dy)
+    g = lambda xx: jnp.sum(reference.fp4_grouped_matmul_reference(xx, w, sizes) * dy)
+    (v, dx), (v_ref, dx_ref) = jax.value_and_grad(f)(x), jax.value_and_grad(g)(x)
+    assert _sum_err(v, v_ref, _ref_grouped(x, w, sizes) * np.asarray(dy)) < 1e-6 and _rel(dx, dx_ref) < 1e-5
+    y = fp4_matmul.fp4_matmul(x[:6], jax.tree.map(lambda a: a[1], p).replace(shape=(64, 256)), implementation,
+                              interpret)
+    assert _rel(y, _ref_dense(x[:6], jax.tree.map(lambda a: a[1], w).replace(shape=(64, 256), axis=1))) < 1e-5
+
+
+def test_moe_experts_take_planar_leaves():
+    """`planarize_experts` turns a packed model's expert leaves planar; an Experts layer on them gives the
+    packed leaves' output bit for bit (XLA backend) and runs the Mosaic GPU kernel on them (interpreter, bf16)
+    with the XLA numbers; a hidden size that is not a multiple of 256 is refused."""
+    m = presets.tiny()
+    m.update(hidden_size=256, moe_intermediate_size=256)
+    cfg = dataclasses.replace(ModelConfig.from_config(m), fp4_impl="xla")
+    tokens = jax.random.randint(jax.random.key(1), (1, 16), 0, cfg.vocab_size)
+    packed = pack_experts(Transformer(cfg).init_variables(jax.random.key(0), tokens)["params"])
+    planar = planarize_experts(packed)
+    flat, flat_packed = (flax.traverse_util.flatten_dict(t, sep="/") for t in (planar, packed))
+    assert not any(k.endswith(("_fp4", "_fp4_scale")) for k in flat)
+    assert sum(k.endswith("_fp4_planar") for k in flat) == sum(k.endswith("_fp4") for k in flat_packed)
+
+    def layer(tree, suffix):  # the first MoE's expert leaves (a scanned segment's have a leading axis of 1)
+        prefix = next(k for k in tree if k.endswith("experts/w1" + suffix)).rsplit("/", 1)[0] + "/"
+        return {k[len(prefix):]: x.reshape(x.shape[-3:]) for k, x in tree.items() if k.startswith(prefix)}
+
+    e_planar, e_packed = layer(flat, "_fp4_planar"), layer(flat_packed, "_fp4")
+    assert e_planar["w1_fp4_planar_scale"].shape == (cfg.n_routed_experts, 256 // 32, 256)  # [E, in/32, out]
+    x = jax.random.normal(jax.random.key(2), (8, 256), jnp.float32)
+    idx = jax.random.randint(jax.random.key(3), (8, cfg.num_experts_per_tok), 0, cfg.n_routed_experts)
+    wts = jnp.full(idx.shape, 0.5, jnp.float32)
+    fwd = lambda c, p: Experts(c).apply({"params": p}, x, idx, wts)
+    np.testing.assert_array_equal(np.asarray(fwd(cfg, e_planar)), np.asarray(fwd(cfg, e_packed)))
+    bf16 = dataclasses.replace(cfg, dtype="bfloat16")
+    kernel = dataclasses.replace(bf16, fp4_impl="mosaic_gpu", fp4_interpret=True)
+    assert "fp4_grouped_mosaic_gpu" in str(jax.make_jaxpr(fwd, static_argnums=0)(kernel, e_planar))
+    want = np.asarray(fwd(bf16, e_packed), np.float32)
+    assert _rel(fwd(kernel, e_planar), want) < 2e-2
+
+    small = presets.tiny()
+    small.update(hidden_size=64, moe_intermediate_size=64)
+    c64 = ModelConfig.from_config(small)
+    v64 = Transformer(c64).init_variables(jax.random.key(0), tokens % c64.vocab_size)
+    with pytest.raises(ValueError, match="multiple of 256"):
+        planarize_experts(pack_experts(v64["params"]))
+
+
+def test_grouped_matmul_passes_planar_weights_through():
+    kx, kw = jax.random.split(_key())
+    w = _weight(kw, (2, 64, 256))
+    sizes = jnp.array([3, 5], jnp.int32)
+    x = jax.random.normal(kx, (8, 256), jnp.float32)
+    y = grouped_matmul(x, fp4_matmul.to_planar(w), sizes, implementation="xla")
+    assert _rel(y, _ref_grouped(x, w, sizes)) < 1e-6
