@@ -96,6 +96,11 @@ def ptx_nibble_pair(src: str, sel: int, high_nibble: bool, scale: str) -> str:
     return _PTX_NIBBLE_PAIR.format(src=src, sel=hex(sel), sh_mag=sh_mag, sh_sign=sh_sign, scale=scale)
 
 
+# The tile tables' searches: one fused compare-and-count over the G group ends (G is tens to hundreds), where
+# jnp's default binary search is a while loop of log2(G) steps, each a few GPU kernels and a host round trip.
+SEARCH = "compare_all"
+
+
 class TileSchedule(NamedTuple):
     """The grouped kernels' work list: tile t multiplies rows [lo[t], hi[t]) of row block `block[t]` by
     expert `group[t]`. Tiles past the real count have lo == hi (nothing to do) and repeat the last block."""
@@ -122,7 +127,7 @@ def tile_schedule(group_sizes: jax.Array, num_rows: int, block_m: int) -> TileSc
     cum = jnp.cumsum(count)
     total = cum[-1]
     t = jnp.arange(num_tiles(num_rows, block_m, g_count), dtype=jnp.int32)
-    g = jnp.minimum(jnp.searchsorted(cum, t, side="right"), g_count - 1).astype(
+    g = jnp.minimum(jnp.searchsorted(cum, t, side="right", method=SEARCH), g_count - 1).astype(
         jnp.int32
     )
     block = first[g] + (t - (cum[g] - count[g]))
@@ -160,7 +165,7 @@ def padded_rows(group_sizes: jax.Array, num_rows: int, align: int) -> PaddedRows
     pends = jnp.cumsum(psizes)
     pstarts = pends - psizes
     p = jnp.arange(num_padded_rows(num_rows, g_count, align), dtype=jnp.int32)
-    gp = jnp.minimum(jnp.searchsorted(pends, p, side="right"), g_count - 1)
+    gp = jnp.minimum(jnp.searchsorted(pends, p, side="right", method=SEARCH), g_count - 1)
     i = p - pstarts[gp]
     source = jnp.where((p < pends[-1]) & (i < sizes[gp]), starts[gp] + i, num_rows)
     return PaddedRows(psizes.astype(jnp.int32), pstarts.astype(jnp.int32), source.astype(jnp.int32))

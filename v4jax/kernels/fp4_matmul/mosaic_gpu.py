@@ -265,7 +265,7 @@ def tile_table(group_sizes: jax.Array, m: int, bm: int, packed: bool) -> TileTab
     count = (pad.sizes + bm - 1) // bm  # tiles per group
     cum = jnp.cumsum(count)
     t = jnp.arange(-(-p_rows // bm) + g + 1, dtype=jnp.int32)  # static bound: sum ceil(psize / bm)
-    grp = jnp.minimum(jnp.searchsorted(cum, t, side="right"), g).astype(jnp.int32)
+    grp = jnp.minimum(jnp.searchsorted(cum, t, side="right", method=common.SEARCH), g).astype(jnp.int32)
     i = t - (cum[grp] - count[grp])
     valid = t < cum[-1]
     x_row0 = jnp.where(valid, pad.starts[grp] + i * bm, 0)
