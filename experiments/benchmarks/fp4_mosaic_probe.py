@@ -7,9 +7,10 @@ Rows (JSON lines in OUT/fp4_mosaic_probe.jsonl, also printed):
          rest (x planes, scale transpose, split-K sum) by event name, TB/s on the packed bytes, TFLOP/s,
          relative error vs a float32 HIGHEST reference;
   grouped: the same for `mosaic_gpu.grouped` (64 experts, top-6 routing of T tokens, K=4096, N=2048).
-  api: the public api (implementation=None) on the issue's shapes, with tokamax / XLA in the same run.
-Usage: python experiments/benchmarks/fp4_mosaic_probe.py [--out DIR] [--parts api,dense,prefill,grouped,
-       grouped_decode] [--budget-s S]
+  api: the public api (implementation=None) on the issue's shapes, with tokamax / XLA in the same run;
+       api_planar: the same with the weights in the load-time layout (`fp4_matmul.to_planar`).
+Usage: python experiments/benchmarks/fp4_mosaic_probe.py [--out DIR] [--parts api,api_planar,api_prefill,
+       dense,prefill,grouped,grouped_decode] [--budget-s S]
 """
 
 # ruff: noqa: B023  (closures are called inside the loop iteration that defines them)
@@ -123,15 +124,18 @@ def grouped_part(out, tokens, cfgs, deadline, g=64, k=4096, n=2048, topk=6):
         emit(out, row)
 
 
-def api_part(out, deadline, reps=10, token_counts=(8192, 64, 8), dense=True):
+def api_part(out, deadline, reps=10, token_counts=(8192, 64, 8), dense=True, planar=False):
     """The public api with implementation=None (what the model calls): grouped at 8192, 64 and 8 tokens x
     top-6 against tokamax's bf16 ragged_dot, dense M=16 against XLA's bf16 dot, and the grouped VJP (dx)
-    against the reference on the GPU."""
+    against the reference on the GPU. `planar`: the weights in the load-time layout (`fp4_matmul.to_planar`,
+    converted before timing)."""
     from v4jax.kernels import fp4_matmul
     from v4jax.kernels.grouped_matmul.api import grouped_matmul
 
+    layout = (lambda ww: jax.block_until_ready(fp4_matmul.to_planar(ww))) if planar else (lambda ww: ww)
     g, k, n, topk = 64, 4096, 2048, 6
     w = quant.quantize(random_weight(jax.random.key(7), (g, n, k)), "mxfp4")
+    w_api = layout(w)
     wd = jnp.swapaxes(quant.dequantize(w).astype(jnp.bfloat16), 1, 2)  # [G, K, N] for tokamax
     for tokens in token_counts:
         if time.time() > deadline:
@@ -142,19 +146,19 @@ def api_part(out, deadline, reps=10, token_counts=(8192, 64, 8), dense=True):
         m = tokens * topk
         x = jax.random.normal(kx, (m, k), jnp.bfloat16)
         ref = reference.fp4_grouped_matmul_reference(x.astype(jnp.float32), w, sizes)
-        f = lambda a, gs: fp4_matmul.fp4_grouped_matmul(a, w, gs)
+        f = lambda a, gs: fp4_matmul.fp4_grouped_matmul(a, w_api, gs)
         y = jax.block_until_ready(jax.jit(f)(x, sizes))
         total, kern, rest = timed(f, [(x, sizes)], reps)
         tk, _, _ = timed(lambda a, ww, gs: grouped_matmul(a, ww, gs), [(x, wd, sizes)], reps)
         touched = int(jnp.sum(sizes > 0))
         packed = (w.values.size + w.scales.size) * touched // g
-        row = {"part": "api_grouped", "tokens": tokens, "m": m, "experts_touched": touched,
+        row = {"part": "api_grouped", "layout": "planar" if planar else "qarray", "tokens": tokens, "m": m, "experts_touched": touched,
                "rel_err": rel_err(y, ref), "nan": bool(jnp.any(jnp.isnan(y))), "total_us": total,
                "kernel_us": kern, "glue_us": total - kern, "tokamax_us": tk, "x_vs_tokamax": tk / total,
                "tflops": 2 * m * n * k / total / 1e6, "tbps_touched": packed / total / 1e6}
         if tokens == 64:  # dL/dx of the api's custom VJP against autodiff of the reference, on the GPU
             dy = jax.random.normal(jax.random.key(3), (m, n), jnp.float32)
-            gx = jax.grad(lambda a: jnp.sum(fp4_matmul.fp4_grouped_matmul(a, w, sizes).astype(jnp.float32) * dy))
+            gx = jax.grad(lambda a: jnp.sum(fp4_matmul.fp4_grouped_matmul(a, w_api, sizes).astype(jnp.float32) * dy))
             gr = jax.grad(lambda a: jnp.sum(reference.fp4_grouped_matmul_reference(a, w, sizes) * dy))
             row["vjp_rel_err"] = rel_err(jax.jit(gx)(x), gr(x.astype(jnp.float32)))
         emit(out, row)
@@ -165,11 +169,12 @@ def api_part(out, deadline, reps=10, token_counts=(8192, 64, 8), dense=True):
         ws = [quant.quantize(random_weight(jax.random.key(kn + i), (kn, kn)), "mxfp4") for i in range(12)]
         wds = [quant.dequantize(ww).astype(jnp.bfloat16) for ww in ws]
         f = lambda a, ww: fp4_matmul.fp4_matmul(a, ww)
-        y = jax.block_until_ready(jax.jit(f)(x, ws[0]))
-        total, kern, rest = timed(f, [(x, ww) for ww in ws], reps)
+        ws_api = [layout(ww) for ww in ws]
+        y = jax.block_until_ready(jax.jit(f)(x, ws_api[0]))
+        total, kern, rest = timed(f, [(x, ww) for ww in ws_api], reps)
         xla, _, _ = timed(lambda a, ww: jnp.dot(a, ww.T), [(x, ww) for ww in wds], reps)
         packed = ws[0].values.size + ws[0].scales.size
-        emit(out, {"part": "api_dense", "m": 16, "kn": kn, "rel_err": rel_err(y, dense_ref(x, ws[0])),
+        emit(out, {"part": "api_dense", "layout": "planar" if planar else "qarray", "m": 16, "kn": kn, "rel_err": rel_err(y, dense_ref(x, ws[0])),
                    "total_us": total, "kernel_us": kern, "glue_us": total - kern, "rest": rest,
                    "xla_bf16_us": xla, "x_vs_xla": xla / total, "tbps": packed / total / 1e6,
                    "kernel_tbps": packed / kern / 1e6 if kern else None})
@@ -217,6 +222,8 @@ def main():
             api_part(args.out, deadline)
         elif part == "api_prefill":  # the grouped prefill row alone
             api_part(args.out, deadline, token_counts=(8192,), dense=False)
+        elif part == "api_planar":  # the api rows with the weights in the load-time layout
+            api_part(args.out, deadline, planar=True)
         elif part == "grouped":
             grouped_part(args.out, 8192, GROUPED, deadline)
         elif part == "grouped_decode":

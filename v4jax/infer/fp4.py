@@ -3,7 +3,9 @@
 Each expert matrix is quantised with 1x32 blocks along its input axis (K) and E8M0 scales, 4.25 bits per
 weight, as in the released checkpoints, and stored transposed ([E, out, in/2] values, [E, out, in/32]
 scales): the layout the FP4 kernels read, so the model's expert GEMMs run on the packed bytes
-(`v4jax.kernels.fp4_matmul` through `grouped_matmul`) without a copy per call.
+(`v4jax.kernels.fp4_matmul` through `grouped_matmul`) without a copy per call. On a Hopper GPU,
+`planarize_experts` then moves the bytes once more into the Mosaic GPU kernel's layout
+(`fp4_matmul.PlanarMXFP4`), which spares each expert GEMM a pass over its activations and a scale transpose.
 """
 
 from __future__ import annotations

@@ -19,6 +19,12 @@ keeps the K order. Each pipeline step decodes its tile in chunks of 128 bytes pe
 bound the live registers. The scales are read transposed ([K/32, N], a small XLA transpose: 1/16 of the
 packed bytes) so that one scale block of a tile is one contiguous row.
 
+Planar weights (`planar.PlanarMXFP4`, converted once at load time): byte j of each 256-element K chunk holds
+elements j and 128 + j, so plane p of chunk c multiplies x's contiguous columns [256c + 128p, 256c + 128p +
+128): the kernel reads x [M, K] as it is (no per-call plane split) and the scales as stored ([K/32, N], no
+per-call transpose). A plane's 128 byte columns then span 4 scale blocks of 32 (`_planar_scales`), and the
+two planes of a byte have different scales, so each plane is decoded with its own.
+
 Decoders: "asm" (the GPU's): one inline-PTX asm per plane and register (`plgpu.inline_mgpu`) turns two packed
 bytes into a bf16x2 pair: prmt + shifts + masks, then two exact bf16x2 FMAs (the Triton kernel's "asm"
 decoder). "jnp" (`decode_plane16`): the same numbers through the float16 bit pattern, about 3x the
@@ -50,9 +56,9 @@ Measured on the H200 (device time, RESULTS.md "FP4 matmul, session 5"): grouped 
 of 8192 tokens, K=4096, N=2048) 2.46 ms against tokamax's bf16 ragged_dot at 2.72 ms (1.10x); grouped decode
 (64 / 8 tokens) 1.18x / 1.25x tokamax, but 36% / 29% of copy bandwidth with the XLA ops around the kernel
 (about 75 us: tile table, x planes, scale transpose, split-K sum) and 54-55% for the kernel alone; dense
-decode M = 16 at 1.02x / 1.43x XLA bf16 (K = N = 4096 / 7168). What is left for the decode targets: the
-weights in a load-time layout (scales pre-transposed, nibbles permuted so x needs no plane split) and the
-tile table computed without a chain of small XLA ops.
+decode M = 16 at 1.02x / 1.43x XLA bf16 (K = N = 4096 / 7168), all with the QArray layout. Since then
+(not yet timed on a GPU): the planar layout above, which removes the x plane split and the scale transpose,
+and tile tables without while loops (`common.SEARCH`).
 """
 
 from __future__ import annotations
