@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 
-import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,7 +22,7 @@ from v4jax.infer.fp4 import pack_experts, planarize_experts
 from v4jax.kernels import fp4_matmul
 from v4jax.kernels.fp4_matmul import block_sizes, mosaic_gpu, reference
 from v4jax.kernels.grouped_matmul import grouped_matmul
-from v4jax.model import ModelConfig, Transformer, presets
+from v4jax.model import ModelConfig, presets
 from v4jax.model.moe import Experts
 
 
@@ -121,42 +121,29 @@ def test_api_takes_planar_weights_on_every_backend(implementation):
 
 
 def test_moe_experts_take_planar_leaves():
-    """`planarize_experts` turns a packed model's expert leaves planar; an Experts layer on them gives the
-    packed leaves' output bit for bit (XLA backend) and runs the Mosaic GPU kernel on them (interpreter, bf16)
-    with the XLA numbers; a hidden size that is not a multiple of 256 is refused."""
+    """`planarize_experts` turns packed expert leaves planar; an Experts layer on them gives the packed leaves'
+    output bit for bit (XLA backend) and runs the Mosaic GPU kernel on them (interpreter, bf16) with the XLA
+    numbers; an input size that is not a multiple of 256 is refused."""
     m = presets.tiny()
     m.update(hidden_size=256, moe_intermediate_size=256)
     cfg = dataclasses.replace(ModelConfig.from_config(m), fp4_impl="xla")
-    tokens = jax.random.randint(jax.random.key(1), (1, 16), 0, cfg.vocab_size)
-    packed = pack_experts(Transformer(cfg).init_variables(jax.random.key(0), tokens)["params"])
-    planar = planarize_experts(packed)
-    flat, flat_packed = (flax.traverse_util.flatten_dict(t, sep="/") for t in (planar, packed))
-    assert not any(k.endswith(("_fp4", "_fp4_scale")) for k in flat)
-    assert sum(k.endswith("_fp4_planar") for k in flat) == sum(k.endswith("_fp4") for k in flat_packed)
-
-    def layer(tree, suffix):  # the first MoE's expert leaves (a scanned segment's have a leading axis of 1)
-        prefix = next(k for k in tree if k.endswith("experts/w1" + suffix)).rsplit("/", 1)[0] + "/"
-        return {k[len(prefix):]: x.reshape(x.shape[-3:]) for k, x in tree.items() if k.startswith(prefix)}
-
-    e_planar, e_packed = layer(flat, "_fp4_planar"), layer(flat_packed, "_fp4")
-    assert e_planar["w1_fp4_planar_scale"].shape == (cfg.n_routed_experts, 256 // 32, 256)  # [E, in/32, out]
     x = jax.random.normal(jax.random.key(2), (8, 256), jnp.float32)
     idx = jax.random.randint(jax.random.key(3), (8, cfg.num_experts_per_tok), 0, cfg.n_routed_experts)
     wts = jnp.full(idx.shape, 0.5, jnp.float32)
+    floats = nn.unbox(Experts(cfg).init(jax.random.key(0), x, idx, wts)["params"])  # w1, w3 [E, d, I], w2 [E, I, d]
+    packed = pack_experts({"moe": {"experts": floats}})["moe"]["experts"]
+    planar = planarize_experts({"moe": {"experts": packed}})["moe"]["experts"]
+    assert sorted(planar) == sorted(f"w{i}_fp4_planar{s}" for i in (1, 2, 3) for s in ("", "_scale"))
+    assert planar["w1_fp4_planar_scale"].shape == (cfg.n_routed_experts, 256 // 32, 256)  # [E, in/32, out]
     fwd = lambda c, p: Experts(c).apply({"params": p}, x, idx, wts)
-    np.testing.assert_array_equal(np.asarray(fwd(cfg, e_planar)), np.asarray(fwd(cfg, e_packed)))
-    bf16 = dataclasses.replace(cfg, dtype="bfloat16")
-    kernel = dataclasses.replace(bf16, fp4_impl="mosaic_gpu", fp4_interpret=True)
-    assert "fp4_grouped_mosaic_gpu" in str(jax.make_jaxpr(fwd, static_argnums=0)(kernel, e_planar))
-    want = np.asarray(fwd(bf16, e_packed), np.float32)
-    assert _rel(fwd(kernel, e_planar), want) < 2e-2
+    np.testing.assert_array_equal(np.asarray(fwd(cfg, planar)), np.asarray(fwd(cfg, packed)))
+    kernel = dataclasses.replace(cfg, fp4_impl="mosaic_gpu", fp4_interpret=True)
+    assert "fp4_grouped_mosaic_gpu" in str(jax.make_jaxpr(fwd, static_argnums=0)(kernel, planar))
+    assert _rel(fwd(kernel, planar), np.asarray(fwd(cfg, packed), np.float32)) < 2e-2
 
-    small = presets.tiny()
-    small.update(hidden_size=64, moe_intermediate_size=64)
-    c64 = ModelConfig.from_config(small)
-    v64 = Transformer(c64).init_variables(jax.random.key(0), tokens % c64.vocab_size)
+    narrow = {"w1_fp4": packed["w1_fp4"][..., :32], "w1_fp4_scale": packed["w1_fp4_scale"][..., :2]}  # in = 64
     with pytest.raises(ValueError, match="multiple of 256"):
-        planarize_experts(pack_experts(v64["params"]))
+        planarize_experts({"moe": {"experts": narrow}})
 
 
 def test_grouped_matmul_passes_planar_weights_through():
