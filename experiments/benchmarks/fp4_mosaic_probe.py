@@ -8,9 +8,10 @@ Rows (JSON lines in OUT/fp4_mosaic_probe.jsonl, also printed):
          relative error vs a float32 HIGHEST reference;
   grouped: the same for `mosaic_gpu.grouped` (64 experts, top-6 routing of T tokens, K=4096, N=2048).
   api: the public api (implementation=None) on the issue's shapes, with tokamax / XLA in the same run;
-       api_planar: the same with the weights in the load-time layout (`fp4_matmul.to_planar`).
+       api_planar: the same with the weights in the load-time layout (`fp4_matmul.to_planar`);
+  dense_planar, grouped_planar, grouped_decode_planar: the kernel sweeps on planar weights.
 Usage: python experiments/benchmarks/fp4_mosaic_probe.py [--out DIR] [--parts api,api_planar,api_prefill,
-       dense,prefill,grouped,grouped_decode] [--budget-s S]
+       dense,dense_planar,prefill,grouped,grouped_planar,grouped_decode,grouped_decode_planar] [--budget-s S]
 """
 
 # ruff: noqa: B023  (closures are called inside the loop iteration that defines them)
@@ -51,7 +52,14 @@ def emit(out, row):
         f.write(json.dumps(row) + "\n")
 
 
-def dense_part(out, m, kn, cfgs, copies, deadline):
+def _planar(w):
+    """w in the Hopper kernel's load-time layout (`fp4_matmul.to_planar`), converted before any timing."""
+    from v4jax.kernels import fp4_matmul
+
+    return jax.block_until_ready(fp4_matmul.to_planar(w))
+
+
+def dense_part(out, m, kn, cfgs, copies, deadline, planar=False):
     key = jax.random.key(kn + m)
     kx, kw = jax.random.split(key)
     x = jax.random.normal(kx, (m, kn), jnp.bfloat16)
@@ -61,18 +69,20 @@ def dense_part(out, m, kn, cfgs, copies, deadline):
     xla_total, _, _ = timed(lambda a, w: jnp.dot(a, w.T), [(x, w) for w in wd])
     packed = ws[0].values.size + ws[0].scales.size
     emit(out, {"part": "dense", "m": m, "kn": kn, "impl": "xla_bf16", "total_us": xla_total})
+    wk = [_planar(w) for w in ws] if planar else ws
     for cfg, regs in cfgs:
         if time.time() > deadline:
             print("budget reached", flush=True)
             return
-        row = {"part": "dense", "m": m, "kn": kn, "cfg": [cfg.block_m, cfg.block_k, cfg.split_k, cfg.num_stages],
-               "decode": cfg.decode, "a_regs": regs}
+        row = {"part": "dense", "layout": "planar" if planar else "qarray", "m": m, "kn": kn,
+               "cfg": [cfg.block_m, cfg.block_n, cfg.block_k, cfg.split_k, cfg.num_stages], "decode": cfg.decode,
+               "a_regs": regs}
         try:
             f = lambda a, w, cfg=cfg, regs=regs: mosaic_gpu.dense(a, w.values, w.scales, cfg=cfg,
-                                                                 a_in_registers=regs)
-            y = jax.block_until_ready(f(x, ws[0]))
+                                                                 a_in_registers=regs, planar=planar)
+            y = jax.block_until_ready(f(x, wk[0]))
             row["rel_err"] = rel_err(y, ref)
-            total, kern, rest = timed(f, [(x, w) for w in ws])
+            total, kern, rest = timed(f, [(x, w) for w in wk])
             row.update(total_us=total, kernel_us=kern, rest=rest, xla_bf16_us=xla_total,
                        x_vs_xla=xla_total / total, kernel_tbps=packed / kern / 1e6 if kern else None,
                        kernel_tflops=2 * m * kn * kn / kern / 1e6 if kern else None)
@@ -82,7 +92,7 @@ def dense_part(out, m, kn, cfgs, copies, deadline):
         emit(out, row)
 
 
-def grouped_part(out, tokens, cfgs, deadline, g=64, k=4096, n=2048, topk=6):
+def grouped_part(out, tokens, cfgs, deadline, g=64, k=4096, n=2048, topk=6, planar=False):
     key = jax.random.key(tokens)
     kx, kw, kr = jax.random.split(key, 3)
     w = quant.quantize(random_weight(kw, (g, n, k)), "mxfp4")
@@ -105,13 +115,15 @@ def grouped_part(out, tokens, cfgs, deadline, g=64, k=4096, n=2048, topk=6):
     except Exception as e:  # noqa: BLE001
         tk_total = None
         emit(out, {**row0, "impl": "tokamax_bf16", "error": f"{type(e).__name__}: {str(e)[:300]}"})
+    wk = _planar(w) if planar else w
     for cfg in cfgs:
         if time.time() > deadline:
             print("budget reached", flush=True)
             return
-        row = {**row0, "cfg": [cfg.block_m, cfg.block_k, cfg.split_k, cfg.num_stages], "decode": cfg.decode}
+        row = {**row0, "layout": "planar" if planar else "qarray",
+               "cfg": [cfg.block_m, cfg.block_n, cfg.block_k, cfg.split_k, cfg.num_stages], "decode": cfg.decode}
         try:
-            f = lambda a, gs, cfg=cfg: mosaic_gpu.grouped(a, w.values, w.scales, gs, cfg=cfg)
+            f = lambda a, gs, cfg=cfg: mosaic_gpu.grouped(a, wk.values, wk.scales, gs, cfg=cfg, planar=planar)
             y = jax.block_until_ready(f(x, group_sizes))
             row["rel_err"] = rel_err(y, ref)
             total, kern, rest = timed(f, [(x, group_sizes)])
@@ -200,6 +212,15 @@ GROUPED_DECODE = [
     B(8, block_n=128, block_k=256, split_k=4, num_stages=4, decode="asm"),
     B(8, block_n=128, block_k=256, split_k=2, num_stages=6, decode="asm"),
 ]
+# planar weights: no x plane split and no scale transpose, so the split-K sum is the only XLA op left around a
+# dense call; split 1 (no sum at all) with deep pipelines is worth timing beside the session-5 winners
+DENSE_DECODE_PLANAR = DENSE_DECODE + [
+    (B(64, block_k=512, split_k=1, num_stages=6, decode="asm"), True),
+    (B(64, block_k=256, split_k=2, num_stages=8, decode="asm"), True),
+]
+GROUPED_DECODE_PLANAR = GROUPED_DECODE + [
+    B(8, block_k=512, split_k=1, num_stages=4, decode="asm"),
+]
 
 
 def main():
@@ -224,6 +245,14 @@ def main():
             api_part(args.out, deadline, token_counts=(8192,), dense=False)
         elif part == "api_planar":  # the api rows with the weights in the load-time layout
             api_part(args.out, deadline, planar=True)
+        elif part == "dense_planar":
+            for kn in (4096, 7168):
+                dense_part(args.out, 16, kn, DENSE_DECODE_PLANAR, 12, deadline, planar=True)
+        elif part == "grouped_decode_planar":
+            for tokens in (64, 8):
+                grouped_part(args.out, tokens, GROUPED_DECODE_PLANAR, deadline, planar=True)
+        elif part == "grouped_planar":
+            grouped_part(args.out, 8192, GROUPED, deadline, planar=True)
         elif part == "grouped":
             grouped_part(args.out, 8192, GROUPED, deadline)
         elif part == "grouped_decode":
