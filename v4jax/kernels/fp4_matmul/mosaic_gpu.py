@@ -204,27 +204,28 @@ def _e8m0_to_bf16(byte: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type(bits, jnp.bfloat16)
 
 
-def _tile_scales(s_smem, g0: int, groups: int, dtype=jnp.float32, r0: int = 0) -> jax.Array:
-    """Scale blocks g0 .. g0 + groups of the tile [G, 64] uint8 (transposed: one scale block per row) ->
-    `dtype` (float32, or bf16 for the PTX decoder) [64, 16 * groups] in the WGMMA layout: block g repeated over its 16 byte columns (2 register tiles)."""
+def _scale_columns(s_smem, blocks: range, width: int, dtype, r0: int) -> jax.Array:
+    """Scale blocks `blocks` of the step's tile [groups, wn] uint8 (transposed: one scale block per row), rows
+    r0 .. r0 + 64 -> `dtype` (float32, or bf16 for the PTX decoder) [64, width * len(blocks)] in the WGMMA
+    layout: each block's scale repeated over its `width` byte columns."""
     cols = []
-    for g in range(g0, g0 + groups):
+    for g in blocks:
         row = plgpu.load(s_smem.at[g, pl.ds(r0, BN)], layout=plgpu.Layout.WGMMA.reduce(1))  # [64] uint8 per row
         sc = _e8m0_to_bf16(row) if dtype == jnp.bfloat16 else common.e8m0_to_f32(row)  # [64]
-        cols.append(jnp.broadcast_to(sc[:, None], (BN, BYTES_PER_SCALE)))  # [64, 16]
-    return jnp.concatenate(cols, axis=1)  # [64, 16 * groups]
+        cols.append(jnp.broadcast_to(sc[:, None], (BN, width)))  # [64, width]
+    return jnp.concatenate(cols, axis=1)  # [64, width * len(blocks)]
+
+
+def _tile_scales(s_smem, g0: int, groups: int, dtype=jnp.float32, r0: int = 0) -> jax.Array:
+    """QArray layout: blocks g0 .. g0 + groups, each over its 16 byte columns (2 register tiles; a byte's two
+    elements share a block) -> [64, 16 * groups]."""
+    return _scale_columns(s_smem, range(g0, g0 + groups), BYTES_PER_SCALE, dtype, r0)
 
 
 def _planar_scales(s_smem, c: int, p: int, dtype=jnp.float32, r0: int = 0) -> jax.Array:
     """Planar weights: plane p of K chunk c (its elements c*256 + p*128 + j, j < 128, in byte column j) spans
-    the 4 scale blocks c*8 + p*4 + i -> `dtype` [64, 128] in the WGMMA layout: block i over byte columns
-    [32i, 32i + 32)."""
-    cols = []
-    for g in range(c * 8 + p * 4, c * 8 + p * 4 + 4):
-        row = plgpu.load(s_smem.at[g, pl.ds(r0, BN)], layout=plgpu.Layout.WGMMA.reduce(1))  # [64] uint8 per row
-        sc = _e8m0_to_bf16(row) if dtype == jnp.bfloat16 else common.e8m0_to_f32(row)  # [64]
-        cols.append(jnp.broadcast_to(sc[:, None], (BN, 2 * BYTES_PER_SCALE)))  # [64, 32]
-    return jnp.concatenate(cols, axis=1)  # [64, 128]
+    the 4 scale blocks c*8 + p*4 + i, block i over byte columns [32i, 32i + 32) -> [64, 128]."""
+    return _scale_columns(s_smem, range(c * 8 + p * 4, c * 8 + p * 4 + 4), 2 * BYTES_PER_SCALE, dtype, r0)
 
 
 def out_terms(split: int, out_dtype) -> int:
