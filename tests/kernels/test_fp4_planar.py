@@ -57,31 +57,44 @@ def test_to_planar_rejects_what_it_cannot_hold():
         fp4_matmul.to_planar(jnp.ones((64, 256)))
     with pytest.raises(ValueError, match="rank 2"):
         fp4_matmul.fp4_matmul(jnp.ones((4, 256)), fp4_matmul.to_planar(_weight(_key(), (2, 64, 256))))
+    p = fp4_matmul.to_planar(_weight(_key(), (64, 256)))
+    with pytest.raises(ValueError, match=r"w.scales must be uint8 \(8, 64\)"):  # QArray-layout scales
+        fp4_matmul.fp4_matmul(jnp.ones((4, 256)), p.replace(scales=jnp.swapaxes(p.scales, 0, 1)))
+    with pytest.raises(ValueError, match=r"w.values must be uint8 \(64, 128\)"):
+        fp4_matmul.fp4_matmul(jnp.ones((4, 256)), p.replace(values=p.values[:, :64]), "mosaic_gpu", True)
+    w = _weight(_key(), (64, 256))  # the QArray fields are checked the same way (a kernel would read past them)
+    with pytest.raises(ValueError, match=r"w.values must be uint8 \(64, 128\)"):
+        fp4_matmul.fp4_matmul(jnp.ones((4, 256)), w.replace(values=w.values[:, :64]), "mosaic_gpu", True)
 
 
 @pytest.mark.parametrize("dtype, m, tol", [(jnp.bfloat16, 5, 1e-2), (jnp.float32, 13, 1e-5)])
 def test_dense_kernel_reads_planar_weights(dtype, m, tol):
-    """mosaic_gpu.dense on the planar fields: K = 768 is three chunks, two of them in one 512-wide K step."""
+    """mosaic_gpu.dense on the planar fields: K = 1024 in two 512-wide K steps of two 256-element chunks each
+    (chunk c = 1 of a step reads scale blocks 8..15 of the step's tile and x columns 256..511)."""
     kx, kw = jax.random.split(_key())
-    x = jax.random.normal(kx, (m, 768), dtype)
-    w = _weight(kw, (128, 768))
+    x = jax.random.normal(kx, (m, 1024), dtype)
+    w = _weight(kw, (128, 1024))
     p = fp4_matmul.to_planar(w)
     cfg = block_sizes.BlockConfig(block_m=16, block_n=64, block_k=512, split_k=1, num_stages=2)
+    assert mosaic_gpu.tiles(cfg, m, 1024, False).bk == 512
     y = mosaic_gpu.dense(x, p.values, p.scales, cfg, interpret=True, planar=True)
     assert y.dtype == dtype and _rel(y, _ref_dense(x, w)) < tol
     with pytest.raises(ValueError, match="planar"):  # QArray-shaped scales handed in as planar ones
         mosaic_gpu.dense(x, w.values, w.scales, cfg, interpret=True, planar=True)
 
 
-@pytest.mark.parametrize("packed, block_n", [(True, 64), (False, 128)])
-def test_grouped_kernel_reads_planar_weights(packed, block_n):
-    """Packed and grid tiles, 64 and 128 weight rows per CTA, split K, an empty expert, rows past the sum."""
+@pytest.mark.parametrize("packed, block_n, k, block_k", [(True, 64, 512, 256), (False, 128, 512, 256),
+                                                          (True, 128, 2048, 1024)])
+def test_grouped_kernel_reads_planar_weights(packed, block_n, k, block_k):
+    """Packed and grid tiles, 64 and 128 weight rows per CTA, split K, an empty expert, rows past the sum;
+    K = 2048 in 1024-wide steps: chunks c = 0..3 of a step."""
     kx, kw = jax.random.split(_key())
-    w = _weight(kw, (3, 128, 512))
+    w = _weight(kw, (3, 128, k))
     p = fp4_matmul.to_planar(w)
     sizes = jnp.array([7, 0, 9], jnp.int32)
-    x = jax.random.normal(kx, (20, 512), jnp.bfloat16)
-    cfg = block_sizes.BlockConfig(block_m=8, block_n=block_n, block_k=256, split_k=2, num_stages=2)
+    x = jax.random.normal(kx, (20, k), jnp.bfloat16)
+    cfg = block_sizes.BlockConfig(block_m=8, block_n=block_n, block_k=block_k, split_k=2, num_stages=2)
+    assert mosaic_gpu.tiles(cfg, 8, k, False, 128).bk == block_k
     y = mosaic_gpu.grouped(x, p.values, p.scales, sizes, cfg, interpret=True, packed=packed, planar=True)
     ref = _ref_grouped(x, w, sizes)
     assert _rel(y[:16], ref[:16]) < 1e-2
@@ -98,6 +111,9 @@ def test_planar_kernels_lower_for_cuda_with_the_ptx_decoder():
     text = jax.jit(f).trace(x, p.values, p.scales, sizes).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("custom_call @mosaic_gpu_v2") == 1
     assert "prmt.b32" in text and "fma.rn.bf16x2" in text
+    assert "shl.b32 u, t, 6" in text and "shl.b32 u, t, 2" in text  # both nibbles' decoders (one plane each)
+    assert "stablehlo.transpose" not in text  # the point of the layout: no x plane split, no scale transpose
+    assert "stablehlo.while" not in text  # tile tables without a binary-search loop (common.SEARCH)
 
 
 @pytest.mark.parametrize("implementation", ["mosaic_gpu", "triton", "xla"])

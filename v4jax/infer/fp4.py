@@ -37,7 +37,7 @@ def pack_experts(params: dict) -> dict:
     """
     out = {}
     for k, v in flax.traverse_util.flatten_dict(params, sep="/").items():
-        if is_expert_weight(k) and not k.endswith(("_fp4", "_fp4_scale")):
+        if is_expert_weight(k) and not k.endswith((PACKED_SUFFIX, SCALE_SUFFIX, PLANAR_SUFFIX, PLANAR_SCALE_SUFFIX)):
             q = quant.quantize(jnp.swapaxes(v, -1, -2), "mxfp4", axis=v.ndim - 1)  # [.., E, out, in] along in
             out[k + PACKED_SUFFIX], out[k + SCALE_SUFFIX] = q.values, q.scales
         else:

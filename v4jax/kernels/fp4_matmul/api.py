@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from v4jax.kernels.fp4_matmul import block_sizes, common, reference
+from v4jax.kernels.fp4_matmul import block_sizes, common, planar, reference
 from v4jax.kernels.fp4_matmul.planar import PlanarMXFP4, as_qarray
 from v4jax.quant.qarray import QArray
 from v4jax.quant.quantize import dequantize
@@ -52,6 +52,10 @@ def _check_weight(w, ndim: int, name: str) -> None:
     if isinstance(w, PlanarMXFP4):
         if w.ndim != ndim:
             raise ValueError(f"{name}: w must have rank {ndim}, got a PlanarMXFP4 of shape {w.shape}")
+        *lead, n, k = w.shape
+        if k % planar.CHUNK:
+            raise ValueError(f"{name}: a PlanarMXFP4 needs K % {planar.CHUNK} == 0, got K={k}")
+        common.check_packed_fields(w.values, w.scales, (*lead, n, k // 2), (*lead, k // common.SCALE_BLOCK, n), name)
         return
     common.check_mxfp4_weight(w, ndim, name)
 

@@ -40,6 +40,16 @@ def check_mxfp4_weight(w: QArray, ndim: int, name: str) -> None:
         raise ValueError(
             f"{name}: w must be rank {ndim} quantized along its last axis (K), got shape {w.shape} axis {w.axis}"
         )
+    *lead, k = w.shape
+    check_packed_fields(w.values, w.scales, (*lead, k // 2), (*lead, k // SCALE_BLOCK), name)
+
+
+def check_packed_fields(values, scales, values_shape: tuple, scales_shape: tuple, name: str) -> None:
+    """One-line ValueError unless packed `values` and E8M0 `scales` are uint8 arrays of the shapes the logical
+    weight implies (the kernels read them by these shapes: a mismatch would read out of bounds)."""
+    for what, a, want in (("values", values, values_shape), ("scales", scales, scales_shape)):
+        if a.dtype != jnp.uint8 or tuple(a.shape) != tuple(want):
+            raise ValueError(f"{name}: w.{what} must be uint8 {tuple(want)}, got {a.dtype} {tuple(a.shape)}")
 
 
 def e8m0_to_f32(byte: jax.Array) -> jax.Array:

@@ -76,6 +76,8 @@ from jaxtyping import Array, Float, UInt8
 
 from v4jax.kernels.fp4_matmul import common
 from v4jax.kernels.fp4_matmul.block_sizes import BlockConfig
+from v4jax.kernels.fp4_matmul.planar import CHUNK as PLANAR_CHUNK
+from v4jax.kernels.fp4_matmul.planar import HALF as PLANAR_HALF
 
 PLANES = 2  # nibbles per packed byte: the number of column planes
 BN = 64  # weight rows per CTA: the wgmma M tile of one warpgroup
@@ -87,6 +89,9 @@ TRANSFORMS16 = (plgpu.TilingTransform((8, SWIZZLE // 2)), plgpu.SwizzleTransform
 PACKED_ROWS_PER_GROUP = 8  # grouped: packed tiles (tile_table) up to this many rows per expert on average
 ROW_ALIGN = 8  # TMA row offsets of x tiles (grouped: each group starts on such a row of a padded copy)
 SMEM_BUDGET = 200 * 1024  # bytes of shared memory a CTA may use (the H200 allows 227 KiB)
+# planar weights: a decode chunk of CHUNK bytes is exactly one layout chunk, its planes the chunk's halves
+# (the kernel's x slices and `_planar_scales` rely on it)
+assert PLANAR_CHUNK == PLANES * CHUNK and PLANAR_HALF == CHUNK
 
 
 @dataclasses.dataclass(frozen=True)
@@ -328,7 +333,7 @@ def _kernel(tab_gmem, x_gmem, v_gmem, s_gmem, o_gmem, o_smem, *a_smem, t: Tiles,
                             scale = _planar_scales(s_smem, c, p, sdt, h * BN)
                             a = _decode_ptx(byte, scale, (p,))[0] if asm else decode_plane16(byte16, p, scale)
                             # [128, bm]: x columns c*256 + p*128 + j, the ones plane p multiplies, transposed
-                            b = x_smem.at[:, pl.ds(c * 2 * CHUNK + p * CHUNK, CHUNK)].transpose((1, 0))
+                            b = x_smem.at[:, pl.ds(c * PLANAR_CHUNK + p * PLANAR_HALF, PLANAR_HALF)].transpose((1, 0))
                         else:
                             # [64, 128] bf16: W[rows, K columns 2b + p]
                             a = planes[p] if asm else decode_plane16(byte16, p, scale)

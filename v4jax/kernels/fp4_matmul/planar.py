@@ -1,5 +1,5 @@
-"""`PlanarMXFP4`: MXFP4 weights in the Mosaic GPU kernel's load-time layout, so a call moves no bytes but the
-kernel's own.
+"""`PlanarMXFP4`: MXFP4 weights in the Mosaic GPU kernel's load-time layout, so that a call neither splits x
+into column planes nor transposes the scales.
 
 A `QArray` of W [..., N, K] packs K elements 2b and 2b + 1 into byte b (low, high nibble) and keeps the E8M0
 scales [..., N, K/32]. The Hopper kernel (`mosaic_gpu.py`) decodes a byte's two nibbles into two column

@@ -80,7 +80,7 @@ def grouped_matmul(x: Float[Array, "m k"], w: Float[Array, "g k n"] | QArray | P
                    implementation: str | None = None, interpret: bool = False) -> Float[Array, "m n"]:
     """`y[rows of group i] = x[rows of group i] @ w[i]`; rows beyond sum(group_sizes) give zeros.
 
-    `interpret` runs a Pallas FP4 backend in interpret mode (QArray weights only; CPU tests)."""
+    `interpret` runs a Pallas FP4 backend in interpret mode (packed FP4 weights only; CPU tests)."""
     if is_packed_fp4(w):
         return _fp4_grouped(x, w, group_sizes, implementation, interpret)
     if implementation not in (None, *IMPLEMENTATIONS):
