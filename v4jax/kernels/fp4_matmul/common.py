@@ -111,6 +111,14 @@ def ptx_nibble_pair(src: str, sel: int, high_nibble: bool, scale: str) -> str:
 SEARCH = "compare_all"
 
 
+def group_bounds(group_sizes: jax.Array, num_rows: int) -> tuple[jax.Array, jax.Array]:
+    """Rows [starts[g], ends[g]) of each group, int32 [G] each: negative sizes count as 0 and every bound is
+    clipped to num_rows, so groups never overlap even when sum(group_sizes) > num_rows."""
+    ends = jnp.minimum(jnp.cumsum(jnp.maximum(group_sizes.astype(jnp.int32), 0)), num_rows)
+    starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])
+    return starts, ends
+
+
 class TileSchedule(NamedTuple):
     """The grouped kernels' work list: tile t multiplies rows [lo[t], hi[t]) of row block `block[t]` by
     expert `group[t]`. Tiles past the real count have lo == hi (nothing to do) and repeat the last block."""
@@ -129,9 +137,7 @@ def tile_schedule(group_sizes: jax.Array, num_rows: int, block_m: int) -> TileSc
     sum(group_sizes) belong to no tile. Built with a cumsum and a searchsorted, so it jits.
     """
     g_count = group_sizes.shape[0]
-    sizes = jnp.maximum(group_sizes.astype(jnp.int32), 0)
-    ends = jnp.minimum(jnp.cumsum(sizes), num_rows)
-    starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])  # clipped too: groups never overlap
+    starts, ends = group_bounds(group_sizes, num_rows)
     first = starts // block_m
     count = jnp.where(ends > starts, (ends - 1) // block_m - first + 1, 0)
     cum = jnp.cumsum(count)
@@ -167,9 +173,7 @@ class PaddedRows(NamedTuple):
 def padded_rows(group_sizes: jax.Array, num_rows: int, align: int) -> PaddedRows:
     """The padded layout for `num_padded_rows(num_rows, G, align)` rows (see `PaddedRows`)."""
     g_count = group_sizes.shape[0]
-    sizes = jnp.maximum(group_sizes.astype(jnp.int32), 0)
-    ends = jnp.minimum(jnp.cumsum(sizes), num_rows)
-    starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])
+    starts, ends = group_bounds(group_sizes, num_rows)
     sizes = ends - starts
     psizes = (sizes + align - 1) // align * align
     pends = jnp.cumsum(psizes)

@@ -264,14 +264,13 @@ def tile_table(group_sizes: jax.Array, m: int, bm: int, packed: bool) -> TileTab
     sizes = jnp.maximum(group_sizes.astype(jnp.int32), 0)
     total = jnp.minimum(jnp.sum(sizes), m)
     ext = jnp.concatenate([sizes, (m - total)[None]])  # [G + 1]
-    ends = jnp.minimum(jnp.cumsum(ext), m)
-    starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])
     if not packed:
         sch = common.tile_schedule(ext, m, bm)
         rows = sch.hi - sch.lo
         x_row0 = sch.block * bm
         table = jnp.stack([sch.group, x_row0, sch.lo, sch.lo - x_row0, rows])
         return TileTable(table.astype(jnp.int32), None)
+    starts, ends = common.group_bounds(ext, m)
     pad = common.padded_rows(ext, m, ROW_ALIGN)
     p_rows = pad.source.shape[0]
     count = (pad.sizes + bm - 1) // bm  # tiles per group
