@@ -54,9 +54,10 @@ def planarize_experts(params: dict) -> dict:
     flat = flax.traverse_util.flatten_dict(params, sep="/")
     out = {}
     for k, v in flat.items():
+        if is_expert_weight(k) and k.endswith(SCALE_SUFFIX):
+            continue  # converted with its values below
         if not (is_expert_weight(k) and k.endswith(PACKED_SUFFIX)):
-            if not (is_expert_weight(k) and k.endswith(SCALE_SUFFIX)):
-                out[k] = v
+            out[k] = v
             continue
         base = k[: -len(PACKED_SUFFIX)]
         d_in = 2 * v.shape[-1]
