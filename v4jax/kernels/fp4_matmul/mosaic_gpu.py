@@ -393,15 +393,17 @@ def _interpret_params(detect_races: bool):
     return plgpu.InterpretGPUParams(uninitialized_memory="nan", detect_races=detect_races)
 
 
-def _check_shapes(n: int, k: int, name: str, dtype=jnp.bfloat16, scales_shape=None, planar=False) -> None:
-    if dtype not in (jnp.bfloat16, jnp.float32):  # wgmma multiplies bf16 terms: a float16 x would lose bits
-        raise ValueError(f"{name} mosaic_gpu: x must be bfloat16 or float32, got {jnp.dtype(dtype).name}")
+def _check_shapes(x, values, scales, name: str, planar: bool) -> None:
+    """One-line ValueErrors for x's dtype, the tile constraints and the packed fields' shapes in the layout."""
+    if x.dtype not in (jnp.bfloat16, jnp.float32):  # wgmma multiplies bf16 terms: a float16 x would lose bits
+        raise ValueError(f"{name} mosaic_gpu: x must be bfloat16 or float32, got {jnp.dtype(x.dtype).name}")
+    *lead, n, _ = values.shape
+    k = x.shape[1]
     if n % BN or k % 256:
         raise ValueError(f"{name} mosaic_gpu: needs N % {BN} == 0 and K % 256 == 0, got N={n}, K={k}")
-    want = (k // common.SCALE_BLOCK, n) if planar else (n, k // common.SCALE_BLOCK)
-    if scales_shape is not None and tuple(scales_shape[-2:]) != want:
-        raise ValueError(f"{name} mosaic_gpu: scales must end in {want} ({'planar' if planar else 'QArray'} "
-                         f"layout), got {tuple(scales_shape)}")
+    blocks = k // common.SCALE_BLOCK
+    common.check_packed_fields(values, scales, (*lead, n, k // 2), (*lead, *((blocks, n) if planar else (n, blocks))),
+                               f"{name} mosaic_gpu ({'planar' if planar else 'QArray'} layout)")
 
 
 def _run(x, values, scales, group_sizes, cfg, interpret, a_in_registers, detect_races, packed=None,
@@ -481,8 +483,8 @@ def dense(
     Interpret mode fills the output buffer with NaN first (an unwritten element shows), and `detect_races`
     asks the interpreter to check the pipeline's barriers for shared-memory races.
     """
-    m, k = x.shape
-    _check_shapes(values.shape[0], k, "fp4_matmul", x.dtype, scales.shape, planar)
+    m = x.shape[0]
+    _check_shapes(x, values, scales, "fp4_matmul", planar)
     xb = split_f32(x) if x.dtype == jnp.float32 else x  # f32: its 3 bf16 terms stacked along M, one launch
     rows = xb.shape[0]
     y = _run(xb.astype(jnp.bfloat16), values[None], scales[None], jnp.full((1,), rows, jnp.int32), cfg,
@@ -512,7 +514,7 @@ def grouped(
     only its own rows, straight into y. Same constraints and options as `dense`; an f32 x runs as its three
     bf16 terms, one launch each.
     """
-    _check_shapes(values.shape[1], x.shape[1], "fp4_grouped_matmul", x.dtype, scales.shape, planar)
+    _check_shapes(x, values, scales, "fp4_grouped_matmul", planar)
     run = lambda xb: _run(xb, values, scales, group_sizes, cfg, interpret, a_in_registers, detect_races, packed,
                           out_dtype=x.dtype, planar=planar)
     return _split_terms(run, x) if x.dtype == jnp.float32 else run(x)
