@@ -154,6 +154,19 @@ def test_gpu_default_routes_dense_decode_and_grouped_to_mosaic_gpu(monkeypatch):
                     ("grouped", "triton"), ("grouped", "triton"), ("dense", "triton")]
     assert api._backend_module("mosaic_gpu") is mosaic_gpu
 
+    # planar weights reach mosaic_gpu as they are; a route to another backend gets them back as a QArray
+    seen.clear()
+    monkeypatch.setattr(api, "_dense_vjp", lambda x, w, impl, interpret: seen.append((impl, type(w).__name__)))
+    monkeypatch.setattr(api, "_grouped_vjp", lambda x, w, gs, impl, interpret: seen.append((impl, type(w).__name__)))
+    hopper[0] = True
+    fp4_matmul.fp4_matmul(jnp.ones((16, 512), jnp.bfloat16), fp4_matmul.to_planar(w))
+    fp4_matmul.fp4_matmul(jnp.ones((64, 512), jnp.bfloat16), fp4_matmul.to_planar(w))
+    fp4_matmul.fp4_grouped_matmul(jnp.ones((300, 512), jnp.bfloat16), fp4_matmul.to_planar(wg), jnp.array([100, 200]))
+    hopper[0] = False
+    fp4_matmul.fp4_grouped_matmul(jnp.ones((300, 512), jnp.bfloat16), fp4_matmul.to_planar(wg), jnp.array([100, 200]))
+    assert seen == [("mosaic_gpu", "PlanarMXFP4"), ("triton", "QArray"), ("mosaic_gpu", "PlanarMXFP4"),
+                    ("triton", "QArray")]
+
 
 @pytest.mark.parametrize("bm, block_n, n, split, packed, dtype, sizes, tol", [
     (8, 64, 128, 1, True, jnp.bfloat16, (5, 0, 21, 9), 1e-2),  # decode tiles: groups from aligned rows of a copy
