@@ -144,7 +144,7 @@ def api_part(out, deadline, reps=10, token_counts=(8192, 64, 8), dense=True, pla
     from v4jax.kernels import fp4_matmul
     from v4jax.kernels.grouped_matmul.api import grouped_matmul
 
-    layout = (lambda ww: jax.block_until_ready(fp4_matmul.to_planar(ww))) if planar else (lambda ww: ww)
+    layout = _planar if planar else (lambda ww: ww)
     g, k, n, topk = 64, 4096, 2048, 6
     w = quant.quantize(random_weight(jax.random.key(7), (g, n, k)), "mxfp4")
     w_api = layout(w)
