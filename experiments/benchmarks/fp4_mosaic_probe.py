@@ -213,13 +213,23 @@ GROUPED_DECODE = [
     B(8, block_n=128, block_k=256, split_k=2, num_stages=6, decode="asm"),
 ]
 # planar weights: no x plane split and no scale transpose, so the split-K sum is the only XLA op left around a
-# dense call; split 1 (no sum at all) with deep pipelines is worth timing beside the session-5 winners
-DENSE_DECODE_PLANAR = DENSE_DECODE + [
-    (B(64, block_k=512, split_k=1, num_stages=6, decode="asm"), True),
-    (B(64, block_k=256, split_k=2, num_stages=8, decode="asm"), True),
+# dense call; the word decoder (session 7) makes the decode about 2.5x cheaper, so deeper pipelines and split 1
+# (no sum at all) may now win; "asm_lean" also converts the E8M0 scales in two ops instead of five
+DENSE_DECODE_PLANAR = [
+    (B(64, block_k=256, split_k=8, num_stages=4, decode="asm"), True),  # the stored table's entry
+    (B(64, block_k=256, split_k=8, num_stages=4, decode="asm_lean"), True),
+    (B(64, block_k=256, split_k=4, num_stages=6, decode="asm_lean"), True),
+    (B(64, block_n=128, block_k=256, split_k=8, num_stages=4, decode="asm_lean"), True),
+    (B(64, block_k=512, split_k=2, num_stages=4, decode="asm_lean"), True),
+    (B(64, block_k=512, split_k=1, num_stages=6, decode="asm_lean"), True),
+    (B(64, block_k=256, split_k=2, num_stages=8, decode="asm_lean"), True),
 ]
-GROUPED_DECODE_PLANAR = GROUPED_DECODE + [
-    B(8, block_k=512, split_k=1, num_stages=4, decode="asm"),
+GROUPED_DECODE_PLANAR = [
+    B(8, block_k=256, split_k=4, num_stages=4, decode="asm"),  # the stored table's entry
+    B(8, block_k=256, split_k=4, num_stages=4, decode="asm_lean"),
+    B(8, block_k=512, split_k=1, num_stages=4, decode="asm_lean"),
+    B(8, block_k=256, split_k=2, num_stages=6, decode="asm_lean"),
+    B(8, block_n=128, block_k=256, split_k=4, num_stages=4, decode="asm_lean"),
 ]
 
 

@@ -20,7 +20,7 @@ from fp4_reference import weight as _weight
 from v4jax import quant
 from v4jax.infer.fp4 import pack_experts, planarize_experts
 from v4jax.kernels import fp4_matmul
-from v4jax.kernels.fp4_matmul import block_sizes, mosaic_gpu, reference
+from v4jax.kernels.fp4_matmul import block_sizes, mosaic_gpu, planar, reference
 from v4jax.kernels.grouped_matmul import grouped_matmul
 from v4jax.model import ModelConfig, presets
 from v4jax.model.moe import Experts
@@ -30,22 +30,41 @@ def _key():
     return jax.random.key(np.random.randint(1 << 30))
 
 
-def test_planar_bytes_hold_each_chunks_halves_and_round_trip():
-    """Byte j of every 256-element chunk holds element j (low nibble) and 128 + j (high); scales [.., K/32, N];
-    `to_qarray` gives back the QArray's bytes exactly."""
+def _rotl(w: np.ndarray, r: int) -> np.ndarray:
+    return ((w << r) | (w >> (32 - r))) & 0xFFFFFFFF if r else w
+
+
+def test_planar_words_decode_by_the_kernels_rotations_to_each_element():
+    """The layout's promise, checked the way the kernel's PTX reads it: the word of thread q, k-step s of a
+    chunk row is bytes 16s + (2q, 2q + 1, 2q + 8, 2q + 9); rotating and masking it as `planar.ROTATIONS` says
+    gives bf16 pairs that, times 2**126, are the E2M1 values of plane p's columns 16s + 8h + 2q + (0, 1);
+    scales are [.., K/32, N]; `to_qarray` gives back the QArray's bytes exactly."""
     w = _weight(_key(), (2, 64, 768))
     p = fp4_matmul.to_planar(w)
     assert p.values.shape == (2, 64, 384) and p.scales.shape == (2, 24, 64) and p.shape == w.shape
     v = np.asarray(w.values)
-    codes = np.stack([v & 15, v >> 4], -1).reshape(2, 64, 3, 2, 128)  # [.., chunk, half, j]: nibble codes
-    pv = np.asarray(p.values).reshape(2, 64, 3, 128)
-    np.testing.assert_array_equal(pv & 15, codes[..., 0, :])
-    np.testing.assert_array_equal(pv >> 4, codes[..., 1, :])
+    codes = np.stack([v & 15, v >> 4], -1).reshape(2, 64, 3, 2, 8, 2, 4, 2)  # [.., chunk, p, s, h, q, e]
+    pv = np.asarray(p.values).reshape(2, 64, 3, 8, 16).astype(np.uint64)  # [.., chunk, s, byte of the group]
+    q = np.arange(4)
+    word = pv[..., 2 * q] | pv[..., 2 * q + 1] << 8 | pv[..., 2 * q + 8] << 16 | pv[..., 2 * q + 9] << 24
+    e2m1 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6], np.float64)
+    for (pl, h), rots in planar.ROTATIONS.items():
+        reg = np.zeros_like(word)
+        for rot, bits in rots:
+            mask = sum(1 << (planar.TARGET_BITS[b] + 16 * e) for b in bits for e in (0, 1))
+            reg |= _rotl(word, rot) & mask
+        for e in range(2):
+            half = (reg >> (16 * e)) & 0xFFFF
+            bf16 = (half << 16).astype(np.uint32).view(np.float32).astype(np.float64) * 2.0**126
+            c = codes[..., pl, :, h, :, e]  # [.., chunk, s, q]
+            want = np.where(c & 8, -1.0, 1.0) * e2m1[c & 7]
+            np.testing.assert_array_equal(bf16, want)
+            np.testing.assert_array_equal(np.signbit(bf16), (c & 8) > 0)  # -0 keeps its sign
     np.testing.assert_array_equal(np.asarray(p.scales), np.swapaxes(np.asarray(w.scales), -1, -2))
-    q = p.to_qarray()
-    np.testing.assert_array_equal(np.asarray(q.values), v)
-    np.testing.assert_array_equal(np.asarray(q.scales), np.asarray(w.scales))
-    assert (q.shape, q.axis, q.fmt) == (w.shape, w.axis, w.fmt)
+    back = p.to_qarray()
+    np.testing.assert_array_equal(np.asarray(back.values), v)
+    np.testing.assert_array_equal(np.asarray(back.scales), np.asarray(w.scales))
+    assert (back.shape, back.axis, back.fmt) == (w.shape, w.axis, w.fmt)
 
 
 def test_to_planar_rejects_what_it_cannot_hold():
@@ -102,7 +121,7 @@ def test_grouped_kernel_reads_planar_weights(packed, block_n, k, block_k):
 
 
 def test_planar_kernels_lower_for_cuda_with_the_ptx_decoder():
-    """The GPU variant (A in registers, PTX decode one plane at a time) lowers to one Mosaic GPU call."""
+    """The GPU variant (A in registers, the word decoder's PTX) lowers to one Mosaic GPU call."""
     p = fp4_matmul.to_planar(_weight(jax.random.key(0), (4, 128, 512)))
     x = jnp.ones((40, 512), jnp.bfloat16)
     sizes = jnp.array([5, 0, 21, 9], jnp.int32)
@@ -111,7 +130,9 @@ def test_planar_kernels_lower_for_cuda_with_the_ptx_decoder():
     text = jax.jit(f).trace(x, p.values, p.scales, sizes).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("custom_call @mosaic_gpu_v2") == 1
     assert "prmt.b32" in text and "fma.rn.bf16x2" in text
-    assert "shl.b32 u, t, 6" in text and "shl.b32 u, t, 2" in text  # both nibbles' decoders (one plane each)
+    assert "0x5410" in text  # the prmt that merges a thread's two 16-bit registers into the layout's word
+    for rot in (4, 10, 6, 14):  # the rotations of the four registers of a word (planar.ROTATIONS)
+        assert f"shf.l.wrap.b32 r, $1, $1, {rot};" in text
     assert "stablehlo.transpose" not in text  # the point of the layout: no x plane split, no scale transpose
     assert "stablehlo.while" not in text  # tile tables without a binary-search loop (common.SEARCH)
 

@@ -74,7 +74,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jaxtyping import Array, Float, UInt8
 
-from v4jax.kernels.fp4_matmul import common
+from v4jax.kernels.fp4_matmul import common, planar
 from v4jax.kernels.fp4_matmul.block_sizes import BlockConfig
 from v4jax.kernels.fp4_matmul.planar import CHUNK as PLANAR_CHUNK
 from v4jax.kernels.fp4_matmul.planar import HALF as PLANAR_HALF
@@ -102,7 +102,7 @@ class Tiles:
     bk: int
     split: int
     stages: int
-    decode: str = "jnp"  # "jnp" (decode_plane16: runs in the interpreter) or "asm" (inline PTX, GPU only)
+    decode: str = "jnp"  # "jnp" (runs in the interpreter), "asm" or "asm_lean" (inline PTX, GPU only)
     wn: int = BN  # weight rows per CTA: 64, or 128 (two accumulators share each x tile: half the x traffic)
 
 
@@ -200,37 +200,105 @@ def _decode_ptx(byte: jax.Array, scale: jax.Array, planes: tuple[int, ...] = (0,
     return tuple(decode(byte, scale))
 
 
-def _e8m0_to_bf16(byte: jax.Array) -> jax.Array:
+def word_decode_ptx(rotations) -> str:
+    """Inline PTX for one bf16x2 register R(p, h) of the planar layout (`planar.ROTATIONS`): the rotations of
+    the 32-bit word $1 that put the register's bits on bf16 bits 15 | 8 7 | 6 (both halves), masked and
+    merged (ptxas makes each rotation one SHF and each mask-and-merge one LOP3), then the two exact bf16x2
+    FMAs of `common.ptx_nibble_pair`: by 2**126 (the bits read as E2M1 * 2**-126) and by the scale $2."""
+    lines = ["{", ".reg .b32 r, u, c126, nz;", "mov.b32 c126, 0x7E807E80;", "mov.b32 nz, 0x80008000;"]
+    for i, (rot, bits) in enumerate(rotations):
+        mask = sum(1 << (planar.TARGET_BITS[b] + 16 * e) for b in bits for e in (0, 1))
+        src = "$1"
+        if rot:
+            lines.append(f"shf.l.wrap.b32 r, $1, $1, {rot};")
+            src = "r"
+        lines.append(f"and.b32 {'u' if i == 0 else 'r'}, {src}, {mask:#010x};")
+        if i:
+            lines.append("or.b32 u, u, r;")
+    lines += ["fma.rn.bf16x2 u, u, c126, nz;", "fma.rn.bf16x2 $0, u, $2, nz;", "}"]
+    return "\n".join(lines)
+
+
+def _decode_words_ptx(byte: jax.Array, scales: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """Planar-layout bytes uint8 [64, 128] (one chunk, WGMMA register layout) and each plane's bf16 scales
+    [64, 128] -> the two planes bf16 [64, 128] (GPU only; `decode_words_jnp` is the same numbers in jnp).
+
+    In the WGMMA layout a thread's registers of column groups 2s and 2s + 1 hold the bytes 16s + (2q, 2q + 1)
+    and 16s + (2q + 8, 2q + 9): one prmt makes them the layout's 32-bit word, which becomes the registers of
+    groups 2s and 2s + 1 of both planes (`word_decode_ptx`, one asm each)."""
+    from jax.experimental.mosaic.gpu import (
+        fragmented_array as fa,  # lazy: Mosaic GPU internals
+    )
+    from jax.experimental.mosaic.gpu import utils as mgpu_utils
+    from jaxlib.mlir import ir
+    from jaxlib.mlir.dialects import arith, llvm
+
+    out_type = plgpu.ShapeDtypeStruct(byte.shape, jnp.bfloat16, layout=plgpu.Layout.WGMMA)
+    wgmma = plgpu.Layout.WGMMA
+
+    @plgpu.inline_mgpu(arg_types=(wgmma, wgmma, wgmma), return_type=(out_type, out_type))
+    def decode(_, b, s0, s1):
+        i16, i32 = ir.IntegerType.get_signless(16), ir.IntegerType.get_signless(32)
+        pair = ir.VectorType.get((2,), ir.BF16Type.get())
+        out = [np.empty(s0.registers.shape, dtype=object) for _ in range(PLANES)]
+        asm = {ph: word_decode_ptx(rots) for ph, rots in planar.ROTATIONS.items()}
+        for idx in np.ndindex(b.registers.shape):  # idx[1]: the 8-byte column group
+            if idx[1] % 2:
+                continue
+            nxt = (idx[0], idx[1] + 1, *idx[2:])
+            lo, hi = (arith.extui(i32, mgpu_utils.bitcast(b.registers[j], i16)) for j in (idx, nxt))
+            word = llvm.inline_asm(i32, [lo, hi], "prmt.b32 $0, $1, $2, 0x5410;", "=r,r,r")
+            for (p, h), text in asm.items():
+                o = (idx[0], idx[1] + h, *idx[2:])
+                sc = mgpu_utils.bitcast((s0, s1)[p].registers[o], i32)
+                out[p][o] = mgpu_utils.bitcast(llvm.inline_asm(i32, [word, sc], text, "=r,r,r"), pair)
+        return tuple(fa.FragmentedArray(_registers=r, _layout=b.layout, _is_signed=None) for r in out)
+
+    return tuple(decode(byte, *scales))
+
+
+def decode_words_jnp(byte: jax.Array, scales: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """`_decode_words_ptx` in jnp (what the interpreter runs): planar bytes [64, 128] -> codes [64, 256] in K
+    order (`planar.planar_codes`) -> each plane's E2M1 values times its float32 scales [64, 128], in bf16."""
+    codes = planar.planar_codes(byte)  # [64, 256]
+    return tuple((common.e2m1_to_f32(codes[:, p * CHUNK : (p + 1) * CHUNK]) * scales[p]).astype(jnp.bfloat16)
+                 for p in range(PLANES))
+
+
+def _e8m0_to_bf16(byte: jax.Array, lean: bool = False) -> jax.Array:
     """E8M0 bytes -> bf16 2**(b-127) from the bit pattern: b << 7 (a normal bf16), 0 -> 2**-127 (the bf16
-    subnormal 0x0040), 255 -> NaN; exact, and no float32 subnormal on the way."""
+    subnormal 0x0040), 255 -> NaN; exact, and no float32 subnormal on the way. `lean` (decode "asm_lean"):
+    max(b << 7, 0x0040), two ops instead of five, exact but for the NaN byte 255, which reads as +inf."""
     b = byte.astype(jnp.uint16)
+    if lean:
+        return jax.lax.bitcast_convert_type(jnp.maximum(b << 7, jnp.uint16(0x0040)), jnp.bfloat16)
     bits = jnp.where(b == 0, jnp.uint16(0x0040), b << 7)
     bits = jnp.where(b == 255, jnp.uint16(0x7FC0), bits)
     return jax.lax.bitcast_convert_type(bits, jnp.bfloat16)
 
 
-def _scale_columns(s_smem, blocks: range, width: int, dtype, r0: int) -> jax.Array:
+def _scale_columns(s_smem, blocks: range, width: int, dtype, r0: int, lean: bool = False) -> jax.Array:
     """Scale blocks `blocks` of the step's tile [groups, wn] uint8 (transposed: one scale block per row), rows
     r0 .. r0 + 64 -> `dtype` (float32, or bf16 for the PTX decoder) [64, width * len(blocks)] in the WGMMA
     layout: each block's scale repeated over its `width` byte columns."""
     cols = []
     for g in blocks:
         row = plgpu.load(s_smem.at[g, pl.ds(r0, BN)], layout=plgpu.Layout.WGMMA.reduce(1))  # [64] uint8 per row
-        sc = _e8m0_to_bf16(row) if dtype == jnp.bfloat16 else common.e8m0_to_f32(row)  # [64]
+        sc = _e8m0_to_bf16(row, lean) if dtype == jnp.bfloat16 else common.e8m0_to_f32(row)  # [64]
         cols.append(jnp.broadcast_to(sc[:, None], (BN, width)))  # [64, width]
     return jnp.concatenate(cols, axis=1)  # [64, width * len(blocks)]
 
 
-def _tile_scales(s_smem, g0: int, groups: int, dtype=jnp.float32, r0: int = 0) -> jax.Array:
+def _tile_scales(s_smem, g0: int, groups: int, dtype=jnp.float32, r0: int = 0, lean: bool = False) -> jax.Array:
     """QArray layout: blocks g0 .. g0 + groups, each over its 16 byte columns (2 register tiles; a byte's two
     elements share a block) -> [64, 16 * groups]."""
-    return _scale_columns(s_smem, range(g0, g0 + groups), BYTES_PER_SCALE, dtype, r0)
+    return _scale_columns(s_smem, range(g0, g0 + groups), BYTES_PER_SCALE, dtype, r0, lean)
 
 
-def _planar_scales(s_smem, c: int, p: int, dtype=jnp.float32, r0: int = 0) -> jax.Array:
+def _planar_scales(s_smem, c: int, p: int, dtype=jnp.float32, r0: int = 0, lean: bool = False) -> jax.Array:
     """Planar weights: plane p of K chunk c (its elements c*256 + p*128 + j, j < 128, in byte column j) spans
     the 4 scale blocks c*8 + p*4 + i, block i over byte columns [32i, 32i + 32) -> [64, 128]."""
-    return _scale_columns(s_smem, range(c * 8 + p * 4, c * 8 + p * 4 + 4), 2 * BYTES_PER_SCALE, dtype, r0)
+    return _scale_columns(s_smem, range(c * 8 + p * 4, c * 8 + p * 4 + 4), 2 * BYTES_PER_SCALE, dtype, r0, lean)
 
 
 def out_terms(split: int, out_dtype) -> int:
@@ -322,15 +390,18 @@ def _kernel(tab_gmem, x_gmem, v_gmem, s_gmem, o_gmem, o_smem, *a_smem, t: Tiles,
                 for h, acc_ref in enumerate(accs):  # 64 weight rows each; both read the same x tile
                     wrows = pl.ds(h * BN, BN)
                     byte = plgpu.load(v_smem.at[wrows, cols], layout=plgpu.Layout.WGMMA)  # [64, 128] uint8
-                    asm, sdt = t.decode == "asm", jnp.bfloat16 if t.decode == "asm" else jnp.float32
-                    if not planar:  # one scale per byte, both planes at once: 2 x [64, 128] bf16
-                        scale = _tile_scales(s_smem, g0, ng, sdt, h * BN)
+                    asm, lean = t.decode.startswith("asm"), t.decode == "asm_lean"
+                    sdt = jnp.bfloat16 if asm else jnp.float32
+                    if planar:  # each plane its own 4 scale blocks; both planes from the chunk's words
+                        scales = tuple(_planar_scales(s_smem, c, p, sdt, h * BN, lean) for p in range(PLANES))
+                        planes = _decode_words_ptx(byte, scales) if asm else decode_words_jnp(byte, scales)
+                    else:  # one scale per byte, both planes at once: 2 x [64, 128] bf16
+                        scale = _tile_scales(s_smem, g0, ng, sdt, h * BN, lean)
                         planes = _decode_ptx(byte, scale) if asm else None
-                    byte16 = None if asm else byte.astype(jnp.uint16)
+                    byte16 = None if asm or planar else byte.astype(jnp.uint16)
                     for p in range(PLANES):
-                        if planar:  # each plane its own 4 scale blocks: decode one plane at a time
-                            scale = _planar_scales(s_smem, c, p, sdt, h * BN)
-                            a = _decode_ptx(byte, scale, (p,))[0] if asm else decode_plane16(byte16, p, scale)
+                        if planar:
+                            a = planes[p]  # [64, 128] bf16: W[rows, chunk columns p*128 + j]
                             # [128, bm]: x columns c*256 + p*128 + j, the ones plane p multiplies, transposed
                             b = x_smem.at[:, pl.ds(c * PLANAR_CHUNK + p * PLANAR_HALF, PLANAR_HALF)].transpose((1, 0))
                         else:
@@ -417,7 +488,7 @@ def _run(x, values, scales, group_sizes, cfg, interpret, a_in_registers, detect_
         a_in_registers = not interpret
     if interpret and a_in_registers:
         raise ValueError("fp4_matmul mosaic_gpu: the interpreter runs wgmma with A in shared memory only")
-    if interpret and cfg.decode == "asm":  # the interpreter cannot run PTX: same numbers through jnp
+    if interpret and cfg.decode.startswith("asm"):  # the interpreter cannot run PTX: same numbers through jnp
         cfg = dataclasses.replace(cfg, decode="jnp")
     t = tiles(cfg, m, k, a_in_registers, n, out_terms(cfg.split_k, out_dtype))  # shared memory for the most
     terms = out_terms(t.split, out_dtype)  # terms the config may need; the split as fitted decides

@@ -1,18 +1,26 @@
 """`PlanarMXFP4`: MXFP4 weights in the Mosaic GPU kernel's load-time layout, so that a call neither splits x
-into column planes nor transposes the scales.
+into column planes nor transposes the scales, and the kernel decodes four packed bytes with nine integer ops.
 
 A `QArray` of W [..., N, K] packs K elements 2b and 2b + 1 into byte b (low, high nibble) and keeps the E8M0
-scales [..., N, K/32]. The Hopper kernel (`mosaic_gpu.py`) decodes a byte's two nibbles into two column
-planes and multiplies each by the matching columns of x; with the QArray layout those are x's even and odd
-columns, which XLA must split out of x on every call (a pass over the activations: 280 of the 2460 us of
-the grouped prefill on the H200), and the scales need a transpose per call ([N, K/32] -> [K/32, N], one
-scale block per shared-memory row).
+scales [..., N, K/32]. The Hopper kernel (`mosaic_gpu.py`) decodes the packed tile in registers and feeds
+wgmma; with the QArray layout it needs x split into even and odd columns on every call (a pass over the
+activations: 280 of the 2460 us of the grouped prefill on the H200), the scales transposed per call, and
+six integer ops per two decoded elements (the decoder, not the memory, bounded the decode-sized matmuls).
 
-The planar layout stores, for every chunk of 256 K elements, element j in the low nibble and element
-128 + j in the high nibble of byte j (j < 128): the two planes are then the chunk's contiguous halves, so the
-kernel reads x as it is. Scales are stored [..., K/32, N]. Convert once, when the weights are loaded
-(`to_planar`, or `v4jax.infer.fp4.planarize_experts` for a model's experts); `to_qarray` inverts it, which
-the other backends (and the gradient) use.
+The planar layout, per row and per chunk of 256 K elements (128 bytes):
+- Planes: plane p of the chunk is its elements [128p, 128p + 128), so the kernel multiplies each plane by a
+  contiguous slice of x, read as it is. Scales are stored [..., K/32, N].
+- Words: the chunk's bytes form 32 little-endian 32-bit words, word q of 16-byte group s made of bytes
+  16s + (2q, 2q + 1, 2q + 8, 2q + 9): exactly the four bytes a thread of the WGMMA register layout loads
+  for k-step s (two 16-bit registers, merged by one prmt). A word holds the 8 elements of both planes at
+  plane columns 16s + 8h + 2q + e (h, e in {0, 1}): four bf16x2 registers R(p, h) of wgmma's A operand.
+- Bits: each element's E2M1 bits (sign S, exponent e1 e0, mantissa m) sit where a rotation of the word puts
+  them on bf16 bits 15 | 8 7 | 6 (+16 for e = 1): R(0, 0) = word & mask, R(0, 1) and R(1, 0) one rotation
+  each, R(1, 1) two (`ROTATIONS`, `bit_positions`). Those bits read as E2M1 * 2**-126 (the E2M1 subnormal
+  lands on a bf16 subnormal); two exact bf16x2 FMAs apply 2**126 and the E8M0 scale. No rotation set tiles
+  the word with four whole elements (checked by search), so R(1, 1) costs two rotations.
+Convert once, when the weights are loaded (`to_planar`, or `v4jax.infer.fp4.planarize_experts` for a model's
+experts); `to_qarray` inverts it, which the other backends (and the gradient) use.
 """
 
 from __future__ import annotations
@@ -26,8 +34,29 @@ from v4jax import quant
 from v4jax.kernels.fp4_matmul import common
 from v4jax.quant.qarray import QArray
 
-CHUNK = 256  # K elements per chunk: bytes j of a chunk hold elements j (low nibble) and 128 + j (high)
+CHUNK = 256  # K elements per chunk: plane p is the chunk's elements [128p, 128p + 128)
 HALF = CHUNK // 2
+GROUP = 16  # bytes per k-step group of a chunk row: 4 words, one per thread of a WGMMA lane quad
+TARGET_BITS = (6, 7, 8, 15)  # bf16 bit of an E2M1 code's bits m, e0, e1, S (low half; +16 for the high half)
+# register R(p, h) <- (rotate-left amount, the code bits that rotation brings) ...; bits 0..3 = m, e0, e1, S
+ROTATIONS = {(0, 0): ((0, (0, 1, 2, 3)),), (0, 1): ((4, (0, 1, 2, 3)),), (1, 0): ((10, (0, 1, 2, 3)),),
+             (1, 1): ((6, (0, 1, 3)), (14, (2,)))}
+
+
+def bit_positions() -> np.ndarray:
+    """int [2 (plane p), 2 (h), 2 (e), 4 (code bit)]: the word bit that holds each element's code bit, the one
+    `ROTATIONS` moves onto its bf16 target. Every word bit holds exactly one (checked at import)."""
+    pos = np.zeros((2, 2, 2, 4), np.int64)
+    for (p, h), rots in ROTATIONS.items():
+        for rot, bits in rots:
+            for e in range(2):
+                for b in bits:
+                    pos[p, h, e, b] = (TARGET_BITS[b] + 16 * e - rot) % 32
+    return pos
+
+
+POSITIONS = bit_positions()
+assert sorted(POSITIONS.reshape(-1).tolist()) == list(range(32)), "the word layout must use every bit once"
 
 
 @flax.struct.dataclass
@@ -69,17 +98,45 @@ def _nibbles(values: jax.Array) -> jax.Array:
     return jnp.stack([values & 0xF, values >> 4], axis=-1)
 
 
-def _planarize(values: jax.Array) -> jax.Array:
-    """QArray packing (elements 2b, 2b + 1 in byte b) -> planar packing (elements j, 128 + j in byte j of
-    each 256-element chunk)."""
+def _words_to_bytes(words: jax.Array) -> jax.Array:
+    """uint32 words [..., chunks, 8 (s), 4 (q)] -> the chunk rows' bytes [..., chunks * 128]: byte k of word q
+    of group s at 16s + 8 (k >> 1) + 2q + (k & 1)."""
+    *lead, chunks, _, _ = words.shape
+    b = jnp.stack([(words >> (8 * k)) & 0xFF for k in range(4)], axis=-1).astype(jnp.uint8)  # [.., s, q, k]
+    b = b.reshape(*lead, chunks, 8, 4, 2, 2).swapaxes(-3, -2)  # [.., s, k >> 1, q, k & 1]
+    return b.reshape(*lead, chunks * HALF)
+
+
+def _bytes_to_words(values: jax.Array) -> jax.Array:
+    """The inverse of `_words_to_bytes`: bytes [..., K/2] -> uint32 words [..., chunks, 8, 4]."""
     *lead, kh = values.shape
-    e = _nibbles(values).reshape(*lead, kh // HALF, CHUNK)  # [..., chunks, 256] nibbles in K order
-    return (e[..., :HALF] | (e[..., HALF:] << 4)).reshape(*lead, kh)  # [..., K/2]
+    b = values.reshape(*lead, kh // HALF, 8, 2, 4, 2).swapaxes(-3, -2).astype(jnp.uint32)  # [.., s, q, k>>1, k&1]
+    b = b.reshape(*lead, kh // HALF, 8, 4, 4)
+    return b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16) | (b[..., 3] << 24)
+
+
+def _planarize(values: jax.Array) -> jax.Array:
+    """QArray packing (elements 2b, 2b + 1 in byte b) -> the planar layout's bytes (module docstring)."""
+    *lead, kh = values.shape
+    codes = _nibbles(values).reshape(*lead, kh // HALF, 2, 8, 2, 4, 2).astype(jnp.uint32)  # [.., c, p, s, h, q, e]
+    words = jnp.zeros((*lead, kh // HALF, 8, 4), jnp.uint32)
+    for (p, h, e, b), pos in np.ndenumerate(POSITIONS):
+        words = words | (((codes[..., p, :, h, :, e] >> b) & 1) << int(pos))
+    return _words_to_bytes(words)
+
+
+def planar_codes(values: jax.Array) -> jax.Array:
+    """The planar layout's bytes [..., K/2] -> E2M1 codes uint8 [..., K] in K order."""
+    *lead, kh = values.shape
+    words = _bytes_to_words(values)[..., None, :, None, :, None]  # [.., c, 1, s, 1, q, 1]
+    codes = jnp.zeros((*lead, kh // HALF, 2, 8, 2, 4, 2), jnp.uint32)  # [.., c, p, s, h, q, e]
+    for (p, h, e, b), pos in np.ndenumerate(POSITIONS):
+        bit = ((words >> int(pos)) & 1) << b
+        codes = codes.at[..., p, :, h, :, e].set(codes[..., p, :, h, :, e] | bit[..., 0, :, 0, :, 0])
+    return codes.reshape(*lead, 2 * kh).astype(jnp.uint8)
 
 
 def _interleave(values: jax.Array) -> jax.Array:
     """The inverse of `_planarize`."""
-    *lead, kh = values.shape
-    v = values.reshape(*lead, kh // HALF, HALF)  # [..., chunks, 128]
-    e = jnp.concatenate([v & 0xF, v >> 4], axis=-1).reshape(*lead, kh, 2)  # [..., K/2, 2]: elements 2b, 2b + 1
-    return e[..., 0] | (e[..., 1] << 4)  # [..., K/2]
+    c = planar_codes(values)
+    return c[..., 0::2] | (c[..., 1::2] << 4)  # [..., K/2]

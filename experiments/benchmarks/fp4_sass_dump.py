@@ -1,0 +1,73 @@
+"""Dump the Mosaic GPU FP4 decode kernels' PTX, ptxas report and SASS (MOSAIC_GPU_DUMP_*), to count the
+instructions per packed byte of the inner loop and see registers and spills.
+
+Usage (on the GPU machine): python experiments/benchmarks/fp4_sass_dump.py --out DIR [--decode asm,asm2]
+Writes DIR/<decoder>/ (Mosaic's dumps) and DIR/sass_summary.txt (instruction mix per kernel, where the image
+has nvdisasm); prints each kernel's registers and spills (ptxas).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import os
+import re
+import sys
+
+
+def summarize(path: str) -> str:
+    """Opcode counts of every SASS file under `path`."""
+    lines = []
+    for f in sorted(glob.glob(os.path.join(path, "**", "*"), recursive=True)):
+        if not os.path.isfile(f):
+            continue
+        text = open(f, errors="replace").read()
+        ops = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", text)
+        if not ops:
+            continue
+        c = collections.Counter(o.split(".")[0] for o in ops)
+        lines.append(f"{f}: {len(ops)} instructions: " + ", ".join(f"{k} {v}" for k, v in c.most_common(30)))
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
+    ap.add_argument("--decode", default="asm")
+    args = ap.parse_args()
+    for dec in args.decode.split(","):
+        d = os.path.join(args.out, dec)
+        os.makedirs(d, exist_ok=True)
+        os.environ.update(MOSAIC_GPU_DUMP_SASS="1", MOSAIC_GPU_DUMP_PTXAS="1", MOSAIC_GPU_DUMP_PTX="1",
+                          MOSAIC_GPU_DUMP_TO=d)
+        import jax
+        import jax.numpy as jnp
+
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from fp4_matmul import random_weight
+
+        from v4jax import quant
+        from v4jax.kernels import fp4_matmul
+        from v4jax.kernels.fp4_matmul import mosaic_gpu
+        from v4jax.kernels.fp4_matmul.block_sizes import BlockConfig as B
+
+        kn, m = 7168, 16
+        w = fp4_matmul.to_planar(quant.quantize(random_weight(jax.random.key(0), (kn, kn)), "mxfp4"))
+        x = jax.random.normal(jax.random.key(1), (m, kn), jnp.bfloat16)
+        cfg = B(block_m=64, block_n=64, block_k=256, split_k=8, num_stages=4, decode=dec)
+        jax.block_until_ready(mosaic_gpu.dense(x, w.values, w.scales, cfg=cfg, planar=True))
+        # the grouped prefill's tile (bm 96, 128 weight rows: two accumulators): the most live registers
+        wg = fp4_matmul.to_planar(quant.quantize(random_weight(jax.random.key(2), (8, 2048, 1024)), "mxfp4"))
+        xg = jax.random.normal(jax.random.key(3), (4096, 1024), jnp.bfloat16)
+        cfg = B(block_m=96, block_n=128, block_k=256, split_k=1, num_stages=2, decode=dec)
+        gs = jnp.full((8,), 512, jnp.int32)
+        jax.block_until_ready(mosaic_gpu.grouped(xg, wg.values, wg.scales, gs, cfg=cfg, planar=True))
+    with open(os.path.join(args.out, "sass_summary.txt"), "w") as f:
+        f.write(summarize(args.out))
+    for f in sorted(glob.glob(os.path.join(args.out, "*", "*.ptxas"))):  # registers, spills per kernel
+        print(f, [ln.strip() for ln in open(f) if "registers" in ln or "spill" in ln])
+
+
+if __name__ == "__main__":
+    main()
