@@ -9,8 +9,9 @@ Rows (JSON lines in OUT/fp4_mosaic_probe.jsonl, also printed):
   grouped: the same for `mosaic_gpu.grouped` (64 experts, top-6 routing of T tokens, K=4096, N=2048).
   api: the public api (implementation=None) on the issue's shapes, with tokamax / XLA in the same run;
        api_planar: the same with the weights in the load-time layout (`fp4_matmul.to_planar`);
+       api_planar_decode: api_planar without the grouped prefill row;
   dense_planar, grouped_planar, grouped_decode_planar: the kernel sweeps on planar weights.
-Usage: python experiments/benchmarks/fp4_mosaic_probe.py [--out DIR] [--parts api,api_planar,api_prefill,
+Usage: python experiments/benchmarks/fp4_mosaic_probe.py [--out DIR] [--parts api,api_planar,api_planar_decode,api_prefill,
        dense,dense_planar,prefill,grouped,grouped_planar,grouped_decode,grouped_decode_planar] [--budget-s S]
 """
 
@@ -255,6 +256,8 @@ def main():
             api_part(args.out, deadline, token_counts=(8192,), dense=False)
         elif part == "api_planar":  # the api rows with the weights in the load-time layout
             api_part(args.out, deadline, planar=True)
+        elif part == "api_planar_decode":  # the same, decode sizes only (no grouped prefill row)
+            api_part(args.out, deadline, token_counts=(64, 8), planar=True)
         elif part == "dense_planar":
             for kn in (4096, 7168):
                 dense_part(args.out, 16, kn, DENSE_DECODE_PLANAR, 12, deadline, planar=True)

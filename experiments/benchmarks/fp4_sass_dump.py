@@ -22,7 +22,8 @@ def summarize(path: str) -> str:
     for f in sorted(glob.glob(os.path.join(path, "**", "*"), recursive=True)):
         if not os.path.isfile(f):
             continue
-        text = open(f, errors="replace").read()
+        with open(f, errors="replace") as fh:
+            text = fh.read()
         ops = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", text)
         if not ops:
             continue
@@ -66,7 +67,8 @@ def main():
     with open(os.path.join(args.out, "sass_summary.txt"), "w") as f:
         f.write(summarize(args.out))
     for f in sorted(glob.glob(os.path.join(args.out, "*", "*.ptxas"))):  # registers, spills per kernel
-        print(f, [ln.strip() for ln in open(f) if "registers" in ln or "spill" in ln])
+        with open(f) as fh:
+            print(f, [ln.strip() for ln in fh if "registers" in ln or "spill" in ln])
 
 
 if __name__ == "__main__":

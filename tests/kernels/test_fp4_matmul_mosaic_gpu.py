@@ -43,6 +43,18 @@ def test_byte_plane_decode_is_exact_for_every_byte_and_scale():
     np.testing.assert_array_equal(got, ref.astype(jnp.bfloat16).astype(np.float32))  # NaN rows equal as NaN
 
 
+def test_e8m0_scales_to_bf16_exact_and_lean():
+    """The PTX decoders' bf16 scales: 2**(b - 127) for every E8M0 byte (0 -> the bf16 subnormal 2**-127,
+    255 -> NaN); the "asm_lean" conversion gives the same but +inf for the NaN byte."""
+    b = jnp.arange(256, dtype=jnp.uint8)
+    want = np.asarray(common.e8m0_to_f32(b), np.float32)  # exact powers of two, in bf16's range
+    exact = np.asarray(mosaic_gpu._e8m0_to_bf16(b), np.float32)
+    lean = np.asarray(mosaic_gpu._e8m0_to_bf16(b, lean=True), np.float32)
+    np.testing.assert_array_equal(exact, want)  # NaN at 255 equal as NaN
+    np.testing.assert_array_equal(lean[:255], want[:255])
+    assert lean[255] == np.inf
+
+
 @pytest.mark.parametrize("dtype, m, tol", [(jnp.bfloat16, 5, 1e-2), (jnp.float32, 13, 1e-5), (jnp.bfloat16, 130, 1e-2)])
 def test_dense_api_matches_reference(dtype, m, tol):
     """Through fp4_matmul: M not a multiple of the 8-row tile; f32 x runs as its three bf16 terms stacked along

@@ -5,7 +5,9 @@ weight, as in the released checkpoints, and stored transposed ([E, out, in/2] va
 scales): the layout the FP4 kernels read, so the model's expert GEMMs run on the packed bytes
 (`v4jax.kernels.fp4_matmul` through `grouped_matmul`) without a copy per call. On a Hopper GPU,
 `planarize_experts` then moves the bytes once more into the Mosaic GPU kernel's layout
-(`fp4_matmul.PlanarMXFP4`), which spares each expert GEMM a pass over its activations and a scale transpose.
+(`fp4_matmul.PlanarMXFP4`), which spares each expert GEMM a pass over its activations and a scale transpose
+and lets the kernel decode with fewer instructions (on the H200: grouped prefill 1.99 against 2.43 ms, decode
+at 64 tokens 145 against 180 us; experiments/benchmarks/RESULTS.md, session 7).
 """
 
 from __future__ import annotations
@@ -48,9 +50,9 @@ def pack_experts(params: dict) -> dict:
 def planarize_experts(params: dict) -> dict:
     """A copy of `params` whose packed expert leaves (`pack_experts`) are in the Hopper kernel's load-time
     layout (`fp4_matmul.PlanarMXFP4`): `w{n}_fp4_planar` (uint8 [.., E, out, in/2], each 256-input chunk's
-    halves in the low and high nibbles) and `w{n}_fp4_planar_scale` (E8M0 bytes [.., E, in/32, out]). The
-    model computes the same numbers; on an H200 the expert GEMMs then skip a pass over the activations and a
-    scale transpose per call. Needs `in` % 256 == 0 for every expert matrix."""
+    planes as the layout's 32-bit words) and `w{n}_fp4_planar_scale` (E8M0 bytes [.., E, in/32, out]). The
+    model computes the same numbers; on an H200 the expert GEMMs are faster (module docstring). Needs `in` %
+    256 == 0 for every expert matrix."""
     flat = flax.traverse_util.flatten_dict(params, sep="/")
     out = {}
     for k, v in flat.items():

@@ -26,7 +26,7 @@ class BlockConfig:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 3
-    decode: str = "jnp"  # "jnp" (shifts and masks, runs everywhere) or "asm" (bf16x2 PTX, GPU only)
+    decode: str = "jnp"  # "jnp" (runs everywhere), "asm" (bf16x2 PTX, GPU only), "asm_lean" (mosaic_gpu: cheaper scales)
     swap_ab: bool = False  # compute y.T = W x.T so the decoded weights are the MMA's register operand
     fuse_x: bool = False  # dense: read x's column planes in the kernel (strided) instead of an XLA transpose
 

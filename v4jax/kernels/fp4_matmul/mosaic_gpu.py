@@ -19,17 +19,24 @@ keeps the K order. Each pipeline step decodes its tile in chunks of 128 bytes pe
 bound the live registers. The scales are read transposed ([K/32, N], a small XLA transpose: 1/16 of the
 packed bytes) so that one scale block of a tile is one contiguous row.
 
-Planar weights (`planar.PlanarMXFP4`, converted once at load time): byte j of each 256-element K chunk holds
-elements j and 128 + j, so plane p of chunk c multiplies x's contiguous columns [256c + 128p, 256c + 128p +
-128): the kernel reads x [M, K] as it is (no per-call plane split) and the scales as stored ([K/32, N], no
-per-call transpose). A plane's 128 byte columns then span 4 scale blocks of 32 (`_planar_scales`), and the
-two planes of a byte have different scales, so each plane is decoded with its own.
+Planar weights (`planar.PlanarMXFP4`, converted once at load time; the layout the GPU default should get):
+plane p of each 256-element K chunk c is its elements [256c + 128p, 256c + 128p + 128), so the kernel reads
+x [M, K] as it is (no per-call plane split) and the scales as stored ([K/32, N], no per-call transpose); a
+plane's 128 columns span 4 scale blocks (`_planar_scales`). Within a chunk row the bytes form 32-bit words,
+each exactly the 4 bytes a thread of the WGMMA layout holds for one k-step (two 16-bit registers, one prmt),
+with the 8 elements' bits placed so that the word decodes into four bf16x2 registers (two per plane) with
+nine rotate/mask ops (`_decode_words_ptx`, `planar.ROTATIONS`): 2.5 integer ops per element pair fewer
+than the QArray decoder's six (prmt, two shifts, two masks, an or).
 
-Decoders: "asm" (the GPU's): one inline-PTX asm per plane and register (`plgpu.inline_mgpu`) turns two packed
-bytes into a bf16x2 pair: prmt + shifts + masks, then two exact bf16x2 FMAs (the Triton kernel's "asm"
-decoder). "jnp" (`decode_plane16`): the same numbers through the float16 bit pattern, about 3x the
-instructions; the interpreter runs it (it cannot run PTX). Measured on the H200 (M = 16, K = N = 7168): 28.2
-us of kernel with "jnp", 18.6 with "asm".
+Decoders: "asm" (the GPU's): inline PTX on the registers (`plgpu.inline_mgpu`): for QArray weights one asm
+per plane and register turns two packed bytes into a bf16x2 pair (prmt + shifts + masks), for planar
+weights one asm per output register from the word; then two exact bf16x2 FMAs (by 2**126 and by the
+scale). "asm_lean": "asm" with the E8M0 scales converted by max(b << 7, 0x0040) (two ops, not five): exact
+for every scale byte but the E8M0 NaN (255), which reads as +inf (the block's outputs are non-finite
+either way: inf or NaN instead of NaN). "jnp" (`decode_plane16`, `decode_words_jnp`): the same numbers in
+jnp; the interpreter runs it (it cannot run PTX). Measured on the H200 (M = 16, K = N = 7168, kernel
+alone): 28.2 us with "jnp", 18.6 with "asm" (QArray layout, session 5); planar words 14.6 ("asm") and 14.1
+("asm_lean") us, against 15.7 with the session-6 planar decoder (session 7).
 
 Tiles and stores: a launch is a list of tiles (`tile_table`): expert, first row of its x tile, and the output
 rows it owns. Dense tiles are row blocks of x. Grouped tiles are either grid tiles (row blocks of x as it
@@ -52,13 +59,11 @@ power-of-two scales), so the f32 result matches the reference to float32 roundin
 terms along M (one launch: the weights are read once); grouped runs one launch per term (stacking would break
 the rows' group order), so it reads the weights three times.
 
-Measured on the H200 (device time, RESULTS.md "FP4 matmul, session 5"): grouped prefill (64 experts, top-6
-of 8192 tokens, K=4096, N=2048) 2.46 ms against tokamax's bf16 ragged_dot at 2.72 ms (1.10x); grouped decode
-(64 / 8 tokens) 1.18x / 1.25x tokamax, but 36% / 29% of copy bandwidth with the XLA ops around the kernel
-(about 75 us: tile table, x planes, scale transpose, split-K sum) and 54-55% for the kernel alone; dense
-decode M = 16 at 1.02x / 1.43x XLA bf16 (K = N = 4096 / 7168), all with the QArray layout. Since then
-(not yet timed on a GPU): the planar layout above, which removes the x plane split and the scale transpose,
-and tile tables without while loops (`common.SEARCH`).
+Measured on the H200 (device time, RESULTS.md "FP4 matmul, session 7"; planar weights, the stored table,
+the public api): grouped prefill (64 experts, top-6 of 8192 tokens, K=4096, N=2048) 1.99 ms, 1.36x
+tokamax's bf16 ragged_dot (2.72 ms); grouped decode (64 / 8 tokens) 145 / 84 us, 1.9x / 2.6x tokamax, 58%
+/ 53% of copy bandwidth (the kernel alone 69%; about 20 us of XLA ops build the tile table and the padded
+x); dense decode M = 16 at 1.4x / 1.8x XLA bf16 (K = N = 4096 / 7168), 31% / 49% of copy bandwidth.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """`PlanarMXFP4`: MXFP4 weights in the Mosaic GPU kernel's load-time layout, so that a call neither splits x
-into column planes nor transposes the scales, and the kernel decodes four packed bytes with nine integer ops.
+into column planes nor transposes the scales, and the kernel decodes four packed bytes with a prmt and nine
+integer ops.
 
 A `QArray` of W [..., N, K] packs K elements 2b and 2b + 1 into byte b (low, high nibble) and keeps the E8M0
 scales [..., N, K/32]. The Hopper kernel (`mosaic_gpu.py`) decodes the packed tile in registers and feeds
