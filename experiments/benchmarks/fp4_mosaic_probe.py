@@ -10,6 +10,8 @@ Rows (JSON lines in OUT/fp4_mosaic_probe.jsonl, also printed):
   api: the public api (implementation=None) on the issue's shapes, with tokamax / XLA in the same run;
        api_planar: the same with the weights in the load-time layout (`fp4_matmul.to_planar`);
        api_planar_decode: api_planar without the grouped prefill row;
+  grouped_decode_window: decode-sized grouped calls with window tiles (`mosaic_gpu.grouped(window=True)`: no
+       padded copy of x) beside the stored configs' packed tiles;
   dense_planar, grouped_planar, grouped_decode_planar: the kernel sweeps on planar weights.
 Usage: python experiments/benchmarks/fp4_mosaic_probe.py [--out DIR] [--parts api,api_planar,api_planar_decode,api_prefill,
        dense,dense_planar,prefill,grouped,grouped_planar,grouped_decode,grouped_decode_planar] [--budget-s S]
@@ -93,7 +95,7 @@ def dense_part(out, m, kn, cfgs, copies, deadline, planar=False):
         emit(out, row)
 
 
-def grouped_part(out, tokens, cfgs, deadline, g=64, k=4096, n=2048, topk=6, planar=False):
+def grouped_part(out, tokens, cfgs, deadline, g=64, k=4096, n=2048, topk=6, planar=False, window=False):
     key = jax.random.key(tokens)
     kx, kw, kr = jax.random.split(key, 3)
     w = quant.quantize(random_weight(kw, (g, n, k)), "mxfp4")
@@ -121,10 +123,11 @@ def grouped_part(out, tokens, cfgs, deadline, g=64, k=4096, n=2048, topk=6, plan
         if time.time() > deadline:
             print("budget reached", flush=True)
             return
-        row = {**row0, "layout": "planar" if planar else "qarray",
+        row = {**row0, "layout": "planar" if planar else "qarray", "window": window,
                "cfg": [cfg.block_m, cfg.block_n, cfg.block_k, cfg.split_k, cfg.num_stages], "decode": cfg.decode}
         try:
-            f = lambda a, gs, cfg=cfg: mosaic_gpu.grouped(a, wk.values, wk.scales, gs, cfg=cfg, planar=planar)
+            f = lambda a, gs, cfg=cfg: mosaic_gpu.grouped(a, wk.values, wk.scales, gs, cfg=cfg, planar=planar,
+                                                          window=window)
             y = jax.block_until_ready(f(x, group_sizes))
             row["rel_err"] = rel_err(y, ref)
             total, kern, rest = timed(f, [(x, group_sizes)])
@@ -214,21 +217,27 @@ GROUPED_DECODE = [
     B(8, block_n=128, block_k=256, split_k=2, num_stages=6, decode="asm"),
 ]
 # planar weights: no x plane split and no scale transpose, so the split-K sum is the only XLA op left around a
-# dense call; the word decoder (session 7) makes the decode about 2.5x cheaper, so deeper pipelines and split 1
+# dense call; the word decoder (session 7) cuts the decode's integer ops about 2.5x, so deeper pipelines and split 1
 # (no sum at all) may now win; "asm_lean" also converts the E8M0 scales in two ops instead of five
 DENSE_DECODE_PLANAR = [
-    (B(64, block_k=256, split_k=8, num_stages=4, decode="asm"), True),  # the stored table's entry
-    (B(64, block_k=256, split_k=8, num_stages=4, decode="asm_lean"), True),
+    (B(64, block_k=256, split_k=8, num_stages=4, decode="asm"), True),  # the stored table's tiles
+    (B(64, block_k=256, split_k=8, num_stages=4, decode="asm_lean"), True),  # the stored entry since session 7
     (B(64, block_k=256, split_k=4, num_stages=6, decode="asm_lean"), True),
     (B(64, block_n=128, block_k=256, split_k=8, num_stages=4, decode="asm_lean"), True),
     (B(64, block_k=512, split_k=2, num_stages=4, decode="asm_lean"), True),
     (B(64, block_k=512, split_k=1, num_stages=6, decode="asm_lean"), True),
     (B(64, block_k=256, split_k=2, num_stages=8, decode="asm_lean"), True),
 ]
+# window tiles (session 7, not yet timed): a group of up to bm - 7 rows is one tile, so bm 16 for decode
+GROUPED_DECODE_WINDOW = [
+    B(16, block_k=512, split_k=1, num_stages=4, decode="asm_lean"),
+    B(16, block_k=512, split_k=1, num_stages=3, decode="asm_lean"),
+    B(16, block_k=256, split_k=4, num_stages=4, decode="asm_lean"),
+]
 GROUPED_DECODE_PLANAR = [
-    B(8, block_k=256, split_k=4, num_stages=4, decode="asm"),  # the stored table's entry
+    B(8, block_k=256, split_k=4, num_stages=4, decode="asm"),  # the stored table's entry until session 7
     B(8, block_k=256, split_k=4, num_stages=4, decode="asm_lean"),
-    B(8, block_k=512, split_k=1, num_stages=4, decode="asm_lean"),
+    B(8, block_k=512, split_k=1, num_stages=4, decode="asm_lean"),  # the stored table's entry since session 7
     B(8, block_k=256, split_k=2, num_stages=6, decode="asm_lean"),
     B(8, block_n=128, block_k=256, split_k=4, num_stages=4, decode="asm_lean"),
 ]
@@ -264,6 +273,10 @@ def main():
         elif part == "grouped_decode_planar":
             for tokens in (64, 8):
                 grouped_part(args.out, tokens, GROUPED_DECODE_PLANAR, deadline, planar=True)
+        elif part == "grouped_decode_window":  # window tiles (x as it is) against the padded copy
+            for tokens in (64, 8):
+                grouped_part(args.out, tokens, GROUPED_DECODE_PLANAR[2:3], deadline, planar=True)  # the table's
+                grouped_part(args.out, tokens, GROUPED_DECODE_WINDOW, deadline, planar=True, window=True)
         elif part == "grouped_planar":
             grouped_part(args.out, 8192, GROUPED, deadline, planar=True)
         elif part == "grouped":

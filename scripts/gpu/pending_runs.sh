@@ -6,9 +6,10 @@
 #   ep N      issue 8, on a machine of N = 2 or 4 GPUs: real-GPU parity and step times at expert = 1 .. N, every
 #             dispatch mode (expert GEMMs on XLA: tokamax's per-shape compiles ate a whole call in session 3),
 #             then the multi-process launcher (N processes, one GPU each).
-#   fp4       issue 6: registers and spills of the planar kernels (ptxas), then the public api on the issue's
-#             shapes with planar weights (Mosaic GPU dense decode, grouped decode and prefill vs XLA / tokamax,
-#             with the grouped VJP), then the decode kernel sweeps on planar weights, device-timed per kernel.
+#   fp4       issue 6: grouped decode with window tiles (no padded copy of x; session 7, not yet timed) beside
+#             the stored packed tiles, then the public api on the issue's shapes with planar weights (grouped
+#             prefill and decode vs tokamax with the VJP, dense decode vs XLA), device-timed per kernel.
+#   fp4dump   issue 6: ptxas registers and spills of the planar kernels (experiments/benchmarks/fp4_sass_dump.py).
 #   fp4diag   issue 6: the session-3 dense decode stage breakdown of the Triton kernel (load, decode, kernel, XLA).
 #   indexer   issue 7 (resolved in session 4; re-measure after indexer changes): the score kernels' rate at 8K
 #             (quantizers, chunks, tile sweep), then refined quantized selection at 32K / 128K, by stage.
@@ -24,16 +25,17 @@ case "${1:-}" in
     OUT="$OUT/multihost" timeout 230 bash experiments/multihost/two_process_gpu.sh "$n" 40 > "$OUT/mp.log" 2>&1
     echo "launcher rc=$?"; tail -n 30 "$OUT/mp.log" ;;
   fp4)
-    timeout 100 python3 experiments/benchmarks/fp4_sass_dump.py --decode asm,asm_lean --out "$OUT/dump" \
-      > "$OUT/dump.log" 2>&1; echo "dump rc=$?"; grep ptxas "$OUT/dump.log"
-    timeout 480 python3 experiments/benchmarks/fp4_mosaic_probe.py --parts api_planar,dense_planar,grouped_decode_planar \
-      --budget-s 400 --out "$OUT" > "$OUT/probe.log" 2>&1
+    timeout 520 python3 experiments/benchmarks/fp4_mosaic_probe.py --parts grouped_decode_window,api_planar \
+      --budget-s 420 --out "$OUT" > "$OUT/probe.log" 2>&1
     echo "rc=$?"; grep -v '^{' "$OUT/probe.log" | tail -5
     python3 -c "
 import json
 for l in open('$OUT/fp4_mosaic_probe.jsonl'):
     r = json.loads(l); r.pop('rest', None)
     print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()})" ;;
+  fp4dump)
+    timeout 200 python3 experiments/benchmarks/fp4_sass_dump.py --decode asm,asm_lean --out "$OUT/dump" \
+      > "$OUT/dump.log" 2>&1; echo "dump rc=$?"; grep ptxas "$OUT/dump.log" ;;
   fp4diag)
     timeout 540 python3 experiments/benchmarks/fp4_decode_diagnose.py --budget-s 420 --out "$OUT" > "$OUT/diag.log" 2>&1
     echo "rc=$?"; grep -v '^{' "$OUT/diag.log" | tail -5
@@ -54,5 +56,5 @@ for l in open('$OUT/diag.log'):
     timeout 400 python3 experiments/benchmarks/indexer.py --sizes 8192,32768 --set mosaic --quants none,fp8 \
       --reps 5 --out "$OUT/mosaic" > "$OUT/mosaic.log" 2>&1; echo "rc=$?"
     python3 experiments/benchmarks/indexer_summary.py "$OUT"/mosaic/indexer.json ;;
-  *) echo "usage: pending_runs.sh ep N | fp4 | indexer | mosaic" >&2; exit 2 ;;
+  *) echo "usage: pending_runs.sh ep N | fp4 | fp4dump | fp4diag | indexer | mosaic" >&2; exit 2 ;;
 esac

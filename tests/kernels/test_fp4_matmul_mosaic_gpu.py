@@ -249,14 +249,64 @@ def test_tile_table_covers_every_row_once(packed, m):
         assert [int(np.sum((rows > 0) & (group == q))) for q in range(g)] == per_group
 
 
-@pytest.mark.parametrize("packed, block_n", [(True, 64), (False, 128)])
-def test_grouped_lowers_for_cuda_without_a_gpu(packed, block_n):
+def test_prefix_sum_is_cumsum():
+    """The tile tables' compare-and-sum prefix sums equal jnp.cumsum (zeros, negatives clipped upstream)."""
+    v = jnp.array(np.random.default_rng(0).integers(0, 40, 129), jnp.int32).at[5:9].set(0)
+    np.testing.assert_array_equal(np.asarray(common.prefix_sum(v)), np.cumsum(np.asarray(v)))
+    assert common.prefix_sum(v).dtype == jnp.int32
+
+
+@pytest.mark.parametrize("m", [70, 40, 44])
+def test_window_tiles_cover_every_row_once_from_x_as_it_is(m):
+    """Window tiles: each row below M stored once, by its group's expert; every x tile starts on an 8-row
+    boundary and lies inside the rows x is read with (M rounded up to 8: no out-of-bounds TMA read); a group
+    whose rows fit one window from its aligned start is one tile (its expert's weights stream once)."""
+    sizes = np.array([3, 0, 17, 8, 1, 30], np.int32)
+    bm, g = 16, 6
+    tt = mosaic_gpu.tile_table(jnp.asarray(sizes), m, bm, True, window=True)
+    assert tt.x_source is None  # no padded copy
+    group, x_row0, out_row0, lead, rows = np.asarray(tt.table)
+    owner = np.full(m, -1)
+    for t in np.nonzero(rows)[0]:
+        assert x_row0[t] % 8 == 0 and x_row0[t] + bm <= mosaic_gpu.window_rows(m, bm)
+        assert 0 <= lead[t] and lead[t] + rows[t] <= bm and out_row0[t] == x_row0[t] + lead[t]
+        for r in range(out_row0[t], out_row0[t] + rows[t]):
+            assert owner[r] == -1
+            owner[r] = group[t]
+    expect = np.concatenate([np.repeat(np.arange(g), sizes), np.full(max(m - sizes.sum(), 0), g)])[:m]
+    np.testing.assert_array_equal(owner, expect)
+    # starts 0, 3, 3, 20, 28, 29 (aligned 0, 0, 0, 16, 24, 24): ceil((end - aligned start) / 16) tiles
+    per_group = {70: [1, 0, 2, 1, 1, 3], 40: [1, 0, 2, 1, 1, 1], 44: [1, 0, 2, 1, 1, 2]}[m]  # M = 44: 24..43
+    assert [int(np.sum((rows > 0) & (group == q))) for q in range(g)] == per_group
+
+
+@pytest.mark.parametrize("m, sizes", [(20, [7, 0, 9]), (46, [5, 13, 0, 6, 1])])
+def test_grouped_window_tiles_match_packed_tiles(m, sizes):
+    """The kernel with window tiles (x as it is, M = 20 and 46: padded to a multiple of 8) gives the packed
+    tiles' output bit for bit, both layouts."""
+    g = len(sizes)
+    w = _weight(jax.random.key(m), (g, 128, 512))
+    x = jax.random.normal(jax.random.key(1), (m, 512), jnp.bfloat16)
+    gs = jnp.array(sizes, jnp.int32)
+    cfg = block_sizes.BlockConfig(block_m=16, block_n=64, block_k=256, split_k=2, num_stages=2)
+    for wt, planar in ((w, False), (fp4_matmul.to_planar(w), True)):
+        run = jax.jit(lambda xx, ss, window, wt=wt, planar=planar: mosaic_gpu.grouped(
+            xx, wt.values, wt.scales, ss, cfg, interpret=True, packed=True, planar=planar, window=window),
+            static_argnums=2)
+        want = np.asarray(jax.block_until_ready(run(x, gs, False)), np.float32)
+        got = np.asarray(jax.block_until_ready(run(x, gs, True)), np.float32)
+        np.testing.assert_array_equal(got, want)
+        assert _rel(got[: sum(sizes)], _ref_grouped(x, w, gs)[: sum(sizes)]) < 1e-2
+
+
+@pytest.mark.parametrize("packed, block_n, window", [(True, 64, False), (False, 128, False), (True, 64, True)])
+def test_grouped_lowers_for_cuda_without_a_gpu(packed, block_n, window):
     """The GPU variant (PTX decode, A in registers) lowers to one Mosaic GPU custom call."""
     w = _weight(jax.random.key(0), (4, 128, 512))
     x = jnp.ones((40, 512), jnp.bfloat16)
     sizes = jnp.array([5, 0, 21, 9], jnp.int32)
     cfg = block_sizes.BlockConfig(block_m=8, block_n=block_n, block_k=256, split_k=2, num_stages=2, decode="asm")
-    f = lambda xx, v, s, gs: mosaic_gpu.grouped(xx, v, s, gs, cfg=cfg, packed=packed)
+    f = lambda xx, v, s, gs: mosaic_gpu.grouped(xx, v, s, gs, cfg=cfg, packed=packed, window=window)
     text = jax.jit(f).trace(x, w.values, w.scales, sizes).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("custom_call @mosaic_gpu_v2") == 1
     assert "prmt.b32" in text and "fma.rn.bf16x2" in text  # the PTX decoder is in the kernel

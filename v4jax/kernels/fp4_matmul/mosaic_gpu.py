@@ -42,7 +42,10 @@ Tiles and stores: a launch is a list of tiles (`tile_table`): expert, first row 
 rows it owns. Dense tiles are row blocks of x. Grouped tiles are either grid tiles (row blocks of x as it
 is, one per (block, expert) pair that overlaps; a block spanning two experts is computed twice) or, for
 decode-sized M, packed tiles (each expert's rows from an 8-aligned row of a padded copy of x, so an expert
-with <= bm rows streams its weights once). Each CTA writes its [64, bm] accumulator transposed into shared
+with <= bm rows streams its weights once). Window tiles (`window=True`, session 7, not yet timed on a GPU):
+packed tiles that read x as it is, from the aligned row at or below each expert's first row, which drops
+the padded copy (a gather of x, 5.6 of the ~20 us of XLA ops around a 64-token call) and its bookkeeping;
+bm 16 then keeps an expert of up to 9 rows in one tile. Each CTA writes its [64, bm] accumulator transposed into shared
 memory and stores only its own rows straight into y [M, N] with a ladder of power-of-two TMA row stores (a
 TMA copy's size is static; the row count is not): no masked stores, no XLA gather after the kernel. A float32
 transposed store does not lower (jax 0.11.2), so float32 sums leave as bf16 terms (`out_terms`): one for a
@@ -327,12 +330,15 @@ class TileTable(NamedTuple):
     x_source: jax.Array | None  # int32 [P]: row of x for each row of the padded copy the kernel reads; None: x
 
 
-def tile_table(group_sizes: jax.Array, m: int, bm: int, packed: bool) -> TileTable:
+def tile_table(group_sizes: jax.Array, m: int, bm: int, packed: bool, window: bool = False) -> TileTable:
     """Grid tiles (`packed` False, for many rows per expert): row blocks of x as it is, one tile per (block,
     group) pair that overlaps (`common.tile_schedule`), so a block that spans two groups is computed twice
     and each tile stores only its own rows. Packed tiles (few rows per expert, decode): each group starts a
     tile on a ROW_ALIGN row of a padded copy of x, so a group of <= bm rows is one tile and its expert's
-    weights stream once. Rows past sum(group_sizes) form a last pseudo-group G (zeros)."""
+    weights stream once. Window tiles (`packed` and `window`): the same, but each group's tiles read x as it
+    is, from the aligned row at or below the group's start (its rows then start `lead` rows into the tile),
+    so there is no padded copy to build; a group of up to bm - ROW_ALIGN + 1 rows is one tile. Rows past
+    sum(group_sizes) form a last pseudo-group G (zeros)."""
     g = group_sizes.shape[0]
     sizes = jnp.maximum(group_sizes.astype(jnp.int32), 0)
     total = jnp.minimum(jnp.sum(sizes), m)
@@ -344,10 +350,12 @@ def tile_table(group_sizes: jax.Array, m: int, bm: int, packed: bool) -> TileTab
         table = jnp.stack([sch.group, x_row0, sch.lo, sch.lo - x_row0, rows])
         return TileTable(table.astype(jnp.int32), None)
     starts, ends = common.group_bounds(ext, m)
+    if window:
+        return _window_table(starts, ends, m, bm, g)
     pad = common.padded_rows(ext, m, ROW_ALIGN)
     p_rows = pad.source.shape[0]
     count = (pad.sizes + bm - 1) // bm  # tiles per group
-    cum = jnp.cumsum(count)
+    cum = common.prefix_sum(count)
     t = jnp.arange(-(-p_rows // bm) + g + 1, dtype=jnp.int32)  # static bound: sum ceil(psize / bm)
     grp = jnp.minimum(jnp.searchsorted(cum, t, side="right", method=common.SEARCH), g).astype(jnp.int32)
     i = t - (cum[grp] - count[grp])
@@ -357,6 +365,33 @@ def tile_table(group_sizes: jax.Array, m: int, bm: int, packed: bool) -> TileTab
     rows = jnp.where(valid, jnp.clip(ends[grp] - out_row0, 0, bm), 0)
     table = jnp.stack([jnp.where(valid, grp, g), x_row0, out_row0, jnp.zeros_like(t), rows])
     return TileTable(table.astype(jnp.int32), pad.source)
+
+
+def window_rows(m: int, bm: int) -> int:
+    """Rows of x that window tiles read: M rounded up to ROW_ALIGN, at least one tile (x is padded to it only
+    where M falls short)."""
+    return max(common.round_up(m, ROW_ALIGN), bm)
+
+
+def _window_table(starts: jax.Array, ends: jax.Array, m: int, bm: int, g: int) -> TileTable:
+    """Window tiles (`tile_table`) of the G + 1 row ranges [starts, ends): tile i of a group covers the bm
+    rows from its aligned row floor(start / ROW_ALIGN) * ROW_ALIGN + i * bm, moved down (staying aligned) so
+    that it ends inside the `window_rows` rows x is read with; its output rows are the group's rows inside."""
+    base = starts - starts % ROW_ALIGN  # [G + 1]: each group's first aligned row
+    count = jnp.where(ends > starts, (ends - base + bm - 1) // bm, 0)  # tiles per group
+    cum = common.prefix_sum(count)
+    # static bound: sum over groups of (size + ROW_ALIGN - 1 + bm - 1) // bm
+    t = jnp.arange((m + (g + 1) * (ROW_ALIGN + bm - 2)) // bm + 1, dtype=jnp.int32)
+    grp = jnp.minimum(jnp.searchsorted(cum, t, side="right", method=common.SEARCH), g).astype(jnp.int32)
+    i = t - (cum[grp] - count[grp])
+    valid = t < cum[-1]
+    u = base[grp] + i * bm  # the tile's rows before the move: [u, u + bm)
+    out_row0 = jnp.maximum(starts[grp], u)
+    rows = jnp.clip(jnp.minimum(ends[grp], u + bm) - out_row0, 0, bm)
+    x_row0 = jnp.minimum(u, window_rows(m, bm) - bm)  # a multiple of ROW_ALIGN: bm and window_rows are
+    table = jnp.stack([jnp.where(valid, grp, g), jnp.where(valid, x_row0, 0), jnp.where(valid, out_row0, 0),
+                       jnp.where(valid, out_row0 - x_row0, 0), jnp.where(valid, rows, 0)])
+    return TileTable(table.astype(jnp.int32), None)
 
 
 def _kernel(tab_gmem, x_gmem, v_gmem, s_gmem, o_gmem, o_smem, *a_smem, t: Tiles, k: int, num_groups: int,
@@ -483,7 +518,7 @@ def _check_shapes(x, values, scales, name: str, planar: bool) -> None:
 
 
 def _run(x, values, scales, group_sizes, cfg, interpret, a_in_registers, detect_races, packed=None,
-         out_dtype=None, dense_rows=None, planar=False):
+         out_dtype=None, dense_rows=None, planar=False, window=False):
     """The kernel on bf16 x [M, K] and experts values [G, N, K/2], scales [G, N, K/32] (`planar`: the
     `planar.PlanarMXFP4` layout, scales [G, K/32, N]) -> [M, N] in `out_dtype` (default x's)."""
     out_dtype = out_dtype or x.dtype
@@ -500,7 +535,7 @@ def _run(x, values, scales, group_sizes, cfg, interpret, a_in_registers, detect_
     if packed is None:
         packed = m <= PACKED_ROWS_PER_GROUP * g  # few rows per expert: don't stream an expert's weights twice
     if dense_rows is None:
-        tt = tile_table(group_sizes, m, t.bm, packed)
+        tt = tile_table(group_sizes, m, t.bm, packed, window)
     else:  # the kernel derives dense tiles from the grid: no table (and no XLA ops to build one)
         tt = TileTable(jnp.zeros((5, 1), jnp.int32), None)
     num = tt.table.shape[1] if dense_rows is None else -(-m // t.bm)
@@ -520,8 +555,8 @@ def _run(x, values, scales, group_sizes, cfg, interpret, a_in_registers, detect_
     if tt.x_source is not None:  # the padded copy: each group from an aligned row; a tile may overrun by < bm
         src = jnp.concatenate([tt.x_source, jnp.full((t.bm,), m, jnp.int32)])  # row m: out of range, a zero row
         xb = jnp.take(xb, src, axis=0, mode="fill", fill_value=0)
-    else:  # grid tiles: whole row blocks
-        rows_p = common.round_up(m, t.bm)
+    else:  # grid tiles: whole row blocks; window tiles: whole windows
+        rows_p = window_rows(m, t.bm) if packed and window and dense_rows is None else common.round_up(m, t.bm)
         xb = jnp.pad(xb, ((0, rows_p - m), (0, 0))) if rows_p != m else xb
     if planar:  # the load-time layout: x as it is, scales already [G, K/32, N]
         y = call(tt.table, xb, values, scales)  # [split, terms, M, N]
@@ -570,7 +605,7 @@ def dense(
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "interpret", "a_in_registers", "detect_races", "packed",
-                                             "planar"))
+                                             "planar", "window"))
 def grouped(
     x: Float[Array, "m k"],
     values: UInt8[Array, "g n kh"],
@@ -582,15 +617,16 @@ def grouped(
     detect_races: bool = False,
     packed: bool | None = None,
     planar: bool = False,
+    window: bool = False,
 ) -> Float[Array, "m n"]:
     """y[rows of g] = x[rows] @ W[g].T; x [M, K] sorted by group, W [G, N, K] as packed `values` [G, N, K/2]
     and E8M0 `scales` [G, N, K/32] (`planar`: [G, K/32, N], see `dense`); rows past sum(group_sizes) are zero.
 
-    Tiles from `tile_table` (`packed`: None picks packed tiles when M <= 8 rows per expert); each tile stores
-    only its own rows, straight into y. Same constraints and options as `dense`; an f32 x runs as its three
+    Tiles from `tile_table` (`packed`: None picks packed tiles when M <= 8 rows per expert; `window`: packed
+    tiles that read x as it is, with no padded copy); each tile stores only its own rows, straight into y. Same constraints and options as `dense`; an f32 x runs as its three
     bf16 terms, one launch each.
     """
     _check_shapes(x, values, scales, "fp4_grouped_matmul", planar)
     run = lambda xb: _run(xb, values, scales, group_sizes, cfg, interpret, a_in_registers, detect_races, packed,
-                          out_dtype=x.dtype, planar=planar)
+                          out_dtype=x.dtype, planar=planar, window=window)
     return _split_terms(run, x) if x.dtype == jnp.float32 else run(x)
