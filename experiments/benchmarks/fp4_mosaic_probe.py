@@ -14,6 +14,7 @@ Rows (JSON lines in OUT/fp4_mosaic_probe.jsonl, also printed):
        padded copy of x) beside the stored configs' packed tiles;
   dense_planar, grouped_planar, grouped_decode_planar: the kernel sweeps on planar weights.
 Usage: python experiments/benchmarks/fp4_mosaic_probe.py [--out DIR] [--parts api,api_planar,api_planar_decode,api_prefill,
+       grouped_decode_window,
        dense,dense_planar,prefill,grouped,grouped_planar,grouped_decode,grouped_decode_planar] [--budget-s S]
 """
 
@@ -95,7 +96,8 @@ def dense_part(out, m, kn, cfgs, copies, deadline, planar=False):
         emit(out, row)
 
 
-def grouped_part(out, tokens, cfgs, deadline, g=64, k=4096, n=2048, topk=6, planar=False, window=False):
+def grouped_part(out, tokens, cfgs, deadline, g=64, k=4096, n=2048, topk=6, planar=False):
+    """`cfgs`: BlockConfigs, or (BlockConfig, window) pairs (`mosaic_gpu.grouped(window=...)`)."""
     key = jax.random.key(tokens)
     kx, kw, kr = jax.random.split(key, 3)
     w = quant.quantize(random_weight(kw, (g, n, k)), "mxfp4")
@@ -119,15 +121,16 @@ def grouped_part(out, tokens, cfgs, deadline, g=64, k=4096, n=2048, topk=6, plan
         tk_total = None
         emit(out, {**row0, "impl": "tokamax_bf16", "error": f"{type(e).__name__}: {str(e)[:300]}"})
     wk = _planar(w) if planar else w
-    for cfg in cfgs:
+    for item in cfgs:
+        cfg, window = item if isinstance(item, tuple) else (item, False)
         if time.time() > deadline:
             print("budget reached", flush=True)
             return
         row = {**row0, "layout": "planar" if planar else "qarray", "window": window,
                "cfg": [cfg.block_m, cfg.block_n, cfg.block_k, cfg.split_k, cfg.num_stages], "decode": cfg.decode}
         try:
-            f = lambda a, gs, cfg=cfg: mosaic_gpu.grouped(a, wk.values, wk.scales, gs, cfg=cfg, planar=planar,
-                                                          window=window)
+            f = lambda a, gs, cfg=cfg, window=window: mosaic_gpu.grouped(a, wk.values, wk.scales, gs, cfg=cfg,
+                                                                         planar=planar, window=window)
             y = jax.block_until_ready(f(x, group_sizes))
             row["rel_err"] = rel_err(y, ref)
             total, kern, rest = timed(f, [(x, group_sizes)])
@@ -228,11 +231,13 @@ DENSE_DECODE_PLANAR = [
     (B(64, block_k=512, split_k=1, num_stages=6, decode="asm_lean"), True),
     (B(64, block_k=256, split_k=2, num_stages=8, decode="asm_lean"), True),
 ]
-# window tiles (session 7, not yet timed): a group of up to bm - 7 rows is one tile, so bm 16 for decode
+# window tiles (session 7, not yet timed): a group of up to bm - 7 rows is one tile, so bm 16 for decode;
+# first the stored table's entry with packed tiles (the padded copy of x), for the comparison
 GROUPED_DECODE_WINDOW = [
-    B(16, block_k=512, split_k=1, num_stages=4, decode="asm_lean"),
-    B(16, block_k=512, split_k=1, num_stages=3, decode="asm_lean"),
-    B(16, block_k=256, split_k=4, num_stages=4, decode="asm_lean"),
+    (B(8, block_k=512, split_k=1, num_stages=4, decode="asm_lean"), False),
+    (B(16, block_k=512, split_k=1, num_stages=4, decode="asm_lean"), True),
+    (B(16, block_k=512, split_k=1, num_stages=3, decode="asm_lean"), True),
+    (B(16, block_k=256, split_k=4, num_stages=4, decode="asm_lean"), True),
 ]
 GROUPED_DECODE_PLANAR = [
     B(8, block_k=256, split_k=4, num_stages=4, decode="asm"),  # the stored table's entry until session 7
@@ -275,8 +280,7 @@ def main():
                 grouped_part(args.out, tokens, GROUPED_DECODE_PLANAR, deadline, planar=True)
         elif part == "grouped_decode_window":  # window tiles (x as it is) against the padded copy
             for tokens in (64, 8):
-                grouped_part(args.out, tokens, GROUPED_DECODE_PLANAR[2:3], deadline, planar=True)  # the table's
-                grouped_part(args.out, tokens, GROUPED_DECODE_WINDOW, deadline, planar=True, window=True)
+                grouped_part(args.out, tokens, GROUPED_DECODE_WINDOW, deadline, planar=True)
         elif part == "grouped_planar":
             grouped_part(args.out, 8192, GROUPED, deadline, planar=True)
         elif part == "grouped":

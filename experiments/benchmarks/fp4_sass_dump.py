@@ -1,7 +1,7 @@
 """Dump the Mosaic GPU FP4 decode kernels' PTX, ptxas report and SASS (MOSAIC_GPU_DUMP_*), to count the
 instructions per packed byte of the inner loop and see registers and spills.
 
-Usage (on the GPU machine): python experiments/benchmarks/fp4_sass_dump.py --out DIR [--decode asm,asm2]
+Usage (on the GPU machine): python experiments/benchmarks/fp4_sass_dump.py --out DIR [--decode asm,asm_lean]
 Writes DIR/<decoder>/ (Mosaic's dumps) and DIR/sass_summary.txt (instruction mix per kernel, where the image
 has nvdisasm); prints each kernel's registers and spills (ptxas).
 """

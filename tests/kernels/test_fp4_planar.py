@@ -67,6 +67,52 @@ def test_planar_words_decode_by_the_kernels_rotations_to_each_element():
     assert (back.shape, back.axis, back.fmt) == (w.shape, w.axis, w.fmt)
 
 
+def _run_ptx(text: str, word: np.ndarray) -> np.ndarray:
+    """Interpret the integer part of a `mosaic_gpu.word_decode_ptx` asm (mov/shf/and/or on b32 registers, $1
+    the word) on uint64-held words; returns register u, the bf16x2 bits before the two FMAs."""
+    regs = {"$1": word}
+    for line in text.splitlines():
+        op, *args = line.strip().rstrip(";").replace(",", " ").split()
+        if op == "shf.l.wrap.b32":
+            d, a, _, n = args
+            regs[d] = _rotl(regs[a], int(n))
+        elif op in ("and.b32", "or.b32"):
+            d, a, b = args
+            rhs = regs[b] if b in regs else np.uint64(int(b, 16))
+            regs[d] = (regs[a] & rhs) if op == "and.b32" else (regs[a] | rhs)
+        elif op.startswith("fma"):
+            break
+    return regs["u"]
+
+
+def test_generated_ptx_decodes_the_registers_a_thread_holds():
+    """End to end on the kernel's own asm text: a thread of the WGMMA layout (lane q of a quad) holds bytes
+    8g + 2q, 8g + 2q + 1 of a chunk row in its register g (`fragmented_array.WGMMA_LAYOUT`: registers
+    [.., 16 column groups, .., 2 row halves, ..]); prmt 0x5410 makes registers 2s and 2s + 1 one word; each
+    `word_decode_ptx` asm, interpreted here, must give plane p's columns 8(2s + h) + 2q + (0, 1)."""
+    from jax.experimental.mosaic.gpu import fragmented_array as fa
+
+    shape = fa.WGMMA_LAYOUT.registers_shape((64, 128))
+    assert (shape[1], shape[4], np.prod(shape)) == (16, 2, 32)  # the indices the decoder walks
+    w = _weight(_key(), (64, 256))
+    rows = np.asarray(fp4_matmul.to_planar(w).values).astype(np.uint64)  # [64, 128]: one chunk per row
+    v = np.asarray(w.values)
+    codes = np.stack([v & 15, v >> 4], -1).reshape(64, 2, 128)  # [row, plane, column]
+    e2m1 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6], np.float64)
+    for q in range(4):
+        reg = rows[:, 8 * np.arange(16)[:, None] + 2 * q + np.arange(2)]  # [64, 16, 2]: register g's bytes
+        reg16 = reg[..., 0] | reg[..., 1] << 8
+        for s_ in range(8):
+            word = reg16[:, 2 * s_] | reg16[:, 2 * s_ + 1] << 16  # prmt.b32 $0, lo, hi, 0x5410
+            for (p, h), rots in planar.ROTATIONS.items():
+                u = _run_ptx(mosaic_gpu.word_decode_ptx(rots), word)
+                for e in range(2):
+                    half = (u >> (16 * e)) & 0xFFFF
+                    got = (half << 16).astype(np.uint32).view(np.float32).astype(np.float64) * 2.0**126
+                    c = codes[:, p, 8 * (2 * s_ + h) + 2 * q + e]
+                    np.testing.assert_array_equal(got, np.where(c & 8, -1.0, 1.0) * e2m1[c & 7])
+
+
 def test_to_planar_rejects_what_it_cannot_hold():
     with pytest.raises(ValueError, match="multiple of 256"):
         fp4_matmul.to_planar(quant.quantize(jnp.ones((64, 96)), "mxfp4"))

@@ -16,6 +16,9 @@ from pathlib import Path
 TABLE_DIR = Path(__file__).resolve().parent.parent / "block_sizes"
 
 
+DECODERS = ("jnp", "asm", "asm_lean")
+
+
 @dataclasses.dataclass(frozen=True)
 class BlockConfig:
     """One kernel launch's tiling: M/N/K tile sizes, K splits (decode), Triton warps and pipeline stages."""
@@ -26,9 +29,14 @@ class BlockConfig:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 3
-    decode: str = "jnp"  # "jnp" (runs everywhere), "asm" (bf16x2 PTX, GPU only), "asm_lean" (mosaic_gpu: cheaper scales)
+    decode: str = "jnp"  # DECODERS: "jnp" (runs everywhere), "asm" (bf16x2 PTX, GPU only), "asm_lean" (PTX
+    # with mosaic_gpu's two-op E8M0 scales; Triton has one scale path and treats it as "asm")
     swap_ab: bool = False  # compute y.T = W x.T so the decoded weights are the MMA's register operand
     fuse_x: bool = False  # dense: read x's column planes in the kernel (strided) instead of an XLA transpose
+
+    def __post_init__(self):
+        if self.decode not in DECODERS:
+            raise ValueError(f"BlockConfig: decode must be one of {DECODERS}, got {self.decode!r}")
 
     def fit(self, m: int, n: int, k: int) -> BlockConfig:
         """The config shrunk to divide the shape: bn | N and bk | K (powers of two), split | K/bk, bm <= M's pow2."""
@@ -121,7 +129,7 @@ DEFAULTS["dequantize"] = [
 
 # The Mosaic GPU kernels (mosaic_gpu.py): block_m caps the rows of x per CTA (wgmma N, padded to 8), block_n
 # the weight rows per CTA (64, or 128: two 64-row accumulators sharing each x tile, where N % 128 == 0),
-# block_k the K per pipeline step, num_stages the TMA pipeline depth, decode "asm" (PTX) or "jnp". Split-K 2
+# block_k the K per pipeline step, num_stages the TMA pipeline depth, decode "asm" / "asm_lean" (PTX) or "jnp". Split-K 2
 # gives 4096 / 64 * 2 = 128 CTAs for the 132 SMs at decode. These defaults were not measured; the H200 table's
 # entries were (its "source").
 DEFAULTS["dense_mosaic"] = [

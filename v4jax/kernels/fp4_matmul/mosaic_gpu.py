@@ -25,8 +25,9 @@ x [M, K] as it is (no per-call plane split) and the scales as stored ([K/32, N],
 plane's 128 columns span 4 scale blocks (`_planar_scales`). Within a chunk row the bytes form 32-bit words,
 each exactly the 4 bytes a thread of the WGMMA layout holds for one k-step (two 16-bit registers, one prmt),
 with the 8 elements' bits placed so that the word decodes into four bf16x2 registers (two per plane) with
-nine rotate/mask ops (`_decode_words_ptx`, `planar.ROTATIONS`): 2.5 integer ops per element pair fewer
-than the QArray decoder's six (prmt, two shifts, two masks, an or).
+ten rotate/mask ops in the PTX, nine if ptxas merges the last and/or into one LOP3 (`_decode_words_ptx`,
+`planar.ROTATIONS`): about 2.5 integer ops per bf16x2 register, against the QArray decoder's six (prmt,
+two shifts, two masks, an or).
 
 Decoders: "asm" (the GPU's): inline PTX on the registers (`plgpu.inline_mgpu`): for QArray weights one asm
 per plane and register turns two packed bytes into a bf16x2 pair (prmt + shifts + masks), for planar
@@ -44,8 +45,9 @@ is, one per (block, expert) pair that overlaps; a block spanning two experts is 
 decode-sized M, packed tiles (each expert's rows from an 8-aligned row of a padded copy of x, so an expert
 with <= bm rows streams its weights once). Window tiles (`window=True`, session 7, not yet timed on a GPU):
 packed tiles that read x as it is, from the aligned row at or below each expert's first row, which drops
-the padded copy (a gather of x, 5.6 of the ~20 us of XLA ops around a 64-token call) and its bookkeeping;
-bm 16 then keeps an expert of up to 9 rows in one tile. Each CTA writes its [64, bm] accumulator transposed into shared
+the padded copy (a gather of x, 5.6 of the ~20 us of XLA ops around a 64-token call) and its bookkeeping
+(x is still padded, by a copy, when M is not a multiple of 8 or is below bm); bm 16 then keeps an expert of
+up to 9 rows in one tile. Each CTA writes its [64, bm] accumulator transposed into shared
 memory and stores only its own rows straight into y [M, N] with a ladder of power-of-two TMA row stores (a
 TMA copy's size is static; the row count is not): no masked stores, no XLA gather after the kernel. A float32
 transposed store does not lower (jax 0.11.2), so float32 sums leave as bf16 terms (`out_terms`): one for a
@@ -62,11 +64,12 @@ power-of-two scales), so the f32 result matches the reference to float32 roundin
 terms along M (one launch: the weights are read once); grouped runs one launch per term (stacking would break
 the rows' group order), so it reads the weights three times.
 
-Measured on the H200 (device time, RESULTS.md "FP4 matmul, session 7"; planar weights, the stored table,
-the public api): grouped prefill (64 experts, top-6 of 8192 tokens, K=4096, N=2048) 1.99 ms, 1.36x
-tokamax's bf16 ragged_dot (2.72 ms); grouped decode (64 / 8 tokens) 145 / 84 us, 1.9x / 2.6x tokamax, 58%
-/ 53% of copy bandwidth (the kernel alone 69%; about 20 us of XLA ops build the tile table and the padded
-x); dense decode M = 16 at 1.4x / 1.8x XLA bf16 (K = N = 4096 / 7168), 31% / 49% of copy bandwidth.
+Measured on the H200 (device time, RESULTS.md "FP4 matmul, session 7"; planar weights, the stored table;
+grouped rows through the public api, dense rows from the kernel sweep on the table's tiles): grouped
+prefill (64 experts, top-6 of 8192 tokens, K=4096, N=2048) 1.99 ms, 1.36x tokamax's bf16 ragged_dot (2.72
+ms); grouped decode (64 / 8 tokens) 145 / 84 us, 1.9x / 2.6x tokamax, 58% / 53% of copy bandwidth (the
+kernel alone 69%; about 20 us of XLA ops build the tile table and the padded x); dense decode M = 16 at
+1.4x / 1.8x XLA bf16 (K = N = 4096 / 7168), 31% / 49% of copy bandwidth.
 """
 
 from __future__ import annotations
@@ -269,8 +272,8 @@ def decode_words_jnp(byte: jax.Array, scales: tuple[jax.Array, jax.Array]) -> tu
     """`_decode_words_ptx` in jnp (what the interpreter runs): planar bytes [64, 128] -> codes [64, 256] in K
     order (`planar.planar_codes`) -> each plane's E2M1 values times its float32 scales [64, 128], in bf16."""
     codes = planar.planar_codes(byte)  # [64, 256]
-    return tuple((common.e2m1_to_f32(codes[:, p * CHUNK : (p + 1) * CHUNK]) * scales[p]).astype(jnp.bfloat16)
-                 for p in range(PLANES))
+    planes = (codes[:, p * PLANAR_HALF : (p + 1) * PLANAR_HALF] for p in range(PLANES))  # [64, 128] each
+    return tuple((common.e2m1_to_f32(c) * s).astype(jnp.bfloat16) for c, s in zip(planes, scales))
 
 
 def _e8m0_to_bf16(byte: jax.Array, lean: bool = False) -> jax.Array:
@@ -304,8 +307,8 @@ def _tile_scales(s_smem, g0: int, groups: int, dtype=jnp.float32, r0: int = 0, l
 
 
 def _planar_scales(s_smem, c: int, p: int, dtype=jnp.float32, r0: int = 0, lean: bool = False) -> jax.Array:
-    """Planar weights: plane p of K chunk c (its elements c*256 + p*128 + j, j < 128, in byte column j) spans
-    the 4 scale blocks c*8 + p*4 + i, block i over byte columns [32i, 32i + 32) -> [64, 128]."""
+    """Planar weights: plane p of K chunk c (its elements c*256 + p*128 + j, j < 128: decoded column j) spans
+    the 4 scale blocks c*8 + p*4 + i, block i over decoded columns [32i, 32i + 32) -> [64, 128]."""
     return _scale_columns(s_smem, range(c * 8 + p * 4, c * 8 + p * 4 + 4), 2 * BYTES_PER_SCALE, dtype, r0, lean)
 
 
@@ -380,7 +383,7 @@ def _window_table(starts: jax.Array, ends: jax.Array, m: int, bm: int, g: int) -
     base = starts - starts % ROW_ALIGN  # [G + 1]: each group's first aligned row
     count = jnp.where(ends > starts, (ends - base + bm - 1) // bm, 0)  # tiles per group
     cum = common.prefix_sum(count)
-    # static bound: sum over groups of (size + ROW_ALIGN - 1 + bm - 1) // bm
+    # static bound: sum over groups of (size + ROW_ALIGN - 1 + bm - 1) // bm, plus one (floor of the sum)
     t = jnp.arange((m + (g + 1) * (ROW_ALIGN + bm - 2)) // bm + 1, dtype=jnp.int32)
     grp = jnp.minimum(jnp.searchsorted(cum, t, side="right", method=common.SEARCH), g).astype(jnp.int32)
     i = t - (cum[grp] - count[grp])
@@ -623,8 +626,8 @@ def grouped(
     and E8M0 `scales` [G, N, K/32] (`planar`: [G, K/32, N], see `dense`); rows past sum(group_sizes) are zero.
 
     Tiles from `tile_table` (`packed`: None picks packed tiles when M <= 8 rows per expert; `window`: packed
-    tiles that read x as it is, with no padded copy); each tile stores only its own rows, straight into y. Same constraints and options as `dense`; an f32 x runs as its three
-    bf16 terms, one launch each.
+    tiles that read x as it is, with no padded copy); each tile stores only its own rows, straight into y.
+    Same constraints and options as `dense`; an f32 x runs as its three bf16 terms, one launch each.
     """
     _check_shapes(x, values, scales, "fp4_grouped_matmul", planar)
     run = lambda xb: _run(xb, values, scales, group_sizes, cfg, interpret, a_in_registers, detect_races, packed,

@@ -127,14 +127,14 @@ def _planarize(values: jax.Array) -> jax.Array:
 
 
 def planar_codes(values: jax.Array) -> jax.Array:
-    """The planar layout's bytes [..., K/2] -> E2M1 codes uint8 [..., K] in K order."""
+    """The planar layout's bytes [..., K/2] -> E2M1 codes uint8 [..., K] in K order (one elementwise pass)."""
     *lead, kh = values.shape
-    words = _bytes_to_words(values)[..., None, :, None, :, None]  # [.., c, 1, s, 1, q, 1]
-    codes = jnp.zeros((*lead, kh // HALF, 2, 8, 2, 4, 2), jnp.uint32)  # [.., c, p, s, h, q, e]
-    for (p, h, e, b), pos in np.ndenumerate(POSITIONS):
-        bit = ((words >> int(pos)) & 1) << b
-        codes = codes.at[..., p, :, h, :, e].set(codes[..., p, :, h, :, e] | bit[..., 0, :, 0, :, 0])
-    return codes.reshape(*lead, 2 * kh).astype(jnp.uint8)
+    words = _bytes_to_words(values)  # [.., c, s, q]
+    slots = np.ndindex(2, 2, 2)  # (p, h, e): the 8 elements of a word
+    codes = {ph_e: sum(((words >> int(POSITIONS[ph_e][b])) & 1) << b for b in range(4)) for ph_e in slots}
+    stacked = jnp.stack([jnp.stack([jnp.stack([codes[p, h, e] for e in range(2)], -1) for h in range(2)], -3)
+                         for p in range(2)], -5)  # [.., c, p, s, h, q, e]
+    return stacked.reshape(*lead, 2 * kh).astype(jnp.uint8)
 
 
 def _interleave(values: jax.Array) -> jax.Array:

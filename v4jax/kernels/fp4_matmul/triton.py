@@ -49,7 +49,7 @@ def _asm_plane(j: int) -> str:
 
 def _decode_planes(words: jax.Array, scale: jax.Array, dtype, how: str) -> list[jax.Array]:
     """uint32 words [r, w] and float32 per-word scales [r, w] -> the 8 nibble planes [r, w] in `dtype`."""
-    if how == "asm":
+    if how.startswith("asm"):  # "asm_lean" too: its cheaper scale conversion is mosaic_gpu's only
         s16 = scale.astype(jnp.bfloat16)
         out = jax.ShapeDtypeStruct(words.shape, jnp.bfloat16)
         return [
@@ -63,7 +63,7 @@ def _decode_planes(words: jax.Array, scale: jax.Array, dtype, how: str) -> list[
 
 def _for_backend(cfg: BlockConfig, interpret: bool) -> BlockConfig:
     """The interpreter cannot run PTX: it takes the "jnp" decoder, which gives the same numbers."""
-    return dataclasses.replace(cfg, decode="jnp") if interpret and cfg.decode == "asm" else cfg
+    return dataclasses.replace(cfg, decode="jnp") if interpret and cfg.decode.startswith("asm") else cfg
 
 
 def _partial_product(xs, planes, swap_ab: bool, fma: bool) -> jax.Array:
