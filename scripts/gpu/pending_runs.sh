@@ -9,7 +9,10 @@
 #   fp4       issue 6: grouped decode with window tiles (no padded copy of x; session 7, not yet timed) beside
 #             the stored packed tiles, then the public api on the issue's shapes with planar weights (grouped
 #             prefill and decode vs tokamax with the VJP, dense decode vs XLA), device-timed per kernel.
-#   fp4dump   issue 6: ptxas registers and spills of the planar kernels (experiments/benchmarks/fp4_sass_dump.py).
+#   fp4dump   issue 6: ptxas registers and spills of the planar kernels (experiments/benchmarks/fp4_sass_dump.py),
+#             with /usr/local/cuda/bin on the PATH so that Mosaic's SASS dump finds nvdisasm.
+#   fp4ncu    issue 6: Nsight Compute on the dense and grouped decode kernels (the machine runs Firecracker, where
+#             ncu reads the counters): stall reasons, issue slots, occupancy, DRAM throughput.
 #   fp4diag   issue 6: the session-3 dense decode stage breakdown of the Triton kernel (load, decode, kernel, XLA).
 #   indexer   issue 7 (resolved in session 4; re-measure after indexer changes): the score kernels' rate at 8K
 #             (quantizers, chunks, tile sweep), then refined quantized selection at 32K / 128K, by stage.
@@ -34,8 +37,16 @@ for l in open('$OUT/fp4_mosaic_probe.jsonl'):
     r = json.loads(l); r.pop('rest', None)
     print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()})" ;;
   fp4dump)
+    export PATH="$PATH:/usr/local/cuda/bin"
     timeout 200 python3 experiments/benchmarks/fp4_sass_dump.py --decode asm,asm_lean --out "$OUT/dump" \
       > "$OUT/dump.log" 2>&1; echo "dump rc=$?"; grep ptxas "$OUT/dump.log" ;;
+  fp4ncu)
+    export PATH="$PATH:/usr/local/cuda/bin"
+    timeout 400 ncu --clock-control none --kernel-name regex:fp4_ --launch-skip 2 --launch-count 2 \
+      --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section Occupancy \
+      --section MemoryWorkloadAnalysis python3 experiments/benchmarks/fp4_ncu_decode.py > "$OUT/ncu.txt" 2>&1
+    echo "ncu rc=$?"; grep -E "^  [a-z_]+_mosaic_gpu|Duration|Throughput|Stall|Issued|Occupancy|Eligible|Registers" \
+      "$OUT/ncu.txt" | head -80 ;;
   fp4diag)
     timeout 540 python3 experiments/benchmarks/fp4_decode_diagnose.py --budget-s 420 --out "$OUT" > "$OUT/diag.log" 2>&1
     echo "rc=$?"; grep -v '^{' "$OUT/diag.log" | tail -5
@@ -56,5 +67,5 @@ for l in open('$OUT/diag.log'):
     timeout 400 python3 experiments/benchmarks/indexer.py --sizes 8192,32768 --set mosaic --quants none,fp8 \
       --reps 5 --out "$OUT/mosaic" > "$OUT/mosaic.log" 2>&1; echo "rc=$?"
     python3 experiments/benchmarks/indexer_summary.py "$OUT"/mosaic/indexer.json ;;
-  *) echo "usage: pending_runs.sh ep N | fp4 | fp4dump | fp4diag | indexer | mosaic" >&2; exit 2 ;;
+  *) echo "usage: pending_runs.sh ep N | fp4 | fp4dump | fp4ncu | fp4diag | indexer | mosaic" >&2; exit 2 ;;
 esac
