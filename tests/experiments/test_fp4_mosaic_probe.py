@@ -11,7 +11,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(ROOT, "experiments", "benchmarks"))
 
-import fp4_mosaic_probe as probe  # noqa: E402
+import fp4_mosaic_probe as probe
 
 
 def _interpret(fn):
