@@ -6,8 +6,8 @@ scales): the layout the FP4 kernels read, so the model's expert GEMMs run on the
 (`v4jax.kernels.fp4_matmul` through `grouped_matmul`) without a copy per call. On a Hopper GPU,
 `planarize_experts` then moves the bytes once more into the Mosaic GPU kernel's layout
 (`fp4_matmul.PlanarMXFP4`), which spares each expert GEMM a pass over its activations and a scale transpose
-and lets the kernel decode with fewer instructions (on the H200: grouped prefill 1.99 against 2.43 ms, decode
-at 64 tokens 145 against 180 us; experiments/benchmarks/RESULTS.md, session 7).
+and lets the kernel decode with fewer instructions (on the H200, same tiles: grouped prefill 1.99 against
+2.43 ms, decode at 64 tokens 165 against 180 us; experiments/benchmarks/RESULTS.md, session 7).
 """
 
 from __future__ import annotations
