@@ -177,11 +177,12 @@ def decode_plane16(h: jax.Array, p: int, scale: jax.Array) -> jax.Array:
     return ((v * 16384.0) * scale).astype(jnp.bfloat16)
 
 
-def _decode_ptx(byte: jax.Array, scale: jax.Array, planes: tuple[int, ...] = (0, 1)) -> tuple[jax.Array, ...]:
-    """Packed bytes uint8 [64, C] and their bf16 scales [64, C] (both in the WGMMA register layout) -> nibble
-    planes `planes` bf16 [64, C] in the same layout, by inline PTX on the registers (GPU only: the interpreter
-    cannot run it; `decode_plane16` is the same arithmetic in jnp). Each register of the layout holds two
-    adjacent columns, i.e. two packed bytes: one 32-bit asm per plane decodes both."""
+def _decode_ptx(byte: jax.Array, scale: jax.Array) -> tuple[jax.Array, ...]:
+    """QArray layout: packed bytes uint8 [64, C] and their bf16 scales [64, C] (both in the WGMMA register
+    layout) -> the two nibble planes bf16 [64, C] in the same layout, by inline PTX on the registers (GPU only:
+    the interpreter cannot run it; `decode_plane16` is the same arithmetic in jnp). Each register of the layout
+    holds two adjacent columns, i.e. two packed bytes: one 32-bit asm per plane decodes both."""
+    planes = range(PLANES)
     from jax.experimental.mosaic.gpu import (
         fragmented_array as fa,  # lazy: Mosaic GPU internals
     )
