@@ -12,9 +12,10 @@ Rows (JSON lines in OUT/fp4_mosaic_probe.jsonl, also printed):
        api_planar_decode: api_planar without the grouped prefill row;
   grouped_decode_window: decode-sized grouped calls with window tiles (`mosaic_gpu.grouped(window=True)`: no
        padded copy of x) beside the stored configs' packed tiles;
+  decode_overlap: dense and grouped decode with `BlockConfig.overlap` beside the stored entries;
   dense_planar, grouped_planar, grouped_decode_planar: the kernel sweeps on planar weights.
 Usage: python experiments/benchmarks/fp4_mosaic_probe.py [--out DIR] [--parts api,api_planar,api_planar_decode,api_prefill,
-       grouped_decode_window,
+       grouped_decode_window,decode_overlap,
        dense,dense_planar,prefill,grouped,grouped_planar,grouped_decode,grouped_decode_planar] [--budget-s S]
 """
 
@@ -80,7 +81,7 @@ def dense_part(out, m, kn, cfgs, copies, deadline, planar=False):
             return
         row = {"part": "dense", "layout": "planar" if planar else "qarray", "m": m, "kn": kn,
                "cfg": [cfg.block_m, cfg.block_n, cfg.block_k, cfg.split_k, cfg.num_stages], "decode": cfg.decode,
-               "a_regs": regs}
+               "overlap": cfg.overlap, "a_regs": regs}
         try:
             f = lambda a, w, cfg=cfg, regs=regs: mosaic_gpu.dense(a, w.values, w.scales, cfg=cfg,
                                                                  a_in_registers=regs, planar=planar)
@@ -126,7 +127,7 @@ def grouped_part(out, tokens, cfgs, deadline, g=64, k=4096, n=2048, topk=6, plan
         if time.time() > deadline:
             print("budget reached", flush=True)
             return
-        row = {**row0, "layout": "planar" if planar else "qarray", "window": window,
+        row = {**row0, "layout": "planar" if planar else "qarray", "window": window, "overlap": cfg.overlap,
                "cfg": [cfg.block_m, cfg.block_n, cfg.block_k, cfg.split_k, cfg.num_stages], "decode": cfg.decode}
         try:
             f = lambda a, gs, cfg=cfg, window=window: mosaic_gpu.grouped(a, wk.values, wk.scales, gs, cfg=cfg,
@@ -239,6 +240,18 @@ GROUPED_DECODE_WINDOW = [
     (B(16, block_k=512, split_k=1, num_stages=3, decode="asm_lean"), True),
     (B(16, block_k=256, split_k=4, num_stages=4, decode="asm_lean"), True),
 ]
+# `overlap` (session 7, not yet timed): a K step's wgmmas stay in flight under the next step's decode
+DENSE_DECODE_OVERLAP = [
+    (B(64, block_k=256, split_k=8, num_stages=4, decode="asm_lean"), True),  # the stored table's entry
+    (B(64, block_k=256, split_k=8, num_stages=4, decode="asm_lean", overlap=True), True),
+    (B(64, block_k=256, split_k=4, num_stages=6, decode="asm_lean", overlap=True), True),
+    (B(64, block_k=512, split_k=1, num_stages=6, decode="asm_lean", overlap=True), True),
+]
+GROUPED_DECODE_OVERLAP = [
+    B(8, block_k=512, split_k=1, num_stages=4, decode="asm_lean"),  # the stored table's entry
+    B(8, block_k=512, split_k=1, num_stages=4, decode="asm_lean", overlap=True),
+    (B(16, block_k=512, split_k=1, num_stages=4, decode="asm_lean", overlap=True), True),  # + window tiles
+]
 GROUPED_DECODE_PLANAR = [
     B(8, block_k=256, split_k=4, num_stages=4, decode="asm"),  # the stored table's entry until session 7
     B(8, block_k=256, split_k=4, num_stages=4, decode="asm_lean"),
@@ -281,6 +294,11 @@ def main():
         elif part == "grouped_decode_window":  # window tiles (x as it is) against the padded copy
             for tokens in (64, 8):
                 grouped_part(args.out, tokens, GROUPED_DECODE_WINDOW, deadline, planar=True)
+        elif part == "decode_overlap":  # dense and grouped decode with `overlap` beside the stored entries
+            for kn in (4096, 7168):
+                dense_part(args.out, 16, kn, DENSE_DECODE_OVERLAP, 12, deadline, planar=True)
+            for tokens in (64, 8):
+                grouped_part(args.out, tokens, GROUPED_DECODE_OVERLAP, deadline, planar=True)
         elif part == "grouped_planar":
             grouped_part(args.out, 8192, GROUPED, deadline, planar=True)
         elif part == "grouped":

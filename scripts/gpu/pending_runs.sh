@@ -6,9 +6,10 @@
 #   ep N      issue 8, on a machine of N = 2 or 4 GPUs: real-GPU parity and step times at expert = 1 .. N, every
 #             dispatch mode (expert GEMMs on XLA: tokamax's per-shape compiles ate a whole call in session 3),
 #             then the multi-process launcher (N processes, one GPU each).
-#   fp4       issue 6: grouped decode with window tiles (no padded copy of x; session 7, not yet timed) beside
-#             the stored packed tiles, then the public api on the issue's shapes with planar weights (grouped
-#             prefill and decode vs tokamax with the VJP, dense decode vs XLA), device-timed per kernel.
+#   fp4       issue 6: grouped decode with window tiles (no padded copy of x) beside the stored packed tiles,
+#             dense and grouped decode with `overlap` (wgmmas in flight under the next step's decode) beside the
+#             stored entries (both session 7, not yet timed), then the public api on the issue's shapes with
+#             planar weights (grouped prefill and decode vs tokamax with the VJP, dense decode vs XLA).
 #   fp4dump   issue 6: ptxas registers and spills of the planar kernels (experiments/benchmarks/fp4_sass_dump.py),
 #             with /usr/local/cuda/bin on the PATH so that Mosaic's SASS dump finds nvdisasm.
 #   fp4ncu    issue 6: Nsight Compute on the dense and grouped decode kernels (the machine runs Firecracker, where
@@ -28,8 +29,8 @@ case "${1:-}" in
     OUT="$OUT/multihost" timeout 230 bash experiments/multihost/two_process_gpu.sh "$n" 40 > "$OUT/mp.log" 2>&1
     echo "launcher rc=$?"; tail -n 30 "$OUT/mp.log" ;;
   fp4)
-    timeout 520 python3 experiments/benchmarks/fp4_mosaic_probe.py --parts grouped_decode_window,api_planar \
-      --budget-s 420 --out "$OUT" > "$OUT/probe.log" 2>&1
+    timeout 540 python3 experiments/benchmarks/fp4_mosaic_probe.py --parts grouped_decode_window,decode_overlap,api_planar \
+      --budget-s 450 --out "$OUT" > "$OUT/probe.log" 2>&1
     echo "rc=$?"; grep -v '^{' "$OUT/probe.log" | tail -5
     python3 -c "
 import json

@@ -53,6 +53,12 @@ TMA copy's size is static; the row count is not): no masked stores, no XLA gathe
 transposed store does not lower (jax 0.11.2), so float32 sums leave as bf16 terms (`out_terms`): one for a
 bf16 result, two for split-K partial sums (added by XLA), three (float32's 24 bits) for a float32 result.
 
+Overlapped steps (`BlockConfig.overlap`, session 7, not yet timed on a GPU): by default each K step ends by
+waiting for its wgmmas; with `overlap` it waits only for the previous step's, so a step's tensor-core work
+runs under the next step's TMA wait and decode, and x's pipeline buffer is released a step late (wgmma
+reads it asynchronously). A candidate for the dense decode, whose kernel stayed at 58% of copy bandwidth
+after the word decoder cut its integer ops.
+
 A operand: in registers on the GPU (`a_in_registers`, the fast path: no shared-memory round trip). The
 Mosaic GPU interpreter (jax 0.11.2) only runs wgmma with A in shared memory, so interpret mode stores the
 decoded tile to shared memory first; everything else (TMA pipeline, decode, scales, B operand, epilogue)
@@ -115,6 +121,7 @@ class Tiles:
     stages: int
     decode: str = "jnp"  # "jnp" (runs in the interpreter), "asm" or "asm_lean" (inline PTX, GPU only)
     wn: int = BN  # weight rows per CTA: 64, or 128 (two accumulators share each x tile: half the x traffic)
+    overlap: bool = False  # a K step's wgmmas stay in flight under the next step's decode (see `_kernel`)
 
 
 def smem_bytes(bm: int, bk: int, stages: int, a_in_registers: bool, wn: int = BN, terms: int = 3) -> int:
@@ -142,7 +149,9 @@ def tiles(cfg: BlockConfig, m: int, k: int, a_in_registers: bool, n: int = BN, t
                          f"{smem(bk, stages)} bytes of shared memory (budget {SMEM_BUDGET}): lower block_m")
     steps = k // bk
     split = max(d for d in range(1, max(1, cfg.split_k) + 1) if steps % d == 0)
-    return Tiles(bm=bm, bk=bk, split=split, stages=min(stages, steps // split), decode=cfg.decode, wn=wn)
+    stages = min(stages, steps // split)
+    return Tiles(bm=bm, bk=bk, split=split, stages=stages, decode=cfg.decode, wn=wn,
+                 overlap=cfg.overlap and stages > 1)
 
 
 def x_planes2(x: jax.Array) -> jax.Array:
@@ -420,8 +429,12 @@ def _kernel(tab_gmem, x_gmem, v_gmem, s_gmem, o_gmem, o_smem, *a_smem, t: Tiles,
     x_row0 = pl.multiple_of(x_row0, ROW_ALIGN)  # tile_table's guarantee: TMA tiles start on aligned rows
     gw = jnp.minimum(g, num_groups - 1)  # the zero pseudo-group reads no weights (its pipeline never runs)
     x_tile = x_gmem.at[pl.ds(x_row0, bm), :] if planar else x_gmem.at[:, pl.ds(x_row0, bm), :]
-    x_spec = (plgpu.BlockSpec((bm, bk), lambda kk: (0, k0 + kk), transforms=TRANSFORMS16) if planar else
-              plgpu.BlockSpec((PLANES, bm, kb), lambda kk: (0, 0, k0 + kk), transforms=TRANSFORMS16))
+    # `overlap`: wgmma reads its x tile (B) from shared memory asynchronously, so with a step's wgmmas left in
+    # flight under the next step's decode, the x buffer is released one step late (delay_release)
+    delay = 1 if t.overlap else 0
+    x_spec = (plgpu.BlockSpec((bm, bk), lambda kk: (0, k0 + kk), transforms=TRANSFORMS16, delay_release=delay)
+              if planar else plgpu.BlockSpec((PLANES, bm, kb), lambda kk: (0, 0, k0 + kk), transforms=TRANSFORMS16,
+                                             delay_release=delay))
 
     wn = t.wn
     halves = wn // BN
@@ -459,7 +472,9 @@ def _kernel(tab_gmem, x_gmem, v_gmem, s_gmem, o_gmem, o_smem, *a_smem, t: Tiles,
                             plgpu.wgmma_wait(0)  # the A buffer is rewritten next
                         else:
                             plgpu.wgmma(acc_ref, a, b)  # acc [64, bm] += W_p [64, 128] @ x_p.T, A in registers
-            plgpu.wgmma_wait(0)
+            # each wgmma is one commit group: `overlap` waits only for the previous step's (this step's x buffer
+            # stays until the next step ends); else for all
+            plgpu.wgmma_wait(kb // CHUNK * len(accs) * PLANES if t.overlap else 0)
 
         plgpu.emit_pipeline(
             body,
@@ -471,6 +486,8 @@ def _kernel(tab_gmem, x_gmem, v_gmem, s_gmem, o_gmem, o_smem, *a_smem, t: Tiles,
             ],
             max_concurrent_steps=t.stages,
         )(x_tile, v_gmem.at[gw], s_gmem.at[gw])
+        if t.overlap:
+            plgpu.wgmma_wait(0)  # the last step's wgmmas, before the accumulators are read
         for h, acc_ref in enumerate(accs):
             rest = acc_ref[...]  # [64, bm] float32
             for term in range(o_smem.shape[0]):  # bf16 terms of the float32 sums (see `out_terms`)
