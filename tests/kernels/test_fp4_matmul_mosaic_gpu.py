@@ -320,6 +320,9 @@ def test_grouped_window_tiles_match_packed_tiles(m, sizes):
         want = np.asarray(jax.block_until_ready(run(x, gs, False)), np.float32)
         got = np.asarray(jax.block_until_ready(run(x, gs, True)), np.float32)
         np.testing.assert_array_equal(got, want)
+        from_cfg = mosaic_gpu.grouped(x, wt.values, wt.scales, gs, dataclasses.replace(cfg, window=True),
+                                      interpret=True, packed=True, planar=planar)  # a table entry's `window`
+        np.testing.assert_array_equal(np.asarray(from_cfg, np.float32), want)
         assert _rel(got[: sum(sizes)], _ref_grouped(x, w, gs)[: sum(sizes)]) < 1e-2
 
 

@@ -34,6 +34,7 @@ class BlockConfig:
     swap_ab: bool = False  # compute y.T = W x.T so the decoded weights are the MMA's register operand
     fuse_x: bool = False  # dense: read x's column planes in the kernel (strided) instead of an XLA transpose
     overlap: bool = False  # mosaic_gpu: a K step's wgmmas run under the next step's decode (not yet timed)
+    window: bool = False  # mosaic_gpu grouped, packed tiles: read x as it is, no padded copy (not yet timed)
 
     def __post_init__(self):
         if self.decode not in DECODERS:

@@ -638,16 +638,17 @@ def grouped(
     detect_races: bool = False,
     packed: bool | None = None,
     planar: bool = False,
-    window: bool = False,
+    window: bool | None = None,
 ) -> Float[Array, "m n"]:
     """y[rows of g] = x[rows] @ W[g].T; x [M, K] sorted by group, W [G, N, K] as packed `values` [G, N, K/2]
     and E8M0 `scales` [G, N, K/32] (`planar`: [G, K/32, N], see `dense`); rows past sum(group_sizes) are zero.
 
     Tiles from `tile_table` (`packed`: None picks packed tiles when M <= 8 rows per expert; `window`: packed
-    tiles that read x as it is, with no padded copy); each tile stores only its own rows, straight into y.
+    tiles that read x as it is, with no padded copy, default `cfg.window`); each tile stores only its own rows,
+    straight into y.
     Same constraints and options as `dense`; an f32 x runs as its three bf16 terms, one launch each.
     """
     _check_shapes(x, values, scales, "fp4_grouped_matmul", planar)
     run = lambda xb: _run(xb, values, scales, group_sizes, cfg, interpret, a_in_registers, detect_races, packed,
-                          out_dtype=x.dtype, planar=planar, window=window)
+                          out_dtype=x.dtype, planar=planar, window=cfg.window if window is None else window)
     return _split_terms(run, x) if x.dtype == jnp.float32 else run(x)
