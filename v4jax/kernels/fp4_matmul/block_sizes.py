@@ -131,8 +131,8 @@ DEFAULTS["dequantize"] = [
 
 # The Mosaic GPU kernels (mosaic_gpu.py): block_m caps the rows of x per CTA (wgmma N, padded to 8), block_n
 # the weight rows per CTA (64, or 128: two 64-row accumulators sharing each x tile, where N % 128 == 0),
-# block_k the K per pipeline step, num_stages the TMA pipeline depth, decode "asm" / "asm_lean" (PTX) or "jnp". Split-K 2
-# gives 4096 / 64 * 2 = 128 CTAs for the 132 SMs at decode. These defaults were not measured; the H200 table's
+# block_k the K per pipeline step, num_stages the TMA pipeline depth, decode "asm" / "asm_lean" (PTX) or "jnp".
+# Split-K 2 gives 4096 / 64 * 2 = 128 CTAs for the 132 SMs at decode. These defaults were not measured; the H200 table's
 # entries were (its "source").
 DEFAULTS["dense_mosaic"] = [
     {"max_m": 64, "config": {"block_m": 64, "block_k": 512, "split_k": 2, "num_stages": 4}},

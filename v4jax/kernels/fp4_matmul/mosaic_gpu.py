@@ -93,6 +93,7 @@ from jaxtyping import Array, Float, UInt8
 
 from v4jax.kernels.fp4_matmul import common, planar
 from v4jax.kernels.fp4_matmul.block_sizes import BlockConfig
+# by name: the kernel's `planar` flag shadows the module inside `_kernel`
 from v4jax.kernels.fp4_matmul.planar import CHUNK as PLANAR_CHUNK
 from v4jax.kernels.fp4_matmul.planar import HALF as PLANAR_HALF
 
@@ -186,12 +187,11 @@ def decode_plane16(h: jax.Array, p: int, scale: jax.Array) -> jax.Array:
     return ((v * 16384.0) * scale).astype(jnp.bfloat16)
 
 
-def _decode_ptx(byte: jax.Array, scale: jax.Array) -> tuple[jax.Array, ...]:
+def _decode_ptx(byte: jax.Array, scale: jax.Array) -> tuple[jax.Array, jax.Array]:
     """QArray layout: packed bytes uint8 [64, C] and their bf16 scales [64, C] (both in the WGMMA register
     layout) -> the two nibble planes bf16 [64, C] in the same layout, by inline PTX on the registers (GPU only:
     the interpreter cannot run it; `decode_plane16` is the same arithmetic in jnp). Each register of the layout
     holds two adjacent columns, i.e. two packed bytes: one 32-bit asm per plane decodes both."""
-    planes = range(PLANES)
     from jax.experimental.mosaic.gpu import (
         fragmented_array as fa,  # lazy: Mosaic GPU internals
     )
@@ -201,12 +201,12 @@ def _decode_ptx(byte: jax.Array, scale: jax.Array) -> tuple[jax.Array, ...]:
 
     out_type = plgpu.ShapeDtypeStruct(byte.shape, jnp.bfloat16, layout=plgpu.Layout.WGMMA)
 
-    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.Layout.WGMMA), return_type=(out_type,) * len(planes))
+    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.Layout.WGMMA), return_type=(out_type, out_type))
     def decode(_, b, s):
         i16, i32 = ir.IntegerType.get_signless(16), ir.IntegerType.get_signless(32)
         pair = ir.VectorType.get((2,), ir.BF16Type.get())
         out = []
-        for p in planes:
+        for p in range(PLANES):
             # bytes b, b+1 of the zero-extended pair to bits 7..0 and 23..16 (selector 7: a zero byte)
             asm = common.ptx_nibble_pair("$1, $1", 0x7170, high_nibble=p == 1, scale="$2")
             regs = np.empty(b.registers.shape, dtype=object)
@@ -577,7 +577,7 @@ def _run(x, values, scales, group_sizes, cfg, interpret, a_in_registers, detect_
         src = jnp.concatenate([tt.x_source, jnp.full((t.bm,), m, jnp.int32)])  # row m: out of range, a zero row
         xb = jnp.take(xb, src, axis=0, mode="fill", fill_value=0)
     else:  # grid tiles: whole row blocks; window tiles: whole windows
-        rows_p = window_rows(m, t.bm) if packed and window and dense_rows is None else common.round_up(m, t.bm)
+        rows_p = window_rows(m, t.bm) if packed and window else common.round_up(m, t.bm)
         xb = jnp.pad(xb, ((0, rows_p - m), (0, 0))) if rows_p != m else xb
     if planar:  # the load-time layout: x as it is, scales already [G, K/32, N]
         y = call(tt.table, xb, values, scales)  # [split, terms, M, N]

@@ -76,8 +76,9 @@ def resolved_implementation(x_dtype, w_dtype) -> str:
     return auto_implementation(x_dtype, w_dtype, jax.default_backend(), _tokamax_ragged_dot() is not None)
 
 
-def grouped_matmul(x: Float[Array, "m k"], w: Float[Array, "g k n"] | QArray | PlanarMXFP4, group_sizes: Int[Array, " g"],
-                   implementation: str | None = None, interpret: bool = False) -> Float[Array, "m n"]:
+def grouped_matmul(x: Float[Array, "m k"], w: Float[Array, "g k n"] | QArray | PlanarMXFP4,
+                   group_sizes: Int[Array, " g"], implementation: str | None = None,
+                   interpret: bool = False) -> Float[Array, "m n"]:
     """`y[rows of group i] = x[rows of group i] @ w[i]`; rows beyond sum(group_sizes) give zeros.
 
     `interpret` runs a Pallas FP4 backend in interpret mode (packed FP4 weights only; CPU tests)."""
