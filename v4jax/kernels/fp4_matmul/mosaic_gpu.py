@@ -93,7 +93,6 @@ from jaxtyping import Array, Float, UInt8
 
 from v4jax.kernels.fp4_matmul import common, planar
 from v4jax.kernels.fp4_matmul.block_sizes import BlockConfig
-# by name: the kernel's `planar` flag shadows the module inside `_kernel`
 from v4jax.kernels.fp4_matmul.planar import CHUNK as PLANAR_CHUNK
 from v4jax.kernels.fp4_matmul.planar import HALF as PLANAR_HALF
 
@@ -108,7 +107,8 @@ PACKED_ROWS_PER_GROUP = 8  # grouped: packed tiles (tile_table) up to this many 
 ROW_ALIGN = 8  # TMA row offsets of x tiles (grouped: each group starts on such a row of a padded copy)
 SMEM_BUDGET = 200 * 1024  # bytes of shared memory a CTA may use (the H200 allows 227 KiB)
 # planar weights: a decode chunk of CHUNK bytes is exactly one layout chunk, its planes the chunk's halves
-# (the kernel's x slices and `_planar_scales` rely on it)
+# (the kernel's x slices and `_planar_scales` rely on it); imported by name: `_kernel`'s `planar` flag shadows the
+# module
 assert PLANAR_CHUNK == PLANES * CHUNK and PLANAR_HALF == CHUNK
 
 
