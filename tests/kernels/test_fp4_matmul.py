@@ -288,6 +288,6 @@ def test_dequantize_routes_value_and_grad():
 def test_stored_h200_table_routes():
     table = block_sizes.load_table("nvidia_h200")
     assert table["dense_dequant_min_m"] == 1024 and table["grouped_dequant_min_m"] == 4096
-    for op in ("dense", "grouped", "dequantize"):
+    for op in ("dense", "grouped", "dequantize", "dense_mosaic", "grouped_mosaic"):
         for entry in table[op]:
             block_sizes.BlockConfig(**entry["config"])  # every stored config is a valid BlockConfig

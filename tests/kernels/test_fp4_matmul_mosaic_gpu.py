@@ -326,6 +326,24 @@ def test_grouped_window_tiles_match_packed_tiles(m, sizes):
         assert _rel(got[: sum(sizes)], _ref_grouped(x, w, gs)[: sum(sizes)]) < 1e-2
 
 
+def test_stored_h200_decode_entry_runs_window_tiles():
+    """The H200 table's grouped decode entry (window tiles, bm 16, 512-wide K steps, 2 stages: session 8) as the
+    api selects it: in the interpreter it matches the reference and gives the packed tiles' output bit for bit."""
+    cfg = block_sizes.select("grouped_mosaic", 48, chip="nvidia_h200")
+    assert cfg.window and (cfg.block_m, cfg.block_k, cfg.split_k, cfg.num_stages) == (16, 512, 1, 2)
+    sizes = [9, 0, 17, 6, 16]
+    wq = _weight(jax.random.key(3), (len(sizes), 64, 1024))
+    w = fp4_matmul.to_planar(wq)
+    x = jax.random.normal(_key(), (48, 1024), jnp.bfloat16)
+    gs = jnp.array(sizes, jnp.int32)
+    cfg = dataclasses.replace(cfg, decode="jnp")  # what the interpreter runs in place of the PTX decoder
+    run = lambda window: np.asarray(jax.block_until_ready(mosaic_gpu.grouped(
+        x, w.values, w.scales, gs, cfg, interpret=True, packed=True, planar=True, window=window)), np.float32)
+    got = run(None)  # None: the entry's own `window`
+    np.testing.assert_array_equal(got, run(False))
+    assert _rel(got, _ref_grouped(x, wq, gs)) < 1e-2
+
+
 @pytest.mark.parametrize("packed, block_n, window", [(True, 64, False), (False, 128, False), (True, 64, True)])
 def test_grouped_lowers_for_cuda_without_a_gpu(packed, block_n, window):
     """The GPU variant (PTX decode, A in registers) lowers to one Mosaic GPU custom call."""
