@@ -252,6 +252,25 @@ GROUPED_DECODE_OVERLAP = [
     B(8, block_k=512, split_k=1, num_stages=4, decode="asm_lean", overlap=True),
     (B(16, block_k=512, split_k=1, num_stages=4, decode="asm_lean", overlap=True), True),  # + window tiles
 ]
+# session 8: window tiles won with 3 stages (120 us at 64 tokens) and lost with 4 (162 us): with bm 16 and 512-wide
+# K steps a stage is 33 KB, so 4 stages leave one CTA per SM and 3 leave two; the stored entry (3 stages) beside
+# 2 stages (three CTAs per SM), 256-wide steps with 4 stages (the same 66 KB), and the packed tiles with 3 stages
+GROUPED_DECODE_WINDOW2 = [
+    (B(16, block_k=512, split_k=1, num_stages=3, decode="asm_lean"), True),  # the stored table's entry
+    (B(16, block_k=512, split_k=1, num_stages=2, decode="asm_lean"), True),
+    (B(16, block_k=256, split_k=1, num_stages=4, decode="asm_lean"), True),
+    (B(8, block_k=512, split_k=1, num_stages=3, decode="asm_lean"), False),
+]
+# session 8, Nsight Compute: the dense decode kernel is latency-bound (0.49 issues per cycle, 25% / 38% of DRAM
+# bandwidth at K=N=4096 / 7168) at 16 / 12 warps per SM, limited by its 98 registers (4 CTAs) and, at 7168, by 4
+# pipeline stages' shared memory (3 CTAs); 2 stages lift the shared-memory limit, and A in shared memory frees the
+# decoded tile's registers (64 per thread) for more CTAs per SM
+DENSE_DECODE_OCCUPANCY = [
+    (B(64, block_k=256, split_k=8, num_stages=4, decode="asm_lean"), True),  # the stored table's entry
+    (B(64, block_k=256, split_k=8, num_stages=2, decode="asm_lean"), True),
+    (B(64, block_k=256, split_k=8, num_stages=4, decode="asm_lean"), False),
+    (B(64, block_k=256, split_k=8, num_stages=2, decode="asm_lean"), False),
+]
 GROUPED_DECODE_PLANAR = [
     B(8, block_k=256, split_k=4, num_stages=4, decode="asm"),  # the stored table's entry until session 7
     B(8, block_k=256, split_k=4, num_stages=4, decode="asm_lean"),
@@ -294,6 +313,12 @@ def main():
         elif part == "grouped_decode_window":  # window tiles (x as it is) against the padded copy
             for tokens in (64, 8):
                 grouped_part(args.out, tokens, GROUPED_DECODE_WINDOW, deadline, planar=True)
+        elif part == "grouped_decode_window2":  # pipeline depth against CTAs per SM (session 8)
+            for tokens in (64, 8):
+                grouped_part(args.out, tokens, GROUPED_DECODE_WINDOW2, deadline, planar=True)
+        elif part == "dense_occupancy":  # CTAs per SM: pipeline depth and A's registers (session 8)
+            for kn in (4096, 7168):
+                dense_part(args.out, 16, kn, DENSE_DECODE_OCCUPANCY, 12, deadline, planar=True)
         elif part == "decode_overlap":  # dense and grouped decode with `overlap` beside the stored entries
             for kn in (4096, 7168):
                 dense_part(args.out, 16, kn, DENSE_DECODE_OVERLAP, 12, deadline, planar=True)

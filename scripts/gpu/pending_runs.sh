@@ -10,6 +10,9 @@
 #             dense and grouped decode with `overlap` (wgmmas in flight under the next step's decode) beside the
 #             stored entries (both session 7, not yet timed), then the public api on the issue's shapes with
 #             planar weights (grouped prefill and decode vs tokamax with the VJP, dense decode vs XLA).
+#   fp4s8     issue 6, session 8: window tiles' depth against CTAs per SM, the api at decode sizes on the stored
+#             table, then fp4ncu.
+#   fp4s8b    issue 6, session 8: the api at decode sizes on the stored table, then dense decode occupancy.
 #   fp4dump   issue 6: ptxas registers and spills of the planar kernels (experiments/benchmarks/fp4_sass_dump.py),
 #             with /usr/local/cuda/bin on the PATH so that Mosaic's SASS dump finds nvdisasm.
 #   fp4ncu    issue 6: Nsight Compute on the dense and grouped decode kernels (the machine runs Firecracker, where
@@ -39,15 +42,39 @@ for l in open('$OUT/fp4_mosaic_probe.jsonl'):
     print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()})" ;;
   fp4dump)
     export PATH="$PATH:/usr/local/cuda/bin"
-    timeout 200 python3 experiments/benchmarks/fp4_sass_dump.py --decode asm,asm_lean --out "$OUT/dump" \
-      > "$OUT/dump.log" 2>&1; echo "dump rc=$?"; grep ptxas "$OUT/dump.log" ;;
+    timeout 200 python3 experiments/benchmarks/fp4_sass_dump.py --decode "${DUMP_DECODE:-asm,asm_lean}" --out "$OUT/dump" \
+      > "$OUT/dump.log" 2>&1; echo "dump rc=$?"; grep ptxas "$OUT/dump.log"; cat "$OUT/dump/sass_summary.txt" ;;
   fp4ncu)
     export PATH="$PATH:/usr/local/cuda/bin"
-    timeout 400 ncu --clock-control none --kernel-name regex:fp4_ --launch-skip 2 --launch-count 2 \
+    timeout "${NCU_TIMEOUT:-400}" ncu --clock-control none --kernel-name regex:fp4_ --launch-skip 3 --launch-count 3 \
       --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section Occupancy \
-      --section MemoryWorkloadAnalysis python3 experiments/benchmarks/fp4_ncu_decode.py > "$OUT/ncu.txt" 2>&1
-    echo "ncu rc=$?"; grep -E "^  [a-z_]+_mosaic_gpu|Duration|Throughput|Stall|Issued|Occupancy|Eligible|Registers" \
-      "$OUT/ncu.txt" | head -80 ;;
+      --section LaunchStats --section MemoryWorkloadAnalysis python3 experiments/benchmarks/fp4_ncu_decode.py \
+      > "$OUT/ncu.txt" 2>&1
+    echo "ncu rc=$?"; grep -E "^  [a-z_]+_mosaic_gpu|Duration|Throughput|Stall|Issued|Occupancy|Eligible|Registers|Block Limit|Shared Memory Config|Waves" \
+      "$OUT/ncu.txt" | head -120 ;;
+  fp4s8b)
+    # session 8, second call: the public api at decode sizes on the stored table (grouped decode on window tiles,
+    # 2 stages), then dense decode occupancy (pipeline depth, A in shared memory)
+    timeout 450 python3 experiments/benchmarks/fp4_mosaic_probe.py --parts api_planar_decode,dense_occupancy \
+      --budget-s 390 --out "$OUT" > "$OUT/probe.log" 2>&1
+    echo "probe rc=$?"; grep -v '^{' "$OUT/probe.log" | grep -v Autotun | tail -3
+    python3 -c "
+import json
+for l in open('$OUT/fp4_mosaic_probe.jsonl'):
+    r = json.loads(l); r.pop('rest', None)
+    print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()})" ;;
+  fp4s8)
+    # session 8: window tiles' pipeline depth against CTAs per SM, then the public api at decode sizes with the
+    # stored table (grouped decode on window tiles), then Nsight Compute on the decode kernels (fp4ncu)
+    timeout 290 python3 experiments/benchmarks/fp4_mosaic_probe.py --parts grouped_decode_window2,api_planar_decode \
+      --budget-s 240 --out "$OUT" > "$OUT/probe.log" 2>&1
+    echo "probe rc=$?"; grep -v '^{' "$OUT/probe.log" | grep -v Autotun | tail -3
+    python3 -c "
+import json
+for l in open('$OUT/fp4_mosaic_probe.jsonl'):
+    r = json.loads(l); r.pop('rest', None)
+    print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()})"
+    NCU_TIMEOUT=230 bash "$0" fp4ncu ;;
   fp4diag)
     timeout 540 python3 experiments/benchmarks/fp4_decode_diagnose.py --budget-s 420 --out "$OUT" > "$OUT/diag.log" 2>&1
     echo "rc=$?"; grep -v '^{' "$OUT/diag.log" | tail -5
@@ -68,5 +95,5 @@ for l in open('$OUT/diag.log'):
     timeout 400 python3 experiments/benchmarks/indexer.py --sizes 8192,32768 --set mosaic --quants none,fp8 \
       --reps 5 --out "$OUT/mosaic" > "$OUT/mosaic.log" 2>&1; echo "rc=$?"
     python3 experiments/benchmarks/indexer_summary.py "$OUT"/mosaic/indexer.json ;;
-  *) echo "usage: pending_runs.sh ep N | fp4 | fp4dump | fp4ncu | fp4diag | indexer | mosaic" >&2; exit 2 ;;
+  *) echo "usage: pending_runs.sh ep N | fp4 | fp4s8 | fp4s8b | fp4dump | fp4ncu | fp4diag | indexer | mosaic" >&2; exit 2 ;;
 esac
