@@ -115,7 +115,8 @@ def prefix_sum(v: jax.Array) -> jax.Array:
     """Inclusive prefix sums of a short int32 vector [n] (n: the groups, tens to hundreds), as one
     compare-and-sum over [n, n]. XLA runs `jnp.cumsum` on the GPU as a reduce-window, a kernel of its own
     (3.8 us of the ~20 us of XLA ops around a grouped decode call on the H200); a masked row sum is an
-    ordinary reduction that XLA can fuse with its neighbours (not yet timed on a GPU)."""
+    ordinary reduction that XLA can fuse with its neighbours (timed only within the whole call: with it and the
+    window tiles, the XLA ops around a 64-token grouped decode call took 7.1 us on the H200, session 8)."""
     n = v.shape[0]
     below = jnp.arange(n)[None, :] <= jnp.arange(n)[:, None]  # [n, n]: j <= i
     return jnp.sum(jnp.where(below, v[None, :], 0), axis=1, dtype=v.dtype)  # [n]

@@ -43,9 +43,9 @@ Tiles and stores: a launch is a list of tiles (`tile_table`): expert, first row 
 rows it owns. Dense tiles are row blocks of x. Grouped tiles are either grid tiles (row blocks of x as it
 is, one per (block, expert) pair that overlaps; a block spanning two experts is computed twice) or, for
 decode-sized M, packed tiles (each expert's rows from an 8-aligned row of a padded copy of x, so an expert
-with <= bm rows streams its weights once). Window tiles (`window=True`, session 7, not yet timed on a GPU):
-packed tiles that read x as it is, from the aligned row at or below each expert's first row, which drops
-the padded copy (a gather of x, 5.6 of the ~20 us of XLA ops around a 64-token call) and its bookkeeping
+with <= bm rows streams its weights once). Window tiles (`window=True`, the H200 table's decode entry since
+session 8): packed tiles that read x as it is, from the aligned row at or below each expert's first row, which
+drops the padded copy (a gather of x, 5.6 of the ~20 us of XLA ops around a 64-token call) and its bookkeeping
 (x is still padded, by a copy, when M is not a multiple of 8 or is below bm); bm 16 then keeps an expert of
 up to 9 rows in one tile. Each CTA writes its [64, bm] accumulator transposed into shared
 memory and stores only its own rows straight into y [M, N] with a ladder of power-of-two TMA row stores (a
@@ -53,11 +53,17 @@ TMA copy's size is static; the row count is not): no masked stores, no XLA gathe
 transposed store does not lower (jax 0.11.2), so float32 sums leave as bf16 terms (`out_terms`): one for a
 bf16 result, two for split-K partial sums (added by XLA), three (float32's 24 bits) for a float32 result.
 
-Overlapped steps (`BlockConfig.overlap`, session 7, not yet timed on a GPU): by default each K step ends by
-waiting for its wgmmas; with `overlap` it waits only for the previous step's, so a step's tensor-core work
-runs under the next step's TMA wait and decode, and x's pipeline buffer is released a step late (wgmma
-reads it asynchronously). A candidate for the dense decode, whose kernel stayed at 58% of copy bandwidth
-after the word decoder cut its integer ops.
+Overlapped steps (`BlockConfig.overlap`): by default each K step ends by waiting for its wgmmas; with
+`overlap` it waits only for the previous step's, so a step's tensor-core work runs under the next step's TMA
+wait and decode, and x's pipeline buffer is released a step late (wgmma reads it asynchronously). On the H200
+(session 8) it changed the decode kernels by 1-2% (dense) and nothing (grouped), so no stored entry uses it.
+
+Occupancy decides the decode kernels (Nsight Compute, session 8): they are latency-bound, not issue- or
+bandwidth-bound. The dense decode tile (99 registers, no spills, no ptxas wgmma serialization) fits 4 CTAs
+(16 warps) per SM; at K = N = 4096 its 512 CTAs are one wave, the SMs are busy 68% of the kernel's time,
+each scheduler issues every other cycle with 0.93 eligible warps, and DRAM runs at 25% of its peak (38% at
+7168). The grouped decode tile (168 registers) streams 14 waves of CTAs and went from 123.7 to 109.2 us when
+2 pipeline stages instead of 3 let three CTAs share an SM instead of two.
 
 A operand: in registers on the GPU (`a_in_registers`, the fast path: no shared-memory round trip). The
 Mosaic GPU interpreter (jax 0.11.2) only runs wgmma with A in shared memory, so interpret mode stores the
@@ -70,12 +76,12 @@ power-of-two scales), so the f32 result matches the reference to float32 roundin
 terms along M (one launch: the weights are read once); grouped runs one launch per term (stacking would break
 the rows' group order), so it reads the weights three times.
 
-Measured on the H200 (device time, RESULTS.md "FP4 matmul, session 7"; planar weights, the stored table;
-grouped rows through the public api, dense rows from the kernel sweep on the table's tiles): grouped
-prefill (64 experts, top-6 of 8192 tokens, K=4096, N=2048) 1.99 ms, 1.36x tokamax's bf16 ragged_dot (2.72
-ms); grouped decode (64 / 8 tokens) 145 / 84 us, 1.9x / 2.6x tokamax, 58% / 53% of copy bandwidth (the
-kernel alone 69%; about 20 us of XLA ops build the tile table and the padded x); dense decode M = 16 at
-1.4x / 1.8x XLA bf16 (K = N = 4096 / 7168), 31% / 49% of copy bandwidth.
+Measured on the H200 (device time, RESULTS.md "FP4 matmul, session 8"; planar weights, the stored table,
+through the public api): grouped prefill (64 experts, top-6 of 8192 tokens, K=4096, N=2048) 2.02 ms, 1.35x
+tokamax's bf16 ragged_dot (2.73 ms); grouped decode (64 / 8 tokens, window tiles) 111 / 66 us, 2.5x / 3.3x
+tokamax, 76% / 68% of copy bandwidth on the touched experts' packed bytes; dense decode M = 16 at 1.4x /
+1.8x XLA bf16 (K = N = 4096 / 7168), 31% / 49% of copy bandwidth (the kernel alone 42% / 58%; the rest is
+the XLA sum of the split-K partials).
 """
 
 from __future__ import annotations
