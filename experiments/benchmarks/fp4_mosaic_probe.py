@@ -304,6 +304,8 @@ def main():
             api_part(args.out, deadline, planar=True)
         elif part == "api_planar_decode":  # the same, decode sizes only (no grouped prefill row)
             api_part(args.out, deadline, token_counts=(64, 8), planar=True)
+        elif part == "api_planar_decode_mid":  # grouped decode between the 8 and 64 tokens (session 8)
+            api_part(args.out, deadline, token_counts=(32, 16), dense=False, planar=True)
         elif part == "dense_planar":
             for kn in (4096, 7168):
                 dense_part(args.out, 16, kn, DENSE_DECODE_PLANAR, 12, deadline, planar=True)

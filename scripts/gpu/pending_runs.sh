@@ -13,6 +13,7 @@
 #   fp4s8     issue 6, session 8: window tiles' depth against CTAs per SM, the api at decode sizes on the stored
 #             table, then fp4ncu.
 #   fp4s8b    issue 6, session 8: the api at decode sizes on the stored table, then dense decode occupancy.
+#   fp4mid    issue 6, session 8: the api's grouped decode at 32 and 16 tokens.
 #   fp4dump   issue 6: ptxas registers and spills of the planar kernels (experiments/benchmarks/fp4_sass_dump.py),
 #             with /usr/local/cuda/bin on the PATH so that Mosaic's SASS dump finds nvdisasm.
 #   fp4ncu    issue 6: Nsight Compute on the dense and grouped decode kernels (the machine runs Firecracker, where
@@ -63,6 +64,16 @@ import json
 for l in open('$OUT/fp4_mosaic_probe.jsonl'):
     r = json.loads(l); r.pop('rest', None)
     print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()})" ;;
+  fp4mid)
+    # session 8: the public api's grouped decode at 32 and 16 tokens x top-6 (between the issue's 8 and 64)
+    timeout 200 python3 experiments/benchmarks/fp4_mosaic_probe.py --parts api_planar_decode_mid --budget-s 170 \
+      --out "$OUT" > "$OUT/probe.log" 2>&1
+    echo "probe rc=$?"; grep -v '^{' "$OUT/probe.log" | grep -v Autotun | tail -3
+    python3 -c "
+import json
+for l in open('$OUT/fp4_mosaic_probe.jsonl'):
+    r = json.loads(l); r.pop('rest', None)
+    print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()})" ;;
   fp4s8)
     # session 8: window tiles' pipeline depth against CTAs per SM, then the public api at decode sizes with the
     # stored table (grouped decode on window tiles), then Nsight Compute on the decode kernels (fp4ncu)
@@ -95,5 +106,5 @@ for l in open('$OUT/diag.log'):
     timeout 400 python3 experiments/benchmarks/indexer.py --sizes 8192,32768 --set mosaic --quants none,fp8 \
       --reps 5 --out "$OUT/mosaic" > "$OUT/mosaic.log" 2>&1; echo "rc=$?"
     python3 experiments/benchmarks/indexer_summary.py "$OUT"/mosaic/indexer.json ;;
-  *) echo "usage: pending_runs.sh ep N | fp4 | fp4s8 | fp4s8b | fp4dump | fp4ncu | fp4diag | indexer | mosaic" >&2; exit 2 ;;
+  *) echo "usage: pending_runs.sh ep N | fp4 | fp4s8 | fp4s8b | fp4mid | fp4dump | fp4ncu | fp4diag | indexer | mosaic" >&2; exit 2 ;;
 esac
