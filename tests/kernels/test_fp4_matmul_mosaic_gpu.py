@@ -140,6 +140,23 @@ def test_dense_lowers_for_cuda_without_a_gpu(a_in_registers, m):
     assert api_text.count("custom_call @mosaic_gpu_v2") == 1
 
 
+def test_api_lowers_planar_weights_on_a_chip_without_a_table():
+    """A Hopper GPU without a stored table (e.g. an H100) gets `DEFAULTS`, which must decode with the PTX decoder:
+    the jnp word decoder for planar weights has no Mosaic GPU lowering (this CPU has no table either)."""
+    assert block_sizes.load_table("cpu") is block_sizes.DEFAULTS
+    for op in ("dense_mosaic", "grouped_mosaic"):
+        assert all(e["config"]["decode"] == "asm" for e in block_sizes.DEFAULTS[op])
+    w = fp4_matmul.to_planar(_weight(jax.random.key(0), (256, 1024)))
+    wg = fp4_matmul.to_planar(_weight(jax.random.key(1), (4, 128, 1024)))
+    sizes = jnp.array([5, 0, 21, 6], jnp.int32)
+    for m in (16, 32):
+        x = jnp.ones((m, 1024), jnp.bfloat16)
+        for f in (lambda xx: fp4_matmul.fp4_matmul(xx, w, implementation="mosaic_gpu"),
+                  lambda xx: fp4_matmul.fp4_grouped_matmul(xx, wg, sizes, implementation="mosaic_gpu")):
+            text = jax.jit(f).trace(x).lower(lowering_platforms=("cuda",)).as_text()
+            assert text.count("custom_call @mosaic_gpu_v2") == 1
+
+
 def test_tiles_fit_shared_memory_and_bad_shapes_raise():
     for m in (1, 8, 16, 64, 300, 4096):
         for a_regs in (True, False):
@@ -327,20 +344,24 @@ def test_grouped_window_tiles_match_packed_tiles(m, sizes):
 
 
 def test_stored_h200_decode_entry_runs_window_tiles():
-    """The H200 table's grouped decode entry (window tiles, bm 16, 512-wide K steps, 2 stages: session 8) as the
-    api selects it: in the interpreter it matches the reference and gives the packed tiles' output bit for bit."""
+    """The H200 table's grouped decode entry (window tiles, bm 16, 512-wide K steps, 2 stages: session 8), called
+    as the api calls it (tile kind picked by M, `window` from the entry): it takes the window tiles (no gather of
+    x), matches the reference, and gives the packed tiles' output bit for bit."""
     cfg = block_sizes.select("grouped_mosaic", 48, chip="nvidia_h200")
     assert cfg.window and (cfg.block_m, cfg.block_k, cfg.split_k, cfg.num_stages) == (16, 512, 1, 2)
-    sizes = [9, 0, 17, 6, 16]
+    sizes = [9, 0, 17, 6, 7, 9]  # M = 48 <= 8 rows per expert: packed tiles; the 17-row group spans two windows
     wq = _weight(jax.random.key(3), (len(sizes), 64, 1024))
     w = fp4_matmul.to_planar(wq)
     x = jax.random.normal(_key(), (48, 1024), jnp.bfloat16)
     gs = jnp.array(sizes, jnp.int32)
     cfg = dataclasses.replace(cfg, decode="jnp")  # what the interpreter runs in place of the PTX decoder
-    run = lambda window: np.asarray(jax.block_until_ready(mosaic_gpu.grouped(
-        x, w.values, w.scales, gs, cfg, interpret=True, packed=True, planar=True, window=window)), np.float32)
-    got = run(None)  # None: the entry's own `window`
-    np.testing.assert_array_equal(got, run(False))
+    run = lambda xx, window: mosaic_gpu.grouped(xx, w.values, w.scales, gs, cfg, interpret=True, planar=True,
+                                                window=window)  # window None: the entry's own
+    x_gathers = lambda window: [ln for ln in str(jax.make_jaxpr(run, static_argnums=1)(x, window)).splitlines()
+                                if "gather" in ln and "bf16[" in ln]  # a gather of x's rows (the table's: int32)
+    assert not x_gathers(None) and x_gathers(False)  # window tiles read x as it is; packed tiles a padded copy
+    got = np.asarray(jax.block_until_ready(run(x, None)), np.float32)
+    np.testing.assert_array_equal(got, np.asarray(jax.block_until_ready(run(x, False)), np.float32))
     assert _rel(got, _ref_grouped(x, wq, gs)) < 1e-2
 
 

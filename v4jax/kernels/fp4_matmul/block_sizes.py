@@ -133,14 +133,17 @@ DEFAULTS["dequantize"] = [
 # the weight rows per CTA (64, or 128: two 64-row accumulators sharing each x tile, where N % 128 == 0),
 # block_k the K per pipeline step, num_stages the TMA pipeline depth, decode "asm" / "asm_lean" (PTX) or "jnp".
 # Split-K 2 gives 4096 / 64 * 2 = 128 CTAs for the 132 SMs at decode. These defaults were not measured; the H200 table's
-# entries were (its "source").
+# entries were (its "source"). They decode with "asm": the kernels run on Hopper GPUs only, where the PTX decoder is the
+# fast one and the only one that lowers for planar weights (the jnp word decoder's transpose has no Mosaic GPU
+# lowering); the interpreter runs "jnp" in its place.
 DEFAULTS["dense_mosaic"] = [
-    {"max_m": 64, "config": {"block_m": 64, "block_k": 512, "split_k": 2, "num_stages": 4}},
-    {"max_m": None, "config": {"block_m": 128, "block_k": 256, "split_k": 1, "num_stages": 2}},
+    {"max_m": 64, "config": {"block_m": 64, "block_k": 512, "split_k": 2, "num_stages": 4, "decode": "asm"}},
+    {"max_m": None, "config": {"block_m": 128, "block_k": 256, "split_k": 1, "num_stages": 2, "decode": "asm"}},
 ]
 DEFAULTS["grouped_mosaic"] = [
-    {"max_m": 512, "config": {"block_m": 8, "block_k": 256, "split_k": 4, "num_stages": 4}},
-    {"max_m": None, "config": {"block_m": 64, "block_n": 128, "block_k": 256, "split_k": 1, "num_stages": 3}},
+    {"max_m": 512, "config": {"block_m": 8, "block_k": 256, "split_k": 4, "num_stages": 4, "decode": "asm"}},
+    {"max_m": None, "config": {"block_m": 64, "block_n": 128, "block_k": 256, "split_k": 1, "num_stages": 3,
+                               "decode": "asm"}},
 ]
 
 
