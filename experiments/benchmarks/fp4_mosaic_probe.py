@@ -10,12 +10,15 @@ Rows (JSON lines in OUT/fp4_mosaic_probe.jsonl, also printed):
   api: the public api (implementation=None) on the issue's shapes, with tokamax / XLA in the same run;
        api_planar: the same with the weights in the load-time layout (`fp4_matmul.to_planar`);
        api_planar_decode: api_planar without the grouped prefill row;
+  api_planar_decode_mid: the api's grouped decode at 32 and 16 tokens;
   grouped_decode_window: decode-sized grouped calls with window tiles (`mosaic_gpu.grouped(window=True)`: no
-       padded copy of x) beside the stored configs' packed tiles;
-  decode_overlap: dense and grouped decode with `BlockConfig.overlap` beside the stored entries;
+       padded copy of x) beside the session-7 entry's packed tiles;
+  grouped_decode_window2: window tiles' pipeline depth against CTAs per SM (session 8);
+  decode_overlap: dense and grouped decode with `BlockConfig.overlap` beside the session-7 entries;
+  dense_occupancy: dense decode with 2 stages and with A in shared memory (session 8);
   dense_planar, grouped_planar, grouped_decode_planar: the kernel sweeps on planar weights.
 Usage: python experiments/benchmarks/fp4_mosaic_probe.py [--out DIR] [--parts api,api_planar,api_planar_decode,api_prefill,
-       grouped_decode_window,decode_overlap,
+       api_planar_decode_mid,grouped_decode_window,grouped_decode_window2,decode_overlap,dense_occupancy,
        dense,dense_planar,prefill,grouped,grouped_planar,grouped_decode,grouped_decode_planar] [--budget-s S]
 """
 
@@ -232,32 +235,32 @@ DENSE_DECODE_PLANAR = [
     (B(64, block_k=512, split_k=1, num_stages=6, decode="asm_lean"), True),
     (B(64, block_k=256, split_k=2, num_stages=8, decode="asm_lean"), True),
 ]
-# window tiles (session 7, not yet timed): a group of up to bm - 7 rows is one tile, so bm 16 for decode;
-# first the stored table's entry with packed tiles (the padded copy of x), for the comparison
+# window tiles (session 7, first timed in session 8): a group of up to bm - 7 rows is one tile, so bm 16 for decode;
+# first the session-7 entry with packed tiles (the padded copy of x), for the comparison
 GROUPED_DECODE_WINDOW = [
     (B(8, block_k=512, split_k=1, num_stages=4, decode="asm_lean"), False),
     (B(16, block_k=512, split_k=1, num_stages=4, decode="asm_lean"), True),
     (B(16, block_k=512, split_k=1, num_stages=3, decode="asm_lean"), True),
     (B(16, block_k=256, split_k=4, num_stages=4, decode="asm_lean"), True),
 ]
-# `overlap` (session 7, not yet timed): a K step's wgmmas stay in flight under the next step's decode
+# `overlap` (session 7, timed in session 8: under 2%): a K step's wgmmas stay in flight under the next step's decode
 DENSE_DECODE_OVERLAP = [
-    (B(64, block_k=256, split_k=8, num_stages=4, decode="asm_lean"), True),  # the stored table's entry
+    (B(64, block_k=256, split_k=8, num_stages=4, decode="asm_lean"), True),  # the stored entry
     (B(64, block_k=256, split_k=8, num_stages=4, decode="asm_lean", overlap=True), True),
     (B(64, block_k=256, split_k=4, num_stages=6, decode="asm_lean", overlap=True), True),
     (B(64, block_k=512, split_k=1, num_stages=6, decode="asm_lean", overlap=True), True),
 ]
 GROUPED_DECODE_OVERLAP = [
-    B(8, block_k=512, split_k=1, num_stages=4, decode="asm_lean"),  # the stored table's entry
+    B(8, block_k=512, split_k=1, num_stages=4, decode="asm_lean"),  # the session-7 entry
     B(8, block_k=512, split_k=1, num_stages=4, decode="asm_lean", overlap=True),
     (B(16, block_k=512, split_k=1, num_stages=4, decode="asm_lean", overlap=True), True),  # + window tiles
 ]
 # session 8: window tiles won with 3 stages (120 us at 64 tokens) and lost with 4 (162 us): with bm 16 and 512-wide
-# K steps a stage is 33 KB, so 4 stages leave one CTA per SM and 3 leave two; the stored entry (3 stages) beside
+# K steps a stage is 33 KB, so 4 stages leave one CTA per SM and 3 leave two; the 3-stage entry of that moment beside
 # 2 stages (three CTAs per SM), 256-wide steps with 4 stages (the same 66 KB), and the packed tiles with 3 stages
 GROUPED_DECODE_WINDOW2 = [
-    (B(16, block_k=512, split_k=1, num_stages=3, decode="asm_lean"), True),  # the stored table's entry
-    (B(16, block_k=512, split_k=1, num_stages=2, decode="asm_lean"), True),
+    (B(16, block_k=512, split_k=1, num_stages=3, decode="asm_lean"), True),  # the stored entry during run 2
+    (B(16, block_k=512, split_k=1, num_stages=2, decode="asm_lean"), True),  # the stored entry since run 2
     (B(16, block_k=256, split_k=1, num_stages=4, decode="asm_lean"), True),
     (B(8, block_k=512, split_k=1, num_stages=3, decode="asm_lean"), False),
 ]

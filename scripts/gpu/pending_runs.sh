@@ -6,10 +6,10 @@
 #   ep N      issue 8, on a machine of N = 2 or 4 GPUs: real-GPU parity and step times at expert = 1 .. N, every
 #             dispatch mode (expert GEMMs on XLA: tokamax's per-shape compiles ate a whole call in session 3),
 #             then the multi-process launcher (N processes, one GPU each).
-#   fp4       issue 6: grouped decode with window tiles (no padded copy of x) beside the stored packed tiles,
-#             dense and grouped decode with `overlap` (wgmmas in flight under the next step's decode) beside the
-#             stored entries (both session 7, not yet timed), then the public api on the issue's shapes with
-#             planar weights (grouped prefill and decode vs tokamax with the VJP, dense decode vs XLA).
+#   fp4       issue 6 (session 8's first call): grouped decode with window tiles (no padded copy of x) beside the
+#             session-7 packed tiles, dense and grouped decode with `overlap` (wgmmas in flight under the next step's
+#             decode) beside the session-7 entries, then the public api on the issue's shapes with planar weights
+#             (grouped prefill and decode vs tokamax with the VJP, dense decode vs XLA).
 #   fp4s8     issue 6, session 8: window tiles' depth against CTAs per SM, the api at decode sizes on the stored
 #             table, then fp4ncu.
 #   fp4s8b    issue 6, session 8: the api at decode sizes on the stored table, then dense decode occupancy.

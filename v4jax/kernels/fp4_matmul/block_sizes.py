@@ -33,7 +33,7 @@ class BlockConfig:
     # with mosaic_gpu's two-op E8M0 scales; Triton has one scale path and treats it as "asm")
     swap_ab: bool = False  # compute y.T = W x.T so the decoded weights are the MMA's register operand
     fuse_x: bool = False  # dense: read x's column planes in the kernel (strided) instead of an XLA transpose
-    overlap: bool = False  # mosaic_gpu: a K step's wgmmas run under the next step's decode (H200: within 1-2%)
+    overlap: bool = False  # mosaic_gpu: a K step's wgmmas run under the next step's decode (H200: under 2%)
     window: bool = False  # mosaic_gpu grouped, packed tiles: read x as it is, no padded copy (the H200's decode entry)
 
     def __post_init__(self):

@@ -56,14 +56,16 @@ bf16 result, two for split-K partial sums (added by XLA), three (float32's 24 bi
 Overlapped steps (`BlockConfig.overlap`): by default each K step ends by waiting for its wgmmas; with
 `overlap` it waits only for the previous step's, so a step's tensor-core work runs under the next step's TMA
 wait and decode, and x's pipeline buffer is released a step late (wgmma reads it asynchronously). On the H200
-(session 8) it changed the decode kernels by 1-2% (dense) and nothing (grouped), so no stored entry uses it.
+(session 8) it changed the decode kernels by less than 2% (dense 0.8%, grouped up to 1.6%), so no stored entry
+uses it.
 
-Occupancy decides the decode kernels (Nsight Compute, session 8): they are latency-bound, not issue- or
-bandwidth-bound. The dense decode tile (99 registers, no spills, no ptxas wgmma serialization) fits 4 CTAs
-(16 warps) per SM; at K = N = 4096 its 512 CTAs are one wave, the SMs are busy 68% of the kernel's time,
-each scheduler issues every other cycle with 0.93 eligible warps, and DRAM runs at 25% of its peak (38% at
-7168). The grouped decode tile (168 registers) streams 14 waves of CTAs and went from 123.7 to 109.2 us when
-2 pipeline stages instead of 3 let three CTAs share an SM instead of two.
+The decode kernels are latency-bound, not issue- or bandwidth-bound (Nsight Compute, session 8). The dense
+decode tile (98-99 registers, no spills, no ptxas wgmma serialization) fits 4 CTAs (16 warps) per SM, 3 at
+K = N = 7168 where 4 pipeline stages' shared memory limits it; at 4096 its 512 CTAs are one wave, the SMs are
+busy 68% of the kernel's time, each scheduler issues every other cycle with 0.93 eligible warps, and DRAM runs
+at 25% of its peak (38% at 7168). More warps alone did not help it: 2 stages at 7168 (4 CTAs per SM instead of
+3) left it at 14.0 us. The grouped decode tile (168 registers) did gain from them: it went from 123.7 to 109.2
+us at 64 tokens (78.7 to 72.0 at 8) when 2 pipeline stages instead of 3 let three CTAs share an SM, not two.
 
 A operand: in registers on the GPU (`a_in_registers`, the fast path: no shared-memory round trip). The
 Mosaic GPU interpreter (jax 0.11.2) only runs wgmma with A in shared memory, so interpret mode stores the
@@ -80,8 +82,8 @@ Measured on the H200 (device time, RESULTS.md "FP4 matmul, session 8"; planar we
 through the public api): grouped prefill (64 experts, top-6 of 8192 tokens, K=4096, N=2048) 2.02 ms, 1.35x
 tokamax's bf16 ragged_dot (2.73 ms); grouped decode (64 / 8 tokens, window tiles) 111 / 66 us, 2.5x / 3.3x
 tokamax, 76% / 68% of copy bandwidth on the touched experts' packed bytes; dense decode M = 16 at 1.4x /
-1.8x XLA bf16 (K = N = 4096 / 7168), 31% / 49% of copy bandwidth (the kernel alone 42% / 58%; the rest is
-the XLA sum of the split-K partials).
+1.8x XLA bf16 (K = N = 4096 / 7168), 31% / 49% of copy bandwidth (the kernel alone 42% / 58%; around it, the
+XLA sum of the split-K partials took 1.5 / 1.8 us and a placeholder table's broadcast 0.6 us, since removed).
 """
 
 from __future__ import annotations
