@@ -24,6 +24,17 @@
 #   mosaic    issue 7's Mosaic GPU score kernel (never run on a GPU): checked and timed against Triton at 8K / 32K.
 set -uo pipefail
 OUT=${OUT:-./gpu_out}; mkdir -p "$OUT"
+
+probe() {  # probe PARTS BUDGET_S TIMEOUT_S: experiments/benchmarks/fp4_mosaic_probe.py's parts, then its rows
+  timeout "$3" python3 experiments/benchmarks/fp4_mosaic_probe.py --parts "$1" --budget-s "$2" --out "$OUT" \
+    > "$OUT/probe.log" 2>&1
+  echo "probe rc=$?"; grep -v '^{' "$OUT/probe.log" | grep -v Autotun | tail -5
+  python3 -c "
+import json
+for l in open('$OUT/fp4_mosaic_probe.jsonl'):
+  r = json.loads(l); r.pop('rest', None)
+  print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()})"
+}
 case "${1:-}" in
   ep)
     n=${2:?ep needs the GPU count}
@@ -33,14 +44,7 @@ case "${1:-}" in
     OUT="$OUT/multihost" timeout 230 bash experiments/multihost/two_process_gpu.sh "$n" 40 > "$OUT/mp.log" 2>&1
     echo "launcher rc=$?"; tail -n 30 "$OUT/mp.log" ;;
   fp4)
-    timeout 540 python3 experiments/benchmarks/fp4_mosaic_probe.py --parts grouped_decode_window,decode_overlap,api_planar \
-      --budget-s 450 --out "$OUT" > "$OUT/probe.log" 2>&1
-    echo "rc=$?"; grep -v '^{' "$OUT/probe.log" | tail -5
-    python3 -c "
-import json
-for l in open('$OUT/fp4_mosaic_probe.jsonl'):
-    r = json.loads(l); r.pop('rest', None)
-    print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()})" ;;
+    probe grouped_decode_window,decode_overlap,api_planar 450 540 ;;
   fp4dump)
     export PATH="$PATH:/usr/local/cuda/bin"
     timeout 200 python3 experiments/benchmarks/fp4_sass_dump.py --decode "${DUMP_DECODE:-asm,asm_lean}" --out "$OUT/dump" \
@@ -56,35 +60,14 @@ for l in open('$OUT/fp4_mosaic_probe.jsonl'):
   fp4s8b)
     # session 8, second call: the public api at decode sizes on the stored table (grouped decode on window tiles,
     # 2 stages), then dense decode occupancy (pipeline depth, A in shared memory)
-    timeout 450 python3 experiments/benchmarks/fp4_mosaic_probe.py --parts api_planar_decode,dense_occupancy \
-      --budget-s 390 --out "$OUT" > "$OUT/probe.log" 2>&1
-    echo "probe rc=$?"; grep -v '^{' "$OUT/probe.log" | grep -v Autotun | tail -3
-    python3 -c "
-import json
-for l in open('$OUT/fp4_mosaic_probe.jsonl'):
-    r = json.loads(l); r.pop('rest', None)
-    print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()})" ;;
+    probe api_planar_decode,dense_occupancy 390 450 ;;
   fp4mid)
     # session 8: the public api's grouped decode at 32 and 16 tokens x top-6 (between the issue's 8 and 64)
-    timeout 200 python3 experiments/benchmarks/fp4_mosaic_probe.py --parts api_planar_decode_mid --budget-s 170 \
-      --out "$OUT" > "$OUT/probe.log" 2>&1
-    echo "probe rc=$?"; grep -v '^{' "$OUT/probe.log" | grep -v Autotun | tail -3
-    python3 -c "
-import json
-for l in open('$OUT/fp4_mosaic_probe.jsonl'):
-    r = json.loads(l); r.pop('rest', None)
-    print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()})" ;;
+    probe api_planar_decode_mid 170 200 ;;
   fp4s8)
     # session 8: window tiles' pipeline depth against CTAs per SM, then the public api at decode sizes with the
     # stored table (grouped decode on window tiles), then Nsight Compute on the decode kernels (fp4ncu)
-    timeout 290 python3 experiments/benchmarks/fp4_mosaic_probe.py --parts grouped_decode_window2,api_planar_decode \
-      --budget-s 240 --out "$OUT" > "$OUT/probe.log" 2>&1
-    echo "probe rc=$?"; grep -v '^{' "$OUT/probe.log" | grep -v Autotun | tail -3
-    python3 -c "
-import json
-for l in open('$OUT/fp4_mosaic_probe.jsonl'):
-    r = json.loads(l); r.pop('rest', None)
-    print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()})"
+    probe grouped_decode_window2,api_planar_decode 240 290
     NCU_TIMEOUT=230 bash "$0" fp4ncu ;;
   fp4diag)
     timeout 540 python3 experiments/benchmarks/fp4_decode_diagnose.py --budget-s 420 --out "$OUT" > "$OUT/diag.log" 2>&1
