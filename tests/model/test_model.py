@@ -163,9 +163,10 @@ def test_forward_backward_jit(tiny_model):
 def test_routed_indices_override(tiny_model):
     cfg, model, v = tiny_model
     tokens = jax.random.randint(jax.random.key(6), (2, 40), 0, cfg.vocab_size)
-    base = model.apply(v, tokens)
+    apply = jax.jit(model.apply)  # jitted: eager op-by-op applies of the model took most of a minute
+    base = apply(v, tokens)
     forced = jnp.zeros_like(base.aux["router_indices"]).at[..., 1].set(1)  # experts {0, 1} everywhere
-    out = model.apply(v, tokens, routed_indices=forced)
+    out = apply(v, tokens, routed_indices=forced)
     learned = np.array([k == "learned" for k in cfg.moe_kinds] + [True] * cfg.mtp_depth)
     got = np.asarray(out.aux["router_indices"])
     np.testing.assert_array_equal(got[learned], np.asarray(forced)[learned])
