@@ -113,6 +113,48 @@ def test_generated_ptx_decodes_the_registers_a_thread_holds():
                     np.testing.assert_array_equal(got, np.where(c & 8, -1.0, 1.0) * e2m1[c & 7])
 
 
+def test_fused_decoder_gives_the_two_fma_numbers_for_scales_up_to_2():
+    """"asm_fused": the same integer ops as the two-FMA decoder, then one FMA by 2**126 * scale, the bf16
+    `_e8m0_to_bf16(fused=True)` gives for every scale byte up to 128 (scale 2); on every code and each of those
+    bytes the product is the exact value (the numbers the two FMAs give). The api takes it only for planar
+    weights whose largest scale byte, read by `to_planar`, is <= 128."""
+    for rots in planar.ROTATIONS.values():
+        two, one = mosaic_gpu.word_decode_ptx(rots), mosaic_gpu.word_decode_ptx(rots, fused=True)
+        assert two.count("fma.rn.bf16x2") == 2 and one.count("fma.rn.bf16x2") == 1 and "c126" not in one
+        assert "fma.rn.bf16x2 $0, u, $2, nz;" in one
+        words = np.random.default_rng(0).integers(0, 1 << 32, 4096, dtype=np.uint64)
+        np.testing.assert_array_equal(_run_ptx(one, words), _run_ptx(two, words))  # same integer part
+    b = jnp.arange(planar.FUSED_MAX_SCALE + 1, dtype=jnp.uint8)
+    fused = np.asarray(mosaic_gpu._e8m0_to_bf16(b, fused=True).astype(jnp.float32), np.float64)
+    np.testing.assert_array_equal(fused, 2.0 ** (np.arange(planar.FUSED_MAX_SCALE + 1) - 1.0))
+    # u = E2M1 * 2**-126 as bf16 bits (sign, exponent 0..3, mantissa bit 6): every code times every fused scale
+    codes = np.arange(16)
+    u = ((codes & 8) << 12) | ((codes & 7) << 6)  # low half of the register, as `planar.TARGET_BITS` places it
+    u_val = (u.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    e2m1 = np.where(codes & 8, -1.0, 1.0) * np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6])[codes & 7]
+    exact = e2m1[:, None] * 2.0 ** (np.arange(planar.FUSED_MAX_SCALE + 1) - 127.0)  # [code, byte]
+    prod = u_val[:, None] * fused[None, :]  # the FMA's exact product (float64), which it rounds once to bf16
+    np.testing.assert_array_equal(prod, exact)
+    # ... and bf16 holds it (down to 2**-128, a bf16 subnormal: the GPU's bf16x2 FMA keeps subnormals; numpy's
+    # software bf16 here does too, where XLA on CPU would flush them), so that rounding changes nothing
+    np.testing.assert_array_equal(prod.astype(jnp.bfloat16).astype(np.float64), exact)
+    # to_planar reads the largest scale byte when the scales are concrete; under a trace it is unknown
+    w = _weight(_key(), (64, 256))
+    p = fp4_matmul.to_planar(w)
+    assert p.max_scale == int(jnp.max(w.scales)) and planar.fused_scales_ok(p) == (p.max_scale <= 128)
+    assert jax.jit(lambda v: fp4_matmul.to_planar(w.replace(values=v)).values)(w.values).shape == p.values.shape
+    traced = []
+    jax.jit(lambda sc: traced.append(fp4_matmul.to_planar(w.replace(scales=sc))) or sc)(w.scales)
+    assert traced[0].max_scale is None and not planar.fused_scales_ok(traced[0])
+    from v4jax.kernels.fp4_matmul import api
+
+    cfg = block_sizes.BlockConfig(decode="asm_fused")
+    assert api._decoder_for(cfg, p).decode == ("asm_fused" if planar.fused_scales_ok(p) else "asm_lean")
+    assert api._decoder_for(cfg, p.replace(max_scale=129)).decode == "asm_lean"  # a scale above 2
+    assert p.replace(scales=p.scales).max_scale is None and p.replace(values=p.values).max_scale == p.max_scale
+    assert api._decoder_for(cfg, traced[0]).decode == "asm_lean" and api._decoder_for(cfg, w).decode == "asm_lean"
+
+
 def test_to_planar_rejects_what_it_cannot_hold():
     with pytest.raises(ValueError, match="multiple of 256"):
         fp4_matmul.to_planar(quant.quantize(jnp.ones((64, 96)), "mxfp4"))
@@ -181,6 +223,10 @@ def test_planar_kernels_lower_for_cuda_with_the_ptx_decoder():
         assert f"shf.l.wrap.b32 r, $1, $1, {rot};" in text
     assert "stablehlo.transpose" not in text  # the point of the layout: no x plane split, no scale transpose
     assert "stablehlo.while" not in text  # tile tables without a binary-search loop (common.SEARCH)
+    fused = dataclasses.replace(cfg, decode="asm_fused")
+    f = lambda xx, v, s, gs: mosaic_gpu.grouped(xx, v, s, gs, cfg=fused, planar=True)
+    text = jax.jit(f).trace(x, p.values, p.scales, sizes).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("custom_call @mosaic_gpu_v2") == 1 and "c126" not in text  # one FMA per register
 
 
 @pytest.mark.parametrize("implementation", ["mosaic_gpu", "triton", "xla"])

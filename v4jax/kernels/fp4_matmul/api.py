@@ -25,6 +25,7 @@ training uses bf16/fp32 master weights through `grouped_matmul` instead.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -145,9 +146,17 @@ def _layout_kwargs(w) -> dict:
     return {"planar": True} if isinstance(w, PlanarMXFP4) else {}
 
 
+def _decoder_for(cfg: block_sizes.BlockConfig, w) -> block_sizes.BlockConfig:
+    """`cfg`, with "asm_fused" (one FMA per register, exact only for scales <= 2) replaced by "asm_lean" unless
+    `w` is planar and its scales are known to allow it (`planar.fused_scales_ok`)."""
+    if cfg.decode == "asm_fused" and not planar.fused_scales_ok(w):
+        return dataclasses.replace(cfg, decode="asm_lean")
+    return cfg
+
+
 def _dense_forward(x, w: QArray | PlanarMXFP4, impl: str, interpret: bool):
     op = "dense_mosaic" if impl == "mosaic_gpu" else "dense"  # the Mosaic kernel tiles differently
-    cfg = block_sizes.select(op, x.shape[0], chip=None if not interpret else "interpret")
+    cfg = _decoder_for(block_sizes.select(op, x.shape[0], chip=None if not interpret else "interpret"), w)
     backend = _backend_module(impl)
     return backend.dense(x, w.values, w.scales, cfg=cfg, interpret=interpret, **_layout_kwargs(w))
 
@@ -235,7 +244,7 @@ def _dequantize_then_grouped(x, w: QArray, group_sizes, interpret: bool):
 
 def _grouped_forward(x, w: QArray | PlanarMXFP4, group_sizes, impl: str, interpret: bool):
     op = "grouped_mosaic" if impl == "mosaic_gpu" else "grouped"  # the Mosaic kernel tiles differently
-    cfg = block_sizes.select(op, x.shape[0], chip=None if not interpret else "interpret")
+    cfg = _decoder_for(block_sizes.select(op, x.shape[0], chip=None if not interpret else "interpret"), w)
     return _backend_module(impl).grouped(
         x, w.values, w.scales, group_sizes, cfg=cfg, interpret=interpret, **_layout_kwargs(w)
     )

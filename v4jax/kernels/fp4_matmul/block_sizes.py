@@ -16,7 +16,7 @@ from pathlib import Path
 TABLE_DIR = Path(__file__).resolve().parent.parent / "block_sizes"
 
 
-DECODERS = ("jnp", "asm", "asm_lean")
+DECODERS = ("jnp", "asm", "asm_lean", "asm_fused")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,7 +30,9 @@ class BlockConfig:
     num_warps: int = 4
     num_stages: int = 3
     decode: str = "jnp"  # DECODERS: "jnp" (runs everywhere), "asm" (bf16x2 PTX, GPU only), "asm_lean" (PTX
-    # with mosaic_gpu's two-op E8M0 scales; Triton has one scale path and treats it as "asm")
+    # with mosaic_gpu's two-op E8M0 scales; Triton has one scale path and treats it as "asm"), "asm_fused"
+    # (mosaic_gpu, planar weights whose scales are all <= 2: one FMA per register; the api falls back to
+    # "asm_lean" for other weights)
     swap_ab: bool = False  # compute y.T = W x.T so the decoded weights are the MMA's register operand
     fuse_x: bool = False  # dense: read x's column planes in the kernel (strided) instead of an XLA transpose
     overlap: bool = False  # mosaic_gpu: a K step's wgmmas run under the next step's decode (H200: under 2%)

@@ -34,7 +34,10 @@ per plane and register turns two packed bytes into a bf16x2 pair (prmt + shifts 
 weights one asm per output register from the word; then two exact bf16x2 FMAs (by 2**126 and by the
 scale). "asm_lean": "asm" with the E8M0 scales converted by max(b << 7, 0x0040) (two ops, not five): exact
 for every scale byte but the E8M0 NaN (255), which reads as +inf (the block's outputs are non-finite
-either way: inf or NaN instead of NaN). "jnp" (`decode_plane16`, `decode_words_jnp`): the same numbers in
+either way: inf or NaN instead of NaN). "asm_fused" (planar weights whose scale bytes are all <= 128, i.e.
+scales <= 2, as in LLM weights: `planar.fused_scales_ok`; the api falls back to "asm_lean" for other weights):
+one bf16x2 FMA per register, by 2**126 * scale, instead of two: 15 instead of 19 ops per word in the PTX
+(session 8, not yet timed on a GPU). "jnp" (`decode_plane16`, `decode_words_jnp`): the same numbers in
 jnp; the interpreter runs it (it cannot run PTX). Measured on the H200 (M = 16, K = N = 7168, kernel
 alone): 28.2 us with "jnp", 18.6 with "asm" (QArray layout, session 5); planar words 14.6 ("asm") and 14.1
 ("asm_lean") us, against 15.7 with the session-6 planar decoder (session 7).
@@ -128,7 +131,7 @@ class Tiles:
     bk: int
     split: int
     stages: int
-    decode: str = "jnp"  # "jnp" (runs in the interpreter), "asm" or "asm_lean" (inline PTX, GPU only)
+    decode: str = "jnp"  # "jnp" (runs in the interpreter), "asm", "asm_lean" or "asm_fused" (PTX, GPU only)
     wn: int = BN  # weight rows per CTA: 64, or 128 (two accumulators share each x tile: half the x traffic)
     overlap: bool = False  # a K step's wgmmas stay in flight under the next step's decode (see `_kernel`)
 
@@ -229,12 +232,15 @@ def _decode_ptx(byte: jax.Array, scale: jax.Array) -> tuple[jax.Array, jax.Array
     return tuple(decode(byte, scale))
 
 
-def word_decode_ptx(rotations) -> str:
+def word_decode_ptx(rotations, fused: bool = False) -> str:
     """Inline PTX for one bf16x2 register R(p, h) of the planar layout (`planar.ROTATIONS`): the rotations of
     the 32-bit word $1 that put the register's bits on bf16 bits 15 | 8 7 | 6 (both halves), masked and
     merged (ptxas makes each rotation one SHF and each mask-and-merge one LOP3), then the two exact bf16x2
-    FMAs of `common.ptx_nibble_pair`: by 2**126 (the bits read as E2M1 * 2**-126) and by the scale $2."""
-    lines = ["{", ".reg .b32 r, u, c126, nz;", "mov.b32 c126, 0x7E807E80;", "mov.b32 nz, 0x80008000;"]
+    FMAs of `common.ptx_nibble_pair`: by 2**126 (the bits read as E2M1 * 2**-126) and by the scale $2; with
+    `fused` ("asm_fused") one FMA by $2 = 2**126 * scale (`_e8m0_to_bf16(fused=True)`), as exact."""
+    lines = ["{", ".reg .b32 r, u, nz;", "mov.b32 nz, 0x80008000;"]
+    if not fused:
+        lines[1:1] = [".reg .b32 c126;", "mov.b32 c126, 0x7E807E80;"]
     for i, (rot, bits) in enumerate(rotations):
         mask = sum(1 << (planar.TARGET_BITS[b] + 16 * e) for b in bits for e in (0, 1))
         src = "$1"
@@ -244,11 +250,15 @@ def word_decode_ptx(rotations) -> str:
         lines.append(f"and.b32 {'u' if i == 0 else 'r'}, {src}, {mask:#010x};")
         if i:
             lines.append("or.b32 u, u, r;")
-    lines += ["fma.rn.bf16x2 u, u, c126, nz;", "fma.rn.bf16x2 $0, u, $2, nz;", "}"]
+    if fused:
+        lines += ["fma.rn.bf16x2 $0, u, $2, nz;", "}"]
+    else:
+        lines += ["fma.rn.bf16x2 u, u, c126, nz;", "fma.rn.bf16x2 $0, u, $2, nz;", "}"]
     return "\n".join(lines)
 
 
-def _decode_words_ptx(byte: jax.Array, scales: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+def _decode_words_ptx(byte: jax.Array, scales: tuple[jax.Array, jax.Array],
+                      fused: bool = False) -> tuple[jax.Array, jax.Array]:
     """Planar-layout bytes uint8 [64, 128] (one chunk, WGMMA register layout) and each plane's bf16 scales
     [64, 128] -> the two planes bf16 [64, 128] (GPU only; `decode_words_jnp` is the same numbers in jnp).
 
@@ -270,7 +280,7 @@ def _decode_words_ptx(byte: jax.Array, scales: tuple[jax.Array, jax.Array]) -> t
         i16, i32 = ir.IntegerType.get_signless(16), ir.IntegerType.get_signless(32)
         pair = ir.VectorType.get((2,), ir.BF16Type.get())
         out = [np.empty(s0.registers.shape, dtype=object) for _ in range(PLANES)]
-        asm = {ph: word_decode_ptx(rots) for ph, rots in planar.ROTATIONS.items()}
+        asm = {ph: word_decode_ptx(rots, fused) for ph, rots in planar.ROTATIONS.items()}
         for idx in np.ndindex(b.registers.shape):  # idx[1]: the 8-byte column group
             if idx[1] % 2:
                 continue
@@ -294,11 +304,15 @@ def decode_words_jnp(byte: jax.Array, scales: tuple[jax.Array, jax.Array]) -> tu
     return tuple((common.e2m1_to_f32(c) * s).astype(jnp.bfloat16) for c, s in zip(planes, scales))
 
 
-def _e8m0_to_bf16(byte: jax.Array, lean: bool = False) -> jax.Array:
+def _e8m0_to_bf16(byte: jax.Array, lean: bool = False, fused: bool = False) -> jax.Array:
     """E8M0 bytes -> bf16 2**(b-127) from the bit pattern: b << 7 (a normal bf16), 0 -> 2**-127 (the bf16
     subnormal 0x0040), 255 -> NaN; exact, and no float32 subnormal on the way. `lean` (decode "asm_lean"):
-    max(b << 7, 0x0040), two ops instead of five, exact but for the NaN byte 255, which reads as +inf."""
+    max(b << 7, 0x0040), two ops instead of five, exact but for the NaN byte 255, which reads as +inf.
+    `fused` (decode "asm_fused"): 2**126 * 2**(b-127) = 2**(b-1), bits (b + 126) << 7, two ops, exact for
+    b <= planar.FUSED_MAX_SCALE (128; the caller guarantees it, see `planar.fused_scales_ok`)."""
     b = byte.astype(jnp.uint16)
+    if fused:
+        return jax.lax.bitcast_convert_type((b + jnp.uint16(126)) << 7, jnp.bfloat16)
     if lean:
         return jax.lax.bitcast_convert_type(jnp.maximum(b << 7, jnp.uint16(0x0040)), jnp.bfloat16)
     bits = jnp.where(b == 0, jnp.uint16(0x0040), b << 7)
@@ -306,14 +320,15 @@ def _e8m0_to_bf16(byte: jax.Array, lean: bool = False) -> jax.Array:
     return jax.lax.bitcast_convert_type(bits, jnp.bfloat16)
 
 
-def _scale_columns(s_smem, blocks: range, width: int, dtype, r0: int, lean: bool = False) -> jax.Array:
+def _scale_columns(s_smem, blocks: range, width: int, dtype, r0: int, lean: bool = False,
+                   fused: bool = False) -> jax.Array:
     """Scale blocks `blocks` of the step's tile [groups, wn] uint8 (transposed: one scale block per row), rows
     r0 .. r0 + 64 -> `dtype` (float32, or bf16 for the PTX decoder) [64, width * len(blocks)] in the WGMMA
     layout: each block's scale repeated over its `width` byte columns."""
     cols = []
     for g in blocks:
         row = plgpu.load(s_smem.at[g, pl.ds(r0, BN)], layout=plgpu.Layout.WGMMA.reduce(1))  # [64] uint8 per row
-        sc = _e8m0_to_bf16(row, lean) if dtype == jnp.bfloat16 else common.e8m0_to_f32(row)  # [64]
+        sc = _e8m0_to_bf16(row, lean, fused) if dtype == jnp.bfloat16 else common.e8m0_to_f32(row)  # [64]
         cols.append(jnp.broadcast_to(sc[:, None], (BN, width)))  # [64, width]
     return jnp.concatenate(cols, axis=1)  # [64, width * len(blocks)]
 
@@ -324,10 +339,12 @@ def _tile_scales(s_smem, g0: int, groups: int, dtype=jnp.float32, r0: int = 0, l
     return _scale_columns(s_smem, range(g0, g0 + groups), BYTES_PER_SCALE, dtype, r0, lean)
 
 
-def _planar_scales(s_smem, c: int, p: int, dtype=jnp.float32, r0: int = 0, lean: bool = False) -> jax.Array:
+def _planar_scales(s_smem, c: int, p: int, dtype=jnp.float32, r0: int = 0, lean: bool = False,
+                   fused: bool = False) -> jax.Array:
     """Planar weights: plane p of K chunk c (its elements c*256 + p*128 + j, j < 128: decoded column j) spans
     the 4 scale blocks c*8 + p*4 + i, block i over decoded columns [32i, 32i + 32) -> [64, 128]."""
-    return _scale_columns(s_smem, range(c * 8 + p * 4, c * 8 + p * 4 + 4), 2 * BYTES_PER_SCALE, dtype, r0, lean)
+    return _scale_columns(s_smem, range(c * 8 + p * 4, c * 8 + p * 4 + 4), 2 * BYTES_PER_SCALE, dtype, r0, lean,
+                          fused)
 
 
 def out_terms(split: int, out_dtype) -> int:
@@ -455,11 +472,13 @@ def _kernel(tab_gmem, x_gmem, v_gmem, s_gmem, o_gmem, o_smem, *a_smem, t: Tiles,
                 for h, acc_ref in enumerate(accs):  # 64 weight rows each; both read the same x tile
                     wrows = pl.ds(h * BN, BN)
                     byte = plgpu.load(v_smem.at[wrows, cols], layout=plgpu.Layout.WGMMA)  # [64, 128] uint8
-                    asm, lean = t.decode.startswith("asm"), t.decode == "asm_lean"
+                    asm, lean = t.decode.startswith("asm"), t.decode in ("asm_lean", "asm_fused")
+                    fused = t.decode == "asm_fused" and planar  # QArray weights: "asm_lean"'s two FMAs
                     sdt = jnp.bfloat16 if asm else jnp.float32
                     if planar:  # each plane its own 4 scale blocks; both planes from the chunk's words
-                        scales = tuple(_planar_scales(s_smem, c, p, sdt, h * BN, lean) for p in range(PLANES))
-                        planes = _decode_words_ptx(byte, scales) if asm else decode_words_jnp(byte, scales)
+                        scales = tuple(_planar_scales(s_smem, c, p, sdt, h * BN, lean, fused) for p in range(PLANES))
+                        planes = (_decode_words_ptx(byte, scales, fused) if asm
+                                  else decode_words_jnp(byte, scales))
                     else:  # one scale per byte, both planes at once: 2 x [64, 128] bf16
                         scale = _tile_scales(s_smem, g0, ng, sdt, h * BN, lean)
                         planes = _decode_ptx(byte, scale) if asm else None

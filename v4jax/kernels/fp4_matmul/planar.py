@@ -18,13 +18,16 @@ The planar layout, per row and per chunk of 256 K elements (128 bytes):
 - Bits: each element's E2M1 bits (sign S, exponent e1 e0, mantissa m) sit where a rotation of the word puts
   them on bf16 bits 15 | 8 7 | 6 (+16 for e = 1): R(0, 0) = word & mask, R(0, 1) and R(1, 0) one rotation
   each, R(1, 1) two (`ROTATIONS`, `bit_positions`). Those bits read as E2M1 * 2**-126 (the E2M1 subnormal
-  lands on a bf16 subnormal); two exact bf16x2 FMAs apply 2**126 and the E8M0 scale. No rotation set tiles
+  lands on a bf16 subnormal); two exact bf16x2 FMAs apply 2**126 and the E8M0 scale, or one FMA by
+  2**126 * scale = 2**(byte - 1) when every scale byte is <= 128 ("asm_fused", `fused_scales_ok`). No rotation set tiles
   the word with four whole elements (checked by search), so R(1, 1) costs two rotations.
 Convert once, when the weights are loaded (`to_planar`, or `v4jax.infer.fp4.planarize_experts` for a model's
 experts); `to_qarray` inverts it, which the other backends (and the gradient) use.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import flax.struct
 import jax
@@ -63,12 +66,15 @@ assert sorted(POSITIONS.reshape(-1).tolist()) == list(range(32)), "the word layo
 @flax.struct.dataclass
 class PlanarMXFP4:
     """W [..., N, K] as MXFP4 in the planar layout (module docstring): `values` uint8 [..., N, K/2], `scales`
-    E8M0 bytes [..., K/32, N]. Static: the logical `shape` (..., N, K) and the `dtype` dequantization returns."""
+    E8M0 bytes [..., K/32, N]. Static: the logical `shape` (..., N, K), the `dtype` dequantization returns,
+    and `max_scale`, the largest byte of `scales` when known at conversion (None under a trace), which tells
+    whether the one-FMA decoder applies (`fused_scales_ok`); `replace` with new scales resets it to None."""
 
     values: jax.Array
     scales: jax.Array
     shape: tuple[int, ...] = flax.struct.field(pytree_node=False)
     dtype: np.dtype = flax.struct.field(pytree_node=False)
+    max_scale: int | None = flax.struct.field(pytree_node=False, default=None)
 
     @property
     def ndim(self) -> int:
@@ -80,13 +86,42 @@ class PlanarMXFP4:
                       fmt=quant.get_format("mxfp4"), shape=self.shape, dtype=self.dtype, axis=self.ndim - 1)
 
 
+def _replace(self, **updates) -> PlanarMXFP4:
+    """`dataclasses.replace`, except that new `scales` without a `max_scale` leave it unknown (None): a stale
+    maximum could let the one-FMA decoder run on scales it is not exact for."""
+    if "scales" in updates and "max_scale" not in updates:
+        updates["max_scale"] = None
+    return dataclasses.replace(self, **updates)
+
+
+PlanarMXFP4.replace = _replace  # after the decorator, which installs a plain dataclasses.replace
+
+
 def to_planar(w: QArray) -> PlanarMXFP4:
     """An mxfp4 `QArray` of W [..., N, K] quantized along K (its last axis), K % 256 == 0 -> `PlanarMXFP4`."""
     common.check_mxfp4_weight(w, max(2, getattr(w, "ndim", 2)), "to_planar")
     if w.shape[-1] % CHUNK:
         raise ValueError(f"to_planar: K must be a multiple of {CHUNK}, got K={w.shape[-1]}")
     return PlanarMXFP4(values=_planarize(w.values), scales=jnp.swapaxes(w.scales, -1, -2), shape=tuple(w.shape),
-                       dtype=w.dtype)
+                       dtype=w.dtype, max_scale=_max_scale(w.scales))
+
+
+def _max_scale(scales) -> int | None:
+    """The largest scale byte, read once at conversion (one device reduction and a scalar to the host), or
+    None where it cannot be read: traced scales, or an array not fully held by this process."""
+    if isinstance(scales, jax.core.Tracer) or not getattr(scales, "is_fully_addressable", True):
+        return None
+    with jax.ensure_compile_time_eval():  # concrete even when to_planar runs inside a trace
+        return int(jnp.max(scales))
+
+
+FUSED_MAX_SCALE = 128  # E8M0 byte of 2**1: up to it, 2**126 * scale = 2**(byte - 1) is a finite bf16
+
+
+def fused_scales_ok(w) -> bool:
+    """Whether `w` is planar with every scale byte known to be <= FUSED_MAX_SCALE (scales <= 2; LLM weights
+    sit far below), so that decoding may multiply by 2**126 * scale in one bf16x2 FMA instead of two."""
+    return isinstance(w, PlanarMXFP4) and w.max_scale is not None and w.max_scale <= FUSED_MAX_SCALE
 
 
 def as_qarray(w: QArray | PlanarMXFP4) -> QArray:
