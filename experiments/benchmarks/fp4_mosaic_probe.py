@@ -16,9 +16,10 @@ Rows (JSON lines in OUT/fp4_mosaic_probe.jsonl, also printed):
   grouped_decode_window2: window tiles' pipeline depth against CTAs per SM (session 8);
   decode_overlap: dense and grouped decode with `BlockConfig.overlap` beside the session-7 entries;
   dense_occupancy: dense decode with 2 stages and with A in shared memory (session 8);
+  fused: the "asm_fused" decoder beside the stored entries' (dense decode, grouped decode and prefill);
   dense_planar, grouped_planar, grouped_decode_planar: the kernel sweeps on planar weights.
 Usage: python experiments/benchmarks/fp4_mosaic_probe.py [--out DIR] [--parts api,api_planar,api_planar_decode,api_prefill,
-       api_planar_decode_mid,grouped_decode_window,grouped_decode_window2,decode_overlap,dense_occupancy,
+       api_planar_decode_mid,grouped_decode_window,grouped_decode_window2,decode_overlap,dense_occupancy,fused,
        dense,dense_planar,prefill,grouped,grouped_planar,grouped_decode,grouped_decode_planar] [--budget-s S]
 """
 
@@ -274,6 +275,20 @@ DENSE_DECODE_OCCUPANCY = [
     (B(64, block_k=256, split_k=8, num_stages=4, decode="asm_lean"), False),
     (B(64, block_k=256, split_k=8, num_stages=2, decode="asm_lean"), False),
 ]
+# session 8, not yet timed: "asm_fused" (one bf16x2 FMA per decoded register instead of two, for scales <= 2;
+# random_weight's scales are far below) beside the stored entries' decoders, dense and grouped decode and prefill
+DENSE_DECODE_FUSED = [
+    (B(64, block_k=256, split_k=8, num_stages=4, decode="asm_lean"), True),  # the stored entry
+    (B(64, block_k=256, split_k=8, num_stages=4, decode="asm_fused"), True),
+]
+GROUPED_FUSED = [
+    (B(16, block_k=512, split_k=1, num_stages=2, decode="asm_lean"), True),  # the stored decode entry
+    (B(16, block_k=512, split_k=1, num_stages=2, decode="asm_fused"), True),
+]
+GROUPED_PREFILL_FUSED = [
+    B(96, block_n=128, block_k=256, split_k=1, num_stages=2, decode="asm"),  # the stored prefill entry
+    B(96, block_n=128, block_k=256, split_k=1, num_stages=2, decode="asm_fused"),
+]
 GROUPED_DECODE_PLANAR = [
     B(8, block_k=256, split_k=4, num_stages=4, decode="asm"),  # the stored table's entry until session 7
     B(8, block_k=256, split_k=4, num_stages=4, decode="asm_lean"),
@@ -324,6 +339,12 @@ def main():
         elif part == "dense_occupancy":  # CTAs per SM: pipeline depth and A's registers (session 8)
             for kn in (4096, 7168):
                 dense_part(args.out, 16, kn, DENSE_DECODE_OCCUPANCY, 12, deadline, planar=True)
+        elif part == "fused":  # "asm_fused" beside the stored decoders (session 8, not yet timed)
+            for kn in (4096, 7168):
+                dense_part(args.out, 16, kn, DENSE_DECODE_FUSED, 12, deadline, planar=True)
+            for tokens in (64, 8):
+                grouped_part(args.out, tokens, GROUPED_FUSED, deadline, planar=True)
+            grouped_part(args.out, 8192, GROUPED_PREFILL_FUSED, deadline, planar=True)
         elif part == "decode_overlap":  # dense and grouped decode with `overlap` beside the stored entries
             for kn in (4096, 7168):
                 dense_part(args.out, 16, kn, DENSE_DECODE_OVERLAP, 12, deadline, planar=True)

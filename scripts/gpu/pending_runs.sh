@@ -14,6 +14,7 @@
 #             table, then fp4ncu.
 #   fp4s8b    issue 6, session 8: the api at decode sizes on the stored table, then dense decode occupancy.
 #   fp4mid    issue 6, session 8: the api's grouped decode at 32 and 16 tokens.
+#   fp4fused  issue 6, session 8: the one-FMA decoder ("asm_fused") beside the stored entries' decoders.
 #   fp4dump   issue 6: ptxas registers and spills of the planar kernels (experiments/benchmarks/fp4_sass_dump.py),
 #             with /usr/local/cuda/bin on the PATH so that Mosaic's SASS dump finds nvdisasm.
 #   fp4ncu    issue 6: Nsight Compute on the dense and grouped decode kernels (the machine runs Firecracker, where
@@ -61,6 +62,9 @@ case "${1:-}" in
     # session 8, second call: the public api at decode sizes on the stored table (grouped decode on window tiles,
     # 2 stages), then dense decode occupancy (pipeline depth, A in shared memory)
     probe api_planar_decode,dense_occupancy 390 450 ;;
+  fp4fused)
+    # session 8, not yet timed: the one-FMA decoder ("asm_fused") beside the stored entries' decoders
+    probe fused 480 540 ;;
   fp4mid)
     # session 8: the public api's grouped decode at 32 and 16 tokens x top-6 (between the issue's 8 and 64)
     probe api_planar_decode_mid 170 200 ;;
@@ -89,5 +93,5 @@ for l in open('$OUT/diag.log'):
     timeout 400 python3 experiments/benchmarks/indexer.py --sizes 8192,32768 --set mosaic --quants none,fp8 \
       --reps 5 --out "$OUT/mosaic" > "$OUT/mosaic.log" 2>&1; echo "rc=$?"
     python3 experiments/benchmarks/indexer_summary.py "$OUT"/mosaic/indexer.json ;;
-  *) echo "usage: pending_runs.sh ep N | fp4 | fp4s8 | fp4s8b | fp4mid | fp4dump | fp4ncu | fp4diag | indexer | mosaic" >&2; exit 2 ;;
+  *) echo "usage: pending_runs.sh ep N | fp4 | fp4s8 | fp4s8b | fp4mid | fp4fused | fp4dump | fp4ncu | fp4diag | indexer | mosaic" >&2; exit 2 ;;
 esac
