@@ -51,7 +51,7 @@ def test_e8m0_scales_to_bf16_exact_and_lean():
     b = jnp.arange(256, dtype=jnp.uint8)
     want = np.asarray(common.e8m0_to_f32(b), np.float32)  # exact powers of two, in bf16's range
     exact = np.asarray(mosaic_gpu._e8m0_to_bf16(b), np.float32)
-    lean = np.asarray(mosaic_gpu._e8m0_to_bf16(b, lean=True), np.float32)
+    lean = np.asarray(mosaic_gpu._e8m0_to_bf16(b, "asm_lean"), np.float32)
     np.testing.assert_array_equal(exact, want)  # NaN at 255 equal as NaN
     np.testing.assert_array_equal(lean[:255], want[:255])
     assert lean[255] == np.inf

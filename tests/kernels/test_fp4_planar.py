@@ -115,7 +115,7 @@ def test_generated_ptx_decodes_the_registers_a_thread_holds():
 
 def test_fused_decoder_gives_the_two_fma_numbers_for_scales_up_to_2():
     """"asm_fused": the same integer ops as the two-FMA decoder, then one FMA by 2**126 * scale, the bf16
-    `_e8m0_to_bf16(fused=True)` gives for every scale byte up to 128 (scale 2); on every code and each of those
+    `_e8m0_to_bf16(how="asm_fused")` gives for every scale byte up to 128 (scale 2); on every code and each of those
     bytes the product is the exact value (the numbers the two FMAs give). The api takes it only for planar
     weights whose largest scale byte, read by `to_planar`, is <= 128."""
     for rots in planar.ROTATIONS.values():
@@ -125,7 +125,7 @@ def test_fused_decoder_gives_the_two_fma_numbers_for_scales_up_to_2():
         words = np.random.default_rng(0).integers(0, 1 << 32, 4096, dtype=np.uint64)
         np.testing.assert_array_equal(_run_ptx(one, words), _run_ptx(two, words))  # same integer part
     b = jnp.arange(planar.FUSED_MAX_SCALE + 1, dtype=jnp.uint8)
-    fused = np.asarray(mosaic_gpu._e8m0_to_bf16(b, fused=True).astype(jnp.float32), np.float64)
+    fused = np.asarray(mosaic_gpu._e8m0_to_bf16(b, "asm_fused").astype(jnp.float32), np.float64)
     np.testing.assert_array_equal(fused, 2.0 ** (np.arange(planar.FUSED_MAX_SCALE + 1) - 1.0))
     # u = E2M1 * 2**-126 as bf16 bits (sign, exponent 0..3, mantissa bit 6): every code times every fused scale
     codes = np.arange(16)

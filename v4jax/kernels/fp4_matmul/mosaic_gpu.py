@@ -237,7 +237,7 @@ def word_decode_ptx(rotations, fused: bool = False) -> str:
     the 32-bit word $1 that put the register's bits on bf16 bits 15 | 8 7 | 6 (both halves), masked and
     merged (ptxas makes each rotation one SHF and each mask-and-merge one LOP3), then the two exact bf16x2
     FMAs of `common.ptx_nibble_pair`: by 2**126 (the bits read as E2M1 * 2**-126) and by the scale $2; with
-    `fused` ("asm_fused") one FMA by $2 = 2**126 * scale (`_e8m0_to_bf16(fused=True)`), as exact."""
+    `fused` ("asm_fused") one FMA by $2 = 2**126 * scale (`_e8m0_to_bf16(how="asm_fused")`), as exact."""
     lines = ["{", ".reg .b32 r, u, nz;", "mov.b32 nz, 0x80008000;"]
     if not fused:
         lines[1:1] = [".reg .b32 c126;", "mov.b32 c126, 0x7E807E80;"]
@@ -304,47 +304,44 @@ def decode_words_jnp(byte: jax.Array, scales: tuple[jax.Array, jax.Array]) -> tu
     return tuple((common.e2m1_to_f32(c) * s).astype(jnp.bfloat16) for c, s in zip(planes, scales))
 
 
-def _e8m0_to_bf16(byte: jax.Array, lean: bool = False, fused: bool = False) -> jax.Array:
-    """E8M0 bytes -> bf16 2**(b-127) from the bit pattern: b << 7 (a normal bf16), 0 -> 2**-127 (the bf16
-    subnormal 0x0040), 255 -> NaN; exact, and no float32 subnormal on the way. `lean` (decode "asm_lean"):
-    max(b << 7, 0x0040), two ops instead of five, exact but for the NaN byte 255, which reads as +inf.
-    `fused` (decode "asm_fused"): 2**126 * 2**(b-127) = 2**(b-1), bits (b + 126) << 7, two ops, exact for
-    b <= planar.FUSED_MAX_SCALE (128; the caller guarantees it, see `planar.fused_scales_ok`)."""
+def _e8m0_to_bf16(byte: jax.Array, how: str = "asm") -> jax.Array:
+    """E8M0 bytes -> the bf16 scale the PTX decoder `how` multiplies by. "asm": 2**(b-127) from the bit
+    pattern: b << 7 (a normal bf16), 0 -> 2**-127 (the bf16 subnormal 0x0040), 255 -> NaN; exact, and no
+    float32 subnormal on the way. "asm_lean": max(b << 7, 0x0040), two ops instead of five, exact but for the
+    NaN byte 255, which reads as +inf. "asm_fused": 2**126 * 2**(b-127) = 2**(b-1), bits (b + 126) << 7, two
+    ops, exact for b <= planar.FUSED_MAX_SCALE (128; the caller guarantees it, see `planar.fused_scales_ok`)."""
     b = byte.astype(jnp.uint16)
-    if fused:
+    if how == "asm_fused":
         return jax.lax.bitcast_convert_type((b + jnp.uint16(126)) << 7, jnp.bfloat16)
-    if lean:
+    if how == "asm_lean":
         return jax.lax.bitcast_convert_type(jnp.maximum(b << 7, jnp.uint16(0x0040)), jnp.bfloat16)
     bits = jnp.where(b == 0, jnp.uint16(0x0040), b << 7)
     bits = jnp.where(b == 255, jnp.uint16(0x7FC0), bits)
     return jax.lax.bitcast_convert_type(bits, jnp.bfloat16)
 
 
-def _scale_columns(s_smem, blocks: range, width: int, dtype, r0: int, lean: bool = False,
-                   fused: bool = False) -> jax.Array:
+def _scale_columns(s_smem, blocks: range, width: int, r0: int, how: str) -> jax.Array:
     """Scale blocks `blocks` of the step's tile [groups, wn] uint8 (transposed: one scale block per row), rows
-    r0 .. r0 + 64 -> `dtype` (float32, or bf16 for the PTX decoder) [64, width * len(blocks)] in the WGMMA
-    layout: each block's scale repeated over its `width` byte columns."""
+    r0 .. r0 + 64 -> the decoder `how`'s scales (float32 for "jnp", else `_e8m0_to_bf16`'s bf16)
+    [64, width * len(blocks)] in the WGMMA layout: each block's scale repeated over its `width` byte columns."""
     cols = []
     for g in blocks:
         row = plgpu.load(s_smem.at[g, pl.ds(r0, BN)], layout=plgpu.Layout.WGMMA.reduce(1))  # [64] uint8 per row
-        sc = _e8m0_to_bf16(row, lean, fused) if dtype == jnp.bfloat16 else common.e8m0_to_f32(row)  # [64]
+        sc = common.e8m0_to_f32(row) if how == "jnp" else _e8m0_to_bf16(row, how)  # [64]
         cols.append(jnp.broadcast_to(sc[:, None], (BN, width)))  # [64, width]
     return jnp.concatenate(cols, axis=1)  # [64, width * len(blocks)]
 
 
-def _tile_scales(s_smem, g0: int, groups: int, dtype=jnp.float32, r0: int = 0, lean: bool = False) -> jax.Array:
+def _tile_scales(s_smem, g0: int, groups: int, r0: int, how: str) -> jax.Array:
     """QArray layout: blocks g0 .. g0 + groups, each over its 16 byte columns (2 register tiles; a byte's two
     elements share a block) -> [64, 16 * groups]."""
-    return _scale_columns(s_smem, range(g0, g0 + groups), BYTES_PER_SCALE, dtype, r0, lean)
+    return _scale_columns(s_smem, range(g0, g0 + groups), BYTES_PER_SCALE, r0, how)
 
 
-def _planar_scales(s_smem, c: int, p: int, dtype=jnp.float32, r0: int = 0, lean: bool = False,
-                   fused: bool = False) -> jax.Array:
+def _planar_scales(s_smem, c: int, p: int, r0: int, how: str) -> jax.Array:
     """Planar weights: plane p of K chunk c (its elements c*256 + p*128 + j, j < 128: decoded column j) spans
     the 4 scale blocks c*8 + p*4 + i, block i over decoded columns [32i, 32i + 32) -> [64, 128]."""
-    return _scale_columns(s_smem, range(c * 8 + p * 4, c * 8 + p * 4 + 4), 2 * BYTES_PER_SCALE, dtype, r0, lean,
-                          fused)
+    return _scale_columns(s_smem, range(c * 8 + p * 4, c * 8 + p * 4 + 4), 2 * BYTES_PER_SCALE, r0, how)
 
 
 def out_terms(split: int, out_dtype) -> int:
@@ -463,6 +460,9 @@ def _kernel(tab_gmem, x_gmem, v_gmem, s_gmem, o_gmem, o_smem, *a_smem, t: Tiles,
 
     wn = t.wn
     halves = wn // BN
+    # the decoder: "asm_fused" needs the planar layout's word decoder (QArray weights take "asm_lean"'s two FMAs)
+    how = "asm_lean" if t.decode == "asm_fused" and not planar else t.decode
+    asm = how != "jnp"
 
     def scope(*accs):
         def body(_, x_smem, v_smem, s_smem):
@@ -472,15 +472,12 @@ def _kernel(tab_gmem, x_gmem, v_gmem, s_gmem, o_gmem, o_smem, *a_smem, t: Tiles,
                 for h, acc_ref in enumerate(accs):  # 64 weight rows each; both read the same x tile
                     wrows = pl.ds(h * BN, BN)
                     byte = plgpu.load(v_smem.at[wrows, cols], layout=plgpu.Layout.WGMMA)  # [64, 128] uint8
-                    asm, lean = t.decode.startswith("asm"), t.decode in ("asm_lean", "asm_fused")
-                    fused = t.decode == "asm_fused" and planar  # QArray weights: "asm_lean"'s two FMAs
-                    sdt = jnp.bfloat16 if asm else jnp.float32
                     if planar:  # each plane its own 4 scale blocks; both planes from the chunk's words
-                        scales = tuple(_planar_scales(s_smem, c, p, sdt, h * BN, lean, fused) for p in range(PLANES))
-                        planes = (_decode_words_ptx(byte, scales, fused) if asm
+                        scales = tuple(_planar_scales(s_smem, c, p, h * BN, how) for p in range(PLANES))
+                        planes = (_decode_words_ptx(byte, scales, how == "asm_fused") if asm
                                   else decode_words_jnp(byte, scales))
                     else:  # one scale per byte, both planes at once: 2 x [64, 128] bf16
-                        scale = _tile_scales(s_smem, g0, ng, sdt, h * BN, lean)
+                        scale = _tile_scales(s_smem, g0, ng, h * BN, how)
                         planes = _decode_ptx(byte, scale) if asm else None
                     byte16 = None if asm or planar else byte.astype(jnp.uint16)
                     for p in range(PLANES):

@@ -40,7 +40,6 @@ from v4jax.quant.qarray import QArray
 
 CHUNK = 256  # K elements per chunk: plane p is the chunk's elements [128p, 128p + 128)
 HALF = CHUNK // 2
-GROUP = 16  # bytes per k-step group of a chunk row: 4 words, one per thread of a WGMMA lane quad
 TARGET_BITS = (6, 7, 8, 15)  # bf16 bit of an E2M1 code's bits m, e0, e1, S (low half; +16 for the high half)
 # register R(p, h) <- (rotate-left amount, the code bits that rotation brings) ...; bits 0..3 = m, e0, e1, S
 ROTATIONS = {(0, 0): ((0, (0, 1, 2, 3)),), (0, 1): ((4, (0, 1, 2, 3)),), (1, 0): ((10, (0, 1, 2, 3)),),
