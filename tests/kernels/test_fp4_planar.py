@@ -139,20 +139,24 @@ def test_fused_decoder_gives_the_two_fma_numbers_for_scales_up_to_2():
     # software bf16 here does too, where XLA on CPU would flush them), so that rounding changes nothing
     np.testing.assert_array_equal(prod.astype(jnp.bfloat16).astype(np.float64), exact)
     # to_planar reads the largest scale byte when the scales are concrete; under a trace it is unknown
-    w = _weight(_key(), (64, 256))
-    p = fp4_matmul.to_planar(w)
-    assert p.max_scale == int(jnp.max(w.scales)) and planar.fused_scales_ok(p) == (p.max_scale <= 128)
-    assert jax.jit(lambda v: fp4_matmul.to_planar(w.replace(values=v)).values)(w.values).shape == p.values.shape
+    small = quant.quantize(jax.random.normal(_key(), (64, 256)), "mxfp4")  # |w| < 8: scale bytes <= 127
+    big = quant.quantize(64 * jax.random.normal(_key(), (64, 256)), "mxfp4")  # scales of 2**5 and more
+    p, pb = fp4_matmul.to_planar(small), fp4_matmul.to_planar(big)
+    assert p.max_scale == int(jnp.max(small.scales)) <= 128 and planar.fused_scales_ok(p)
+    assert pb.max_scale == int(jnp.max(big.scales)) > 128 and not planar.fused_scales_ok(pb)
+    inside = []  # closed-over (concrete) scales give the maximum inside a trace too
+    jax.jit(lambda v: inside.append(fp4_matmul.to_planar(small.replace(values=v))) or v)(small.values)
+    assert inside[0].max_scale == p.max_scale
     traced = []
-    jax.jit(lambda sc: traced.append(fp4_matmul.to_planar(w.replace(scales=sc))) or sc)(w.scales)
+    jax.jit(lambda sc: traced.append(fp4_matmul.to_planar(small.replace(scales=sc))) or sc)(small.scales)
     assert traced[0].max_scale is None and not planar.fused_scales_ok(traced[0])
     from v4jax.kernels.fp4_matmul import api
 
     cfg = block_sizes.BlockConfig(decode="asm_fused")
-    assert api._decoder_for(cfg, p).decode == ("asm_fused" if planar.fused_scales_ok(p) else "asm_lean")
+    assert api._decoder_for(cfg, p).decode == "asm_fused" and api._decoder_for(cfg, pb).decode == "asm_lean"
     assert api._decoder_for(cfg, p.replace(max_scale=129)).decode == "asm_lean"  # a scale above 2
     assert p.replace(scales=p.scales).max_scale is None and p.replace(values=p.values).max_scale == p.max_scale
-    assert api._decoder_for(cfg, traced[0]).decode == "asm_lean" and api._decoder_for(cfg, w).decode == "asm_lean"
+    assert api._decoder_for(cfg, traced[0]).decode == "asm_lean" and api._decoder_for(cfg, small).decode == "asm_lean"
 
 
 def test_to_planar_rejects_what_it_cannot_hold():
