@@ -11,15 +11,18 @@ Rows (JSON lines in OUT/fp4_mosaic_probe.jsonl, also printed):
        api_planar: the same with the weights in the load-time layout (`fp4_matmul.to_planar`);
        api_planar_decode: api_planar without the grouped prefill row;
   api_planar_decode_mid: the api's grouped decode at 32 and 16 tokens;
+  api_dense: the api's dense decode at M = 1, 8 and 16 (planar weights);
   grouped_decode_window: decode-sized grouped calls with window tiles (`mosaic_gpu.grouped(window=True)`: no
        padded copy of x) beside the session-7 entry's packed tiles;
   grouped_decode_window2: window tiles' pipeline depth against CTAs per SM (session 8);
   decode_overlap: dense and grouped decode with `BlockConfig.overlap` beside the session-7 entries;
   dense_occupancy: dense decode with 2 stages and with A in shared memory (session 8);
   fused: the "asm_fused" decoder beside the stored entries' (dense decode, grouped decode and prefill);
+  floor: what one XLA kernel reads at the dense decode's sizes (the packed bytes of K=N=4096 / 7168, 12 copies:
+       past the L2): a max-reduction (read only) and an elementwise copy (read + write), in TB/s of bytes read;
   dense_planar, grouped_planar, grouped_decode_planar: the kernel sweeps on planar weights.
 Usage: python experiments/benchmarks/fp4_mosaic_probe.py [--out DIR] [--parts api,api_planar,api_planar_decode,api_prefill,
-       api_planar_decode_mid,grouped_decode_window,grouped_decode_window2,decode_overlap,dense_occupancy,fused,
+       api_planar_decode_mid,grouped_decode_window,grouped_decode_window2,decode_overlap,dense_occupancy,fused,floor,api_dense,
        dense,dense_planar,prefill,grouped,grouped_planar,grouped_decode,grouped_decode_planar] [--budget-s S]
 """
 
@@ -101,6 +104,17 @@ def dense_part(out, m, kn, cfgs, copies, deadline, planar=False):
         emit(out, row)
 
 
+def floor_part(out, kn, copies=12):
+    """The bandwidth one XLA kernel gets on the dense decode's packed bytes (values + scales of a K = N = kn
+    weight): a read-only reduction and an elementwise copy, over `copies` buffers (past the 60 MB L2)."""
+    nbytes = kn * kn // 2 + kn * kn // 32
+    bufs = [jax.random.bits(jax.random.key(i), (nbytes // 4,), jnp.uint32) for i in range(copies)]
+    for name, fn in (("read_max", lambda b: jnp.max(b)), ("copy_xor", lambda b: b ^ jnp.uint32(1))):
+        total, _, rest = timed(fn, [(b,) for b in bufs])
+        emit(out, {"part": "floor", "kn": kn, "op": name, "bytes_read": nbytes, "total_us": total,
+                   "tbps_read": nbytes / total / 1e6, "events": rest})
+
+
 def grouped_part(out, tokens, cfgs, deadline, g=64, k=4096, n=2048, topk=6, planar=False):
     """`cfgs`: BlockConfigs, or (BlockConfig, window) pairs (`mosaic_gpu.grouped(window=...)`)."""
     key = jax.random.key(tokens)
@@ -148,7 +162,7 @@ def grouped_part(out, tokens, cfgs, deadline, g=64, k=4096, n=2048, topk=6, plan
         emit(out, row)
 
 
-def api_part(out, deadline, reps=10, token_counts=(8192, 64, 8), dense=True, planar=False):
+def api_part(out, deadline, reps=10, token_counts=(8192, 64, 8), dense=True, planar=False, dense_ms=(16,)):
     """The public api with implementation=None (what the model calls): grouped at 8192, 64 and 8 tokens x
     top-6 against tokamax's bf16 ragged_dot, dense M=16 against XLA's bf16 dot, and the grouped VJP (dx)
     against the reference on the GPU. `planar`: the weights in the load-time layout (`fp4_matmul.to_planar`,
@@ -189,19 +203,22 @@ def api_part(out, deadline, reps=10, token_counts=(8192, 64, 8), dense=True, pla
     for kn in (4096, 7168) if dense else ():
         if time.time() > deadline:
             return
-        x = jax.random.normal(jax.random.key(kn), (16, kn), jnp.bfloat16)
         ws = [quant.quantize(random_weight(jax.random.key(kn + i), (kn, kn)), "mxfp4") for i in range(12)]
         wds = [quant.dequantize(ww).astype(jnp.bfloat16) for ww in ws]
         f = lambda a, ww: fp4_matmul.fp4_matmul(a, ww)
         ws_api = [layout(ww) for ww in ws]
-        y = jax.block_until_ready(jax.jit(f)(x, ws_api[0]))
-        total, kern, rest = timed(f, [(x, ww) for ww in ws_api], reps)
-        xla, _, _ = timed(lambda a, ww: jnp.dot(a, ww.T), [(x, ww) for ww in wds], reps)
         packed = ws[0].values.size + ws[0].scales.size
-        emit(out, {"part": "api_dense", "layout": "planar" if planar else "qarray", "m": 16, "kn": kn, "rel_err": rel_err(y, dense_ref(x, ws[0])),
-                   "total_us": total, "kernel_us": kern, "glue_us": total - kern, "rest": rest,
-                   "xla_bf16_us": xla, "x_vs_xla": xla / total, "tbps": packed / total / 1e6,
-                   "kernel_tbps": packed / kern / 1e6 if kern else None})
+        for m in dense_ms:
+            if time.time() > deadline:
+                return
+            x = jax.random.normal(jax.random.key(kn), (m, kn), jnp.bfloat16)
+            y = jax.block_until_ready(jax.jit(f)(x, ws_api[0]))
+            total, kern, rest = timed(f, [(x, ww) for ww in ws_api], reps)
+            xla, _, _ = timed(lambda a, ww: jnp.dot(a, ww.T), [(x, ww) for ww in wds], reps)
+            emit(out, {"part": "api_dense", "layout": "planar" if planar else "qarray", "m": m, "kn": kn,
+                       "rel_err": rel_err(y, dense_ref(x, ws[0])), "total_us": total, "kernel_us": kern,
+                       "glue_us": total - kern, "rest": rest, "xla_bf16_us": xla, "x_vs_xla": xla / total,
+                       "tbps": packed / total / 1e6, "kernel_tbps": packed / kern / 1e6 if kern else None})
 
 
 DENSE_DECODE = [
@@ -339,6 +356,11 @@ def main():
         elif part == "dense_occupancy":  # CTAs per SM: pipeline depth and A's registers (session 8)
             for kn in (4096, 7168):
                 dense_part(args.out, 16, kn, DENSE_DECODE_OCCUPANCY, 12, deadline, planar=True)
+        elif part == "api_dense":  # the api's dense decode at M = 1, 8, 16 (planar weights)
+            api_part(args.out, deadline, token_counts=(), planar=True, dense_ms=(1, 8, 16))
+        elif part == "floor":
+            for kn in (4096, 7168):
+                floor_part(args.out, kn)
         elif part == "fused":  # "asm_fused" beside the stored decoders (session 8, not yet timed)
             for kn in (4096, 7168):
                 dense_part(args.out, 16, kn, DENSE_DECODE_FUSED, 12, deadline, planar=True)
