@@ -17,12 +17,14 @@ Rows (JSON lines in OUT/fp4_mosaic_probe.jsonl, also printed):
   grouped_decode_window2: window tiles' pipeline depth against CTAs per SM (session 8);
   decode_overlap: dense and grouped decode with `BlockConfig.overlap` beside the session-7 entries;
   dense_occupancy: dense decode with 2 stages and with A in shared memory (session 8);
-  fused: the "asm_fused" decoder beside the stored entries' (dense decode, grouped decode and prefill);
+  fused: the "asm_fused" decoder beside the stored entries' (dense decode, grouped decode and prefill), on
+       random_weight, whose largest scales (byte 129) are past the one-FMA bound: timing only (its rows read NaN);
+  fused_check: the same decoders on weights a quarter as large (scale bytes <= 128): correctness on the GPU;
   floor: what one XLA kernel reads at the dense decode's sizes (the packed bytes of K=N=4096 / 7168, 12 copies:
        past the L2): a max-reduction (read only) and an elementwise copy (read + write), in TB/s of bytes read;
   dense_planar, grouped_planar, grouped_decode_planar: the kernel sweeps on planar weights.
 Usage: python experiments/benchmarks/fp4_mosaic_probe.py [--out DIR] [--parts api,api_planar,api_planar_decode,api_prefill,
-       api_planar_decode_mid,grouped_decode_window,grouped_decode_window2,decode_overlap,dense_occupancy,fused,floor,api_dense,
+       api_planar_decode_mid,grouped_decode_window,grouped_decode_window2,decode_overlap,dense_occupancy,fused,fused_check,floor,api_dense,
        dense,dense_planar,prefill,grouped,grouped_planar,grouped_decode,grouped_decode_planar] [--budget-s S]
 """
 
@@ -71,11 +73,11 @@ def _planar(w):
     return jax.block_until_ready(fp4_matmul.to_planar(w))
 
 
-def dense_part(out, m, kn, cfgs, copies, deadline, planar=False):
+def dense_part(out, m, kn, cfgs, copies, deadline, planar=False, gain=1.0):
     key = jax.random.key(kn + m)
     kx, kw = jax.random.split(key)
     x = jax.random.normal(kx, (m, kn), jnp.bfloat16)
-    ws = [quant.quantize(random_weight(jax.random.fold_in(kw, i), (kn, kn)), "mxfp4") for i in range(copies)]
+    ws = [quant.quantize(gain * random_weight(jax.random.fold_in(kw, i), (kn, kn)), "mxfp4") for i in range(copies)]
     ref = dense_ref(x, ws[0])
     wd = [quant.dequantize(w).astype(jnp.bfloat16) for w in ws]
     xla_total, _, _ = timed(lambda a, w: jnp.dot(a, w.T), [(x, w) for w in wd])
@@ -115,11 +117,11 @@ def floor_part(out, kn, copies=12):
                    "tbps_read": nbytes / total / 1e6, "events": rest})
 
 
-def grouped_part(out, tokens, cfgs, deadline, g=64, k=4096, n=2048, topk=6, planar=False):
+def grouped_part(out, tokens, cfgs, deadline, g=64, k=4096, n=2048, topk=6, planar=False, gain=1.0):
     """`cfgs`: BlockConfigs, or (BlockConfig, window) pairs (`mosaic_gpu.grouped(window=...)`)."""
     key = jax.random.key(tokens)
     kx, kw, kr = jax.random.split(key, 3)
-    w = quant.quantize(random_weight(kw, (g, n, k)), "mxfp4")
+    w = quant.quantize(gain * random_weight(kw, (g, n, k)), "mxfp4")
     choice = jax.vmap(lambda kk: jax.random.choice(kk, g, (topk,), replace=False))(jax.random.split(kr, tokens))
     group_sizes = jnp.bincount(choice.reshape(-1), length=g).astype(jnp.int32)
     m = tokens * topk
@@ -358,6 +360,9 @@ def main():
                 dense_part(args.out, 16, kn, DENSE_DECODE_OCCUPANCY, 12, deadline, planar=True)
         elif part == "api_dense":  # the api's dense decode at M = 1, 8, 16 (planar weights)
             api_part(args.out, deadline, token_counts=(), planar=True, dense_ms=(1, 8, 16))
+        elif part == "fused_check":  # "asm_fused" on weights it is exact for (scale bytes <= 128: gain 1/4)
+            dense_part(args.out, 16, 4096, DENSE_DECODE_FUSED, 12, deadline, planar=True, gain=0.25)
+            grouped_part(args.out, 64, GROUPED_FUSED, deadline, planar=True, gain=0.25)
         elif part == "floor":
             for kn in (4096, 7168):
                 floor_part(args.out, kn)

@@ -15,8 +15,9 @@
 #   fp4s8b    issue 6, session 8: the api at decode sizes on the stored table, then dense decode occupancy.
 #   fp4mid    issue 6, session 8: the api's grouped decode at 32 and 16 tokens.
 #   fp4fused  issue 6, session 8: the one-FMA decoder ("asm_fused") beside the stored entries' decoders.
-#   fp4s9     issue 6, session 9: SASS of the decode kernels (nvdisasm from a wheel in .whl), asm_fused, one XLA
-#             kernel's read rate at the dense decode's sizes, the api's dense decode at M = 1, 8, 16.
+#   fp4s9     issue 6, session 9: asm_fused timed, one XLA kernel's read rate at the dense decode's sizes, the api's
+#             dense decode at M = 1, 8, 16.
+#   fp4s9b    issue 6, session 9: SASS of the decode kernels (nvdisasm from a wheel in .whl), asm_fused's correctness.
 #   fp4dump   issue 6: ptxas registers and spills of the planar kernels (experiments/benchmarks/fp4_sass_dump.py),
 #             with /usr/local/cuda/bin on the PATH so that Mosaic's SASS dump finds nvdisasm.
 #   fp4ncu    issue 6: Nsight Compute on the dense and grouped decode kernels (the machine runs Firecracker, where
@@ -50,7 +51,8 @@ case "${1:-}" in
     probe grouped_decode_window,decode_overlap,api_planar 450 540 ;;
   fp4dump)
     export PATH="$PATH:/usr/local/cuda/bin"
-    timeout "${DUMP_TIMEOUT:-200}" python3 experiments/benchmarks/fp4_sass_dump.py --decode "${DUMP_DECODE:-asm,asm_lean}" --out "$OUT/dump" \
+    timeout "${DUMP_TIMEOUT:-200}" python3 experiments/benchmarks/fp4_sass_dump.py --decode "${DUMP_DECODE:-asm,asm_lean}" \
+      --kernels "${DUMP_KERNELS:-dense,grouped_decode,grouped_prefill}" --out "$OUT/dump" \
       > "$OUT/dump.log" 2>&1; echo "dump rc=$?"; grep ptxas "$OUT/dump.log"; cat "$OUT/dump/sass_summary.txt" ;;
   fp4ncu)
     export PATH="$PATH:/usr/local/cuda/bin"
@@ -68,13 +70,17 @@ case "${1:-}" in
     # session 8, not yet timed: the one-FMA decoder ("asm_fused") beside the stored entries' decoders
     probe fused 480 540 ;;
   fp4s9)
-    # session 9, first call: SASS of the decode kernels (nvdisasm from the nvidia-cuda-nvdisasm wheel in .whl, put
-    # beside the image's ptxas), then the one-FMA decoder, one XLA kernel's read rate at the dense decode's sizes,
-    # and the api's dense decode at M = 1, 8, 16
-    D=$(python3 -c "import jax._src.lib as l; print(l.cuda_path)")
-    chmod +x /tmp/site/nvidia/cu13/bin/nvdisasm && cp /tmp/site/nvidia/cu13/bin/nvdisasm "$D/bin/" && echo "nvdisasm -> $D/bin"
-    DUMP_TIMEOUT=150 DUMP_DECODE=asm_lean,asm_fused bash "$0" fp4dump | tail -20
+    # session 9, first call: the one-FMA decoder, one XLA kernel's read rate at the dense decode's sizes, and the
+    # api's dense decode at M = 1, 8, 16 (its SASS dump found no CUDA root: fp4s9b puts nvdisasm where Mosaic looks)
     probe floor,fused,api_dense 320 370 ;;
+  fp4s9b)
+    # session 9: SASS of the dense and grouped decode kernels with nvdisasm from the nvidia-cuda-nvdisasm wheel in
+    # .whl (the image has none; jax finds no CUDA root there, so Mosaic looks in /usr/local/cuda/bin), then
+    # asm_fused on weights it is exact for (correctness on the GPU)
+    mkdir -p /usr/local/cuda/bin && install -m 755 /tmp/site/nvidia/cu13/bin/nvdisasm /usr/local/cuda/bin/nvdisasm \
+      && echo "nvdisasm -> /usr/local/cuda/bin"
+    DUMP_TIMEOUT=150 DUMP_DECODE=asm_fused DUMP_KERNELS=dense,grouped_decode bash "$0" fp4dump | tail -8
+    probe fused_check 100 140 ;;
   fp4mid)
     # session 8: the public api's grouped decode at 32 and 16 tokens x top-6 (between the issue's 8 and 64)
     probe api_planar_decode_mid 170 200 ;;
@@ -103,5 +109,5 @@ for l in open('$OUT/diag.log'):
     timeout 400 python3 experiments/benchmarks/indexer.py --sizes 8192,32768 --set mosaic --quants none,fp8 \
       --reps 5 --out "$OUT/mosaic" > "$OUT/mosaic.log" 2>&1; echo "rc=$?"
     python3 experiments/benchmarks/indexer_summary.py "$OUT"/mosaic/indexer.json ;;
-  *) echo "usage: pending_runs.sh ep N | fp4 | fp4s8 | fp4s8b | fp4mid | fp4fused | fp4s9 | fp4dump | fp4ncu | fp4diag | indexer | mosaic" >&2; exit 2 ;;
+  *) echo "usage: pending_runs.sh ep N | fp4 | fp4s8 | fp4s8b | fp4mid | fp4fused | fp4s9 | fp4s9b | fp4dump | fp4ncu | fp4diag | indexer | mosaic" >&2; exit 2 ;;
 esac
