@@ -18,7 +18,7 @@ from fp4_reference import sum_err as _sum_err
 from fp4_reference import weight as _weight
 
 from v4jax import quant
-from v4jax.infer.fp4 import pack_experts, planarize_experts
+from v4jax.infer.fp4 import pack_experts, planar_max_scale, planarize_experts
 from v4jax.kernels import fp4_matmul
 from v4jax.kernels.fp4_matmul import block_sizes, mosaic_gpu, planar, reference
 from v4jax.kernels.grouped_matmul import grouped_matmul
@@ -34,83 +34,124 @@ def _rotl(w: np.ndarray, r: int) -> np.ndarray:
     return ((w << r) | (w >> (32 - r))) & 0xFFFFFFFF if r else w
 
 
+def _thread_words(values: np.ndarray) -> np.ndarray:
+    """The layout's promise, read back as the kernel's loads read it: values [.., N, K/2] -> each thread's words
+    [.., N/64 tiles, chunks, 128 threads, 4 segments, 4 words]: word i of segment j of thread t is bytes
+    2048j + 16t + 4i .. + 3 (little-endian) of the tile's [64, 128] box, row-major."""
+    *lead, n, kh = values.shape
+    box = values.reshape(*lead, n // 64, 64, kh // 128, 128).swapaxes(-3, -2).reshape(*lead, n // 64, kh // 128, 8192)
+    b = box.reshape(*lead, n // 64, kh // 128, 4, 128, 4, 4).astype(np.uint64)  # [.., T, C, j, t, i, byte]
+    w = b[..., 0] | b[..., 1] << 8 | b[..., 2] << 16 | b[..., 3] << 24
+    return np.swapaxes(w, -3, -2)  # [.., T, C, t, j, i]
+
+
 def test_planar_words_decode_by_the_kernels_rotations_to_each_element():
-    """The layout's promise, checked the way the kernel's PTX reads it: the word of thread q, k-step s of a
-    chunk row is bytes 16s + (2q, 2q + 1, 2q + 8, 2q + 9); rotating and masking it as `planar.ROTATIONS` says
-    gives bf16 pairs that, times 2**126, are the E2M1 values of plane p's columns 16s + 8h + 2q + (0, 1);
-    scales are [.., K/32, N]; `to_qarray` gives back the QArray's bytes exactly."""
-    w = _weight(_key(), (2, 64, 768))
+    """The layout's promise, checked the way the kernel reads it: in each [64 rows, 128 bytes] box, thread
+    t = 32w + 4r + q holds in segment j = 2hr + half, word i the 8 elements of weight row 16w + 8hr + r, k-step
+    s = 4half + i, lane q; rotating and masking it as `planar.ROTATIONS` says gives bf16 pairs that, times 2**126,
+    are the E2M1 values of plane p's columns 16s + 8h + 2q + (0, 1). Each [8, 64] box of the scales holds the
+    scale of block g of row 16w + 8hr + r at byte 16 (8w + r) + 8hr + g. `to_qarray` gives back the QArray."""
+    w = _weight(_key(), (2, 128, 768))
     p = fp4_matmul.to_planar(w)
-    assert p.values.shape == (2, 64, 384) and p.scales.shape == (2, 24, 64) and p.shape == w.shape
+    assert p.values.shape == (2, 128, 384) and p.scales.shape == (2, 24, 128) and p.shape == w.shape
     v = np.asarray(w.values)
-    codes = np.stack([v & 15, v >> 4], -1).reshape(2, 64, 3, 2, 8, 2, 4, 2)  # [.., chunk, p, s, h, q, e]
-    pv = np.asarray(p.values).reshape(2, 64, 3, 8, 16).astype(np.uint64)  # [.., chunk, s, byte of the group]
-    q = np.arange(4)
-    word = pv[..., 2 * q] | pv[..., 2 * q + 1] << 8 | pv[..., 2 * q + 8] << 16 | pv[..., 2 * q + 9] << 24
+    codes = np.stack([v & 15, v >> 4], -1).reshape(2, 2, 4, 2, 8, 3, 2, 8, 2, 4, 2)  # [.., T, w, hr, r, C, p, s, h, q, e]
+    words = _thread_words(np.asarray(p.values)).reshape(2, 2, 3, 4, 8, 4, 2, 2, 4)  # [.., T, C, w, r, q, hr, half, i]
+    words = words.transpose(0, 1, 3, 6, 4, 2, 7, 8, 5).reshape(2, 2, 4, 2, 8, 3, 8, 4)  # [.., T, w, hr, r, C, s, q]
     e2m1 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6], np.float64)
     for (pl, h), rots in planar.ROTATIONS.items():
-        reg = np.zeros_like(word)
+        reg = np.zeros_like(words)
         for rot, bits in rots:
             mask = sum(1 << (planar.TARGET_BITS[b] + 16 * e) for b in bits for e in (0, 1))
-            reg |= _rotl(word, rot) & mask
+            reg |= _rotl(words, rot) & mask
         for e in range(2):
             half = (reg >> (16 * e)) & 0xFFFF
             bf16 = (half << 16).astype(np.uint32).view(np.float32).astype(np.float64) * 2.0**126
-            c = codes[..., pl, :, h, :, e]  # [.., chunk, s, q]
+            c = codes[..., pl, :, h, :, e]  # [.., T, w, hr, r, C, s, q]
             want = np.where(c & 8, -1.0, 1.0) * e2m1[c & 7]
             np.testing.assert_array_equal(bf16, want)
             np.testing.assert_array_equal(np.signbit(bf16), (c & 8) > 0)  # -0 keeps its sign
-    np.testing.assert_array_equal(np.asarray(p.scales), np.swapaxes(np.asarray(w.scales), -1, -2))
+    sc = np.asarray(p.scales).reshape(2, 3, 8, 2, 64).swapaxes(2, 3).reshape(2, 3, 2, 4, 8, 2, 8)  # [.., C, T, w, r, hr, g]
+    want = np.asarray(w.scales).reshape(2, 2, 4, 2, 8, 3, 8)  # [.., T, w, hr, r, C, g]
+    np.testing.assert_array_equal(sc, want.transpose(0, 5, 1, 2, 4, 3, 6))
     back = p.to_qarray()
     np.testing.assert_array_equal(np.asarray(back.values), v)
     np.testing.assert_array_equal(np.asarray(back.scales), np.asarray(w.scales))
     assert (back.shape, back.axis, back.fmt) == (w.shape, w.axis, w.fmt)
 
 
-def _run_ptx(text: str, word: np.ndarray) -> np.ndarray:
-    """Interpret the integer part of a `mosaic_gpu.word_decode_ptx` asm (mov/shf/and/or on b32 registers, $1
-    the word) on uint64-held words; returns register u, the bf16x2 bits before the two FMAs."""
-    regs = {"$1": word}
+def _run_ptx(text: str, regs: dict) -> dict:
+    """Interpret the integer part of a `mosaic_gpu.word_decode_ptx` or `scale_ptx` asm (mov/shf/and/or/prmt/shl/
+    add/max.u16x2 on b32 registers held in uint64 arrays; `regs` gives $1, ...); stops at the first FMA."""
+    regs = dict(regs)
+    val = lambda a: regs[a] if a in regs else np.uint64(int(a, 16) if a.startswith("0x") else int(a))
     for line in text.splitlines():
-        op, *args = line.strip().rstrip(";").replace(",", " ").split()
-        if op == "shf.l.wrap.b32":
+        line = line.strip().rstrip(";")
+        if not line or line[0] in "{}." or line.startswith(".reg"):
+            continue
+        op, *args = line.replace(",", " ").split()
+        if op == "mov.b32":
+            regs[args[0]] = val(args[1])
+        elif op == "shf.l.wrap.b32":
             d, a, _, n = args
             regs[d] = _rotl(regs[a], int(n))
         elif op in ("and.b32", "or.b32"):
             d, a, b = args
-            rhs = regs[b] if b in regs else np.uint64(int(b, 16))
-            regs[d] = (regs[a] & rhs) if op == "and.b32" else (regs[a] | rhs)
+            regs[d] = (regs[a] & val(b)) if op == "and.b32" else (regs[a] | val(b))
+        elif op == "prmt.b32":
+            d, a, b, sel = args
+            src = [(val(a) >> (8 * k)) & 0xFF for k in range(4)] + [(val(b) >> (8 * k)) & 0xFF for k in range(4)]
+            sel = int(sel, 16)
+            regs[d] = sum(src[(sel >> (4 * k)) & 7] << (8 * k) for k in range(4))
+        elif op == "shl.b32":
+            regs[args[0]] = (val(args[1]) << int(args[2])) & 0xFFFFFFFF
+        elif op == "add.u32":
+            regs[args[0]] = (val(args[1]) + val(args[2])) & 0xFFFFFFFF
+        elif op == "max.u16x2":
+            a, b = val(args[1]), val(args[2])
+            regs[args[0]] = sum(np.maximum((a >> s) & 0xFFFF, (b >> s) & 0xFFFF) << s for s in (0, 16))
         elif op.startswith("fma"):
             break
-    return regs["u"]
+        else:
+            raise AssertionError(f"unexpected PTX op {op}")
+    return regs
 
 
 def test_generated_ptx_decodes_the_registers_a_thread_holds():
-    """End to end on the kernel's own asm text: a thread of the WGMMA layout (lane q of a quad) holds bytes
-    8g + 2q, 8g + 2q + 1 of a chunk row in its register g (`fragmented_array.WGMMA_LAYOUT`: registers
-    [.., 16 column groups, .., 2 row halves, ..]); prmt 0x5410 makes registers 2s and 2s + 1 one word; each
-    `word_decode_ptx` asm, interpreted here, must give plane p's columns 8(2s + h) + 2q + (0, 1)."""
+    """End to end on the kernel's own asm text: thread t's word (hr, s) (`_thread_words`), through each
+    `word_decode_ptx` asm (interpreted here), must give the registers the kernel files under column group
+    2s + h, row half hr of the WGMMA layout (`fragmented_array.WGMMA_LAYOUT`: registers [.., 16 column groups,
+    .., 2 row halves, ..]; thread t = 32w + 4r + q holds rows 16w + r + 8hr, columns 8g + 2q + (0, 1)); and
+    `scale_ptx` must turn byte b of a thread's scale register into the bf16x2 pair of `_e8m0_to_bf16`."""
     from jax.experimental.mosaic.gpu import fragmented_array as fa
 
     shape = fa.WGMMA_LAYOUT.registers_shape((64, 128))
-    assert (shape[1], shape[4], np.prod(shape)) == (16, 2, 32)  # the indices the decoder walks
+    assert (shape[1], shape[4], np.prod(shape)) == (16, 2, 32)  # the indices the decoder fills
     w = _weight(_key(), (64, 256))
-    rows = np.asarray(fp4_matmul.to_planar(w).values).astype(np.uint64)  # [64, 128]: one chunk per row
+    words = _thread_words(np.asarray(fp4_matmul.to_planar(w).values))[0, 0]  # [128 threads, 4 segments, 4 words]
     v = np.asarray(w.values)
     codes = np.stack([v & 15, v >> 4], -1).reshape(64, 2, 128)  # [row, plane, column]
     e2m1 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6], np.float64)
-    for q in range(4):
-        reg = rows[:, 8 * np.arange(16)[:, None] + 2 * q + np.arange(2)]  # [64, 16, 2]: register g's bytes
-        reg16 = reg[..., 0] | reg[..., 1] << 8
+    t = np.arange(128)
+    wp, r, q = t // 32, (t % 32) // 4, t % 4
+    for hr in range(2):
         for s_ in range(8):
-            word = reg16[:, 2 * s_] | reg16[:, 2 * s_ + 1] << 16  # prmt.b32 $0, lo, hi, 0x5410
+            word = words[:, 2 * hr + s_ // 4, s_ % 4]
             for (p, h), rots in planar.ROTATIONS.items():
-                u = _run_ptx(mosaic_gpu.word_decode_ptx(rots), word)
+                u = _run_ptx(mosaic_gpu.word_decode_ptx(rots), {"$1": word})["u"]
                 for e in range(2):
                     half = (u >> (16 * e)) & 0xFFFF
                     got = (half << 16).astype(np.uint32).view(np.float32).astype(np.float64) * 2.0**126
-                    c = codes[:, p, 8 * (2 * s_ + h) + 2 * q + e]
+                    c = codes[16 * wp + 8 * hr + r, p, 8 * (2 * s_ + h) + 2 * q + e]
                     np.testing.assert_array_equal(got, np.where(c & 8, -1.0, 1.0) * e2m1[c & 7])
+    b = np.arange(256, dtype=np.uint64)
+    for how in ("asm_lean", "asm_fused"):
+        for byte in range(4):
+            reg = _run_ptx(mosaic_gpu.scale_ptx(how, byte), {"$1": b << (8 * byte) | (b ^ 0x5A) << (8 * ((byte + 1) % 4))})
+            want = np.asarray(jax.lax.bitcast_convert_type(mosaic_gpu._e8m0_to_bf16(jnp.asarray(b, jnp.uint8), how),
+                                                           jnp.uint16)).astype(np.uint64)
+            ok = b <= planar.FUSED_MAX_SCALE if how == "asm_fused" else b < 256
+            np.testing.assert_array_equal(reg["$0"][ok], (want | want << 16)[ok])
 
 
 def test_fused_decoder_gives_the_two_fma_numbers_for_scales_up_to_2():
@@ -123,7 +164,7 @@ def test_fused_decoder_gives_the_two_fma_numbers_for_scales_up_to_2():
         assert two.count("fma.rn.bf16x2") == 2 and one.count("fma.rn.bf16x2") == 1 and "c126" not in one
         assert "fma.rn.bf16x2 $0, u, $2, nz;" in one
         words = np.random.default_rng(0).integers(0, 1 << 32, 4096, dtype=np.uint64)
-        np.testing.assert_array_equal(_run_ptx(one, words), _run_ptx(two, words))  # same integer part
+        np.testing.assert_array_equal(_run_ptx(one, {"$1": words})["u"], _run_ptx(two, {"$1": words})["u"])
     b = jnp.arange(planar.FUSED_MAX_SCALE + 1, dtype=jnp.uint8)
     fused = np.asarray(mosaic_gpu._e8m0_to_bf16(b, "asm_fused").astype(jnp.float32), np.float64)
     np.testing.assert_array_equal(fused, 2.0 ** (np.arange(planar.FUSED_MAX_SCALE + 1) - 1.0))
@@ -160,8 +201,10 @@ def test_fused_decoder_gives_the_two_fma_numbers_for_scales_up_to_2():
 
 
 def test_to_planar_rejects_what_it_cannot_hold():
-    with pytest.raises(ValueError, match="multiple of 256"):
+    with pytest.raises(ValueError, match="K % 256 == 0"):
         fp4_matmul.to_planar(quant.quantize(jnp.ones((64, 96)), "mxfp4"))
+    with pytest.raises(ValueError, match=r"N % 64 == 0 .*got N=32"):
+        fp4_matmul.to_planar(quant.quantize(jnp.ones((32, 256)), "mxfp4"))
     with pytest.raises(ValueError, match="mxfp4"):
         fp4_matmul.to_planar(quant.quantize(jnp.ones((64, 256)), "nvfp4"))
     with pytest.raises(ValueError, match="QArray"):
@@ -221,8 +264,8 @@ def test_planar_kernels_lower_for_cuda_with_the_ptx_decoder():
     f = lambda xx, v, s, gs: mosaic_gpu.grouped(xx, v, s, gs, cfg=cfg, planar=True)
     text = jax.jit(f).trace(x, p.values, p.scales, sizes).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("custom_call @mosaic_gpu_v2") == 1
-    assert "prmt.b32" in text and "fma.rn.bf16x2" in text
-    assert "0x5410" in text  # the prmt that merges a thread's two 16-bit registers into the layout's word
+    assert "fma.rn.bf16x2" in text and "max.u16x2" in text  # the word decoder and the lean scale conversion
+    assert "0x5410" not in text  # words come whole from 16-byte loads: no prmt merging 16-bit registers
     for rot in (4, 10, 6, 14):  # the rotations of the four registers of a word (planar.ROTATIONS)
         assert f"shf.l.wrap.b32 r, $1, $1, {rot};" in text
     assert "stablehlo.transpose" not in text  # the point of the layout: no x plane split, no scale transpose
@@ -231,6 +274,7 @@ def test_planar_kernels_lower_for_cuda_with_the_ptx_decoder():
     f = lambda xx, v, s, gs: mosaic_gpu.grouped(xx, v, s, gs, cfg=fused, planar=True)
     text = jax.jit(f).trace(x, p.values, p.scales, sizes).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("custom_call @mosaic_gpu_v2") == 1 and "c126" not in text  # one FMA per register
+    assert "0x3F003F00" in text  # the fused scale: (byte + 126) << 7 in both halves
 
 
 @pytest.mark.parametrize("implementation", ["mosaic_gpu", "triton", "xla"])
@@ -281,6 +325,33 @@ def test_moe_experts_take_planar_leaves():
     narrow = {"w1_fp4": packed["w1_fp4"][..., :32], "w1_fp4_scale": packed["w1_fp4_scale"][..., :2]}  # in = 64
     with pytest.raises(ValueError, match="multiple of 256"):
         planarize_experts({"moe": {"experts": narrow}})
+    few = {"w1_fp4": packed["w1_fp4"][..., :32, :], "w1_fp4_scale": packed["w1_fp4_scale"][..., :32, :]}  # out = 32
+    with pytest.raises(ValueError, match="32 outputs, not a multiple of 64"):
+        planarize_experts({"moe": {"experts": few}})
+
+
+def test_moe_fused_decode_follows_the_config(monkeypatch):
+    """`planar_max_scale` reads the planar experts' largest scale byte; `ModelConfig.fp4_fused_decode` hands the
+    kernels that bound (the scales are traced inside the layer), so with the H200 table (asm_fused entries) the
+    lowered expert GEMMs decode with one FMA only when the config says so, and fall back to asm_lean without."""
+    m = presets.tiny()
+    m.update(hidden_size=256, moe_intermediate_size=256)
+    cfg = dataclasses.replace(ModelConfig.from_config(m), fp4_impl="mosaic_gpu")
+    x = jax.random.normal(jax.random.key(2), (8, 256), jnp.bfloat16)
+    idx = jax.random.randint(jax.random.key(3), (8, cfg.num_experts_per_tok), 0, cfg.n_routed_experts)
+    wts = jnp.full(idx.shape, 0.5, jnp.float32)
+    floats = nn.unbox(Experts(cfg).init(jax.random.key(0), x, idx, wts)["params"])
+    params = planarize_experts(pack_experts({"moe": {"experts": floats}}))
+    assert planar_max_scale(params) <= planar.FUSED_MAX_SCALE  # trained-scale weights sit far below scale 2
+    assert planar_max_scale({"moe": {"experts": floats}}) is None
+    select = block_sizes.select
+    monkeypatch.setattr(block_sizes, "select", lambda op, mm, chip=None: select(op, mm, "nvidia_h200"))
+    for fused in (True, False):
+        c = dataclasses.replace(cfg, fp4_fused_decode=fused)
+        fwd = lambda p, c=c: Experts(c).apply({"params": p}, x, idx, wts)
+        text = jax.jit(fwd).trace(params["moe"]["experts"]).lower(lowering_platforms=("cuda",)).as_text()
+        assert text.count("custom_call @mosaic_gpu_v2") == 3  # w1, w3, w2
+        assert ("0x3F003F00" in text) == fused and ("max.u16x2" in text) == (not fused)
 
 
 def test_grouped_matmul_passes_planar_weights_through():

@@ -257,48 +257,89 @@ def word_decode_ptx(rotations, fused: bool = False) -> str:
     return "\n".join(lines)
 
 
-def _decode_words_ptx(byte: jax.Array, scales: tuple[jax.Array, jax.Array],
-                      fused: bool = False) -> tuple[jax.Array, jax.Array]:
-    """Planar-layout bytes uint8 [64, 128] (one chunk, WGMMA register layout) and each plane's bf16 scales
-    [64, 128] -> the two planes bf16 [64, 128] (GPU only; `decode_words_jnp` is the same numbers in jnp).
+def scale_ptx(how: str, byte: int) -> str:
+    """Inline PTX: byte `byte` of the 32-bit register $1 (four E8M0 scales) -> the bf16x2 pair (both halves) a
+    word decoder multiplies by: "asm_fused" 2**(b - 1) = (b + 126) << 7 (exact for b <= 128), else ("asm_lean",
+    also for "asm") max(b << 7, 0x0040). prmt puts the byte in both halves (zeros above it), so the shift and add
+    stay inside each half."""
+    sel = byte | 4 << 4 | byte << 8 | 4 << 12  # result bytes: b, 0, b, 0 (selector 4: byte 0 of the zero operand)
+    lines = ["{", ".reg .b32 t;", f"prmt.b32 t, $1, 0, {sel:#06x};", "shl.b32 t, t, 7;"]
+    if how == "asm_fused":
+        lines.append("add.u32 $0, t, 0x3F003F00;")
+    else:
+        lines += [".reg .b32 lo;", "mov.b32 lo, 0x00400040;", "max.u16x2 $0, t, lo;"]
+    return "\n".join(lines + ["}"])
 
-    In the WGMMA layout a thread's registers of column groups 2s and 2s + 1 hold the bytes 16s + (2q, 2q + 1)
-    and 16s + (2q + 8, 2q + 9): one prmt makes them the layout's 32-bit word, which becomes the registers of
-    groups 2s and 2s + 1 of both planes (`word_decode_ptx`, one asm each)."""
+
+def _decode_tile_ptx(v_smem, s_smem, h: int, c: int, how: str) -> tuple[jax.Array, jax.Array]:
+    """Planar weights, GPU: tile h (64 weight rows) and chunk c of a pipeline step's shared-memory buffers,
+    values [wn, kb] and scales [8 * chunks, wn] in the layout's thread order (`planar`) -> the chunk's two
+    planes bf16 [64, 128] in the WGMMA register layout (wgmma's A operand).
+
+    Each thread reads its 16 words with four 16-byte loads and its 16 scales with one (a quarter warp reads 128
+    contiguous bytes: no bank conflict), turns each scale byte into a bf16x2 pair (`scale_ptx`) and each word
+    into four registers (`word_decode_ptx`): word (hr, s) gives column groups 2s + h of both planes in row half
+    hr. `decode_words_jnp` is the same numbers in jnp (what the interpreter runs)."""
     from jax.experimental.mosaic.gpu import (
         fragmented_array as fa,  # lazy: Mosaic GPU internals
     )
     from jax.experimental.mosaic.gpu import utils as mgpu_utils
     from jaxlib.mlir import ir
-    from jaxlib.mlir.dialects import arith, llvm
+    from jaxlib.mlir.dialects import arith, llvm, vector
 
-    out_type = plgpu.ShapeDtypeStruct(byte.shape, jnp.bfloat16, layout=plgpu.Layout.WGMMA)
-    wgmma = plgpu.Layout.WGMMA
+    out_type = plgpu.ShapeDtypeStruct((BN, CHUNK), jnp.bfloat16, layout=plgpu.Layout.WGMMA)
 
-    @plgpu.inline_mgpu(arg_types=(wgmma, wgmma, wgmma), return_type=(out_type, out_type))
-    def decode(_, b, s0, s1):
-        i16, i32 = ir.IntegerType.get_signless(16), ir.IntegerType.get_signless(32)
+    @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType()), return_type=(out_type, out_type))
+    def decode(_, v_ref, s_ref):
+        i8, i32 = ir.IntegerType.get_signless(8), ir.IntegerType.get_signless(32)
+        v4 = ir.VectorType.get((4,), i32)
         pair = ir.VectorType.get((2,), ir.BF16Type.get())
-        out = [np.empty(s0.registers.shape, dtype=object) for _ in range(PLANES)]
-        asm = {ph: word_decode_ptx(rots, fused) for ph, rots in planar.ROTATIONS.items()}
-        for idx in np.ndindex(b.registers.shape):  # idx[1]: the 8-byte column group
-            if idx[1] % 2:
-                continue
-            nxt = (idx[0], idx[1] + 1, *idx[2:])
-            lo, hi = (arith.extui(i32, mgpu_utils.bitcast(b.registers[j], i16)) for j in (idx, nxt))
-            word = llvm.inline_asm(i32, [lo, hi], "prmt.b32 $0, $1, $2, 0x5410;", "=r,r,r")
-            for (p, h), text in asm.items():
-                o = (idx[0], idx[1] + h, *idx[2:])
-                sc = mgpu_utils.bitcast((s0, s1)[p].registers[o], i32)
-                out[p][o] = mgpu_utils.bitcast(llvm.inline_asm(i32, [word, sc], text, "=r,r,r"), pair)
-        return tuple(fa.FragmentedArray(_registers=r, _layout=b.layout, _is_signed=None) for r in out)
+        kb, wn = ir.MemRefType(v_ref.type).shape[1], ir.MemRefType(s_ref.type).shape[1]
+        cst = lambda v: arith.constant(i32, v)
+        t = arith.remui(mgpu_utils.thread_idx(), cst(128))  # thread of the warpgroup
 
-    return tuple(decode(byte, *scales))
+        def load4(ref, offset):  # 16 bytes at `offset` of `ref` -> 4 x i32
+            ptr = mgpu_utils.getelementptr(mgpu_utils.memref_ptr(ref), [offset], i8)
+            vec = llvm.load(v4, ptr, alignment=16)
+            return [vector.extract(vec, [], [i]) for i in range(4)]
+
+        # values: segment j of thread t at box byte 2048j + 16t = row 16j + t // 8, column 16 (t % 8) of the tile
+        v_base = arith.addi(arith.muli(arith.divui(t, cst(8)), cst(kb)), arith.muli(arith.remui(t, cst(8)), cst(16)))
+        segs = [load4(v_ref, arith.addi(v_base, cst((BN * h + 16 * j) * kb + CHUNK * c))) for j in range(4)]
+        # scales: thread t's 16 bytes at box byte 16 (t // 4) = row t // 16, column 16 ((t // 4) % 4) of the box
+        s_base = arith.addi(arith.muli(arith.divui(t, cst(16)), cst(wn)),
+                            arith.muli(arith.remui(arith.divui(t, cst(4)), cst(4)), cst(16)))
+        sregs = load4(s_ref, arith.addi(s_base, cst(planar.SCALE_BOX * c * wn + BN * h)))  # [2hr + p]: 4 blocks
+        # bf16x2 scale of row half hr, plane p, block b (4 per plane; one block spans k-steps 2b and 2b + 1)
+        scl = {(hr, p, b): llvm.inline_asm(i32, [sregs[2 * hr + p]], scale_ptx(how, b), "=r,r")
+               for hr in range(2) for p in range(PLANES) for b in range(4)}
+        asm = {ph: word_decode_ptx(rots, how == "asm_fused") for ph, rots in planar.ROTATIONS.items()}
+        shape = fa.WGMMA_LAYOUT.registers_shape((BN, CHUNK))  # [1, 16 column groups, 1, 1, 2 row halves, ...]
+        out = [np.empty(shape, dtype=object) for _ in range(PLANES)]
+        for hr in range(2):
+            for st in range(8):  # k-step st: word st % 4 of segment 2hr + st // 4
+                word = segs[2 * hr + st // 4][st % 4]
+                for (p, hh), text in asm.items():
+                    reg = llvm.inline_asm(i32, [word, scl[hr, p, st // 2]], text, "=r,r,r")
+                    out[p][(0, 2 * st + hh, 0, 0, hr, *(0,) * (len(shape) - 5))] = mgpu_utils.bitcast(reg, pair)
+        return tuple(fa.FragmentedArray(_registers=r, _layout=fa.WGMMA_LAYOUT, _is_signed=None) for r in out)
+
+    return tuple(decode(v_smem, s_smem))
+
+
+def _decode_tile_jnp(v_smem, s_smem, h: int, c: int) -> tuple[jax.Array, jax.Array]:
+    """`_decode_tile_ptx` in jnp, for the interpreter: the tile's [64, 128] bytes and [8, 64] scales as loaded
+    (a [64, 256] weight in the planar layout) -> its two planes bf16 [64, 128]."""
+    byte = v_smem[pl.ds(BN * h, BN), pl.ds(CHUNK * c, CHUNK)]  # [64, 128] uint8
+    box = s_smem[pl.ds(planar.SCALE_BOX * c, planar.SCALE_BOX), pl.ds(BN * h, BN)]  # [8, 64] uint8
+    sc = common.e8m0_to_f32(planar.load_scales(box))  # [64, 8]: rows, the chunk's blocks
+    scales = tuple(jnp.repeat(sc[:, 4 * p : 4 * p + 4], 2 * BYTES_PER_SCALE, axis=1) for p in range(PLANES))
+    return decode_words_jnp(byte, scales)  # two [64, 128] bf16
 
 
 def decode_words_jnp(byte: jax.Array, scales: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
-    """`_decode_words_ptx` in jnp (what the interpreter runs): planar bytes [64, 128] -> codes [64, 256] in K
-    order (`planar.planar_codes`) -> each plane's E2M1 values times its float32 scales [64, 128], in bf16."""
+    """Planar bytes of a [64, 256] tile [64, 128] -> codes [64, 256] in K order (`planar.planar_codes`) -> each
+    plane's E2M1 values times its float32 scales [64, 128], in bf16."""
     codes = planar.planar_codes(byte)  # [64, 256]
     planes = (codes[:, p * PLANAR_HALF : (p + 1) * PLANAR_HALF] for p in range(PLANES))  # [64, 128] each
     return tuple((common.e2m1_to_f32(c) * s).astype(jnp.bfloat16) for c, s in zip(planes, scales))
@@ -336,12 +377,6 @@ def _tile_scales(s_smem, g0: int, groups: int, r0: int, how: str) -> jax.Array:
     """QArray layout: blocks g0 .. g0 + groups, each over its 16 byte columns (2 register tiles; a byte's two
     elements share a block) -> [64, 16 * groups]."""
     return _scale_columns(s_smem, range(g0, g0 + groups), BYTES_PER_SCALE, r0, how)
-
-
-def _planar_scales(s_smem, c: int, p: int, r0: int, how: str) -> jax.Array:
-    """Planar weights: plane p of K chunk c (its elements c*256 + p*128 + j, j < 128: decoded column j) spans
-    the 4 scale blocks c*8 + p*4 + i, block i over decoded columns [32i, 32i + 32) -> [64, 128]."""
-    return _scale_columns(s_smem, range(c * 8 + p * 4, c * 8 + p * 4 + 4), 2 * BYTES_PER_SCALE, r0, how)
 
 
 def out_terms(split: int, out_dtype) -> int:
@@ -471,12 +506,11 @@ def _kernel(tab_gmem, x_gmem, v_gmem, s_gmem, o_gmem, o_smem, *a_smem, t: Tiles,
                 g0, ng = c * CHUNK // BYTES_PER_SCALE, CHUNK // BYTES_PER_SCALE
                 for h, acc_ref in enumerate(accs):  # 64 weight rows each; both read the same x tile
                     wrows = pl.ds(h * BN, BN)
-                    byte = plgpu.load(v_smem.at[wrows, cols], layout=plgpu.Layout.WGMMA)  # [64, 128] uint8
-                    if planar:  # each plane its own 4 scale blocks; both planes from the chunk's words
-                        scales = tuple(_planar_scales(s_smem, c, p, h * BN, how) for p in range(PLANES))
-                        planes = (_decode_words_ptx(byte, scales, how == "asm_fused") if asm
-                                  else decode_words_jnp(byte, scales))
+                    if planar:  # the tile's words and scales in thread order: 16-byte loads, both planes
+                        planes = _decode_tile_ptx(v_smem, s_smem, h, c, how) if asm else _decode_tile_jnp(
+                            v_smem, s_smem, h, c)
                     else:  # one scale per byte, both planes at once: 2 x [64, 128] bf16
+                        byte = plgpu.load(v_smem.at[wrows, cols], layout=plgpu.Layout.WGMMA)  # [64, 128] uint8
                         scale = _tile_scales(s_smem, g0, ng, h * BN, how)
                         planes = _decode_ptx(byte, scale) if asm else None
                     byte16 = None if asm or planar else byte.astype(jnp.uint16)
@@ -505,7 +539,8 @@ def _kernel(tab_gmem, x_gmem, v_gmem, s_gmem, o_gmem, o_smem, *a_smem, t: Tiles,
             grid=(steps,),
             in_specs=[
                 x_spec,
-                plgpu.BlockSpec((wn, kb), lambda kk: (ni, k0 + kk), transforms=TRANSFORMS8),
+                # planar: the layout's thread order replaces the swizzle (a quarter warp reads 128 contiguous bytes)
+                plgpu.BlockSpec((wn, kb), lambda kk: (ni, k0 + kk), transforms=() if planar else TRANSFORMS8),
                 plgpu.BlockSpec((groups, wn), lambda kk: (k0 + kk, ni)),
             ],
             max_concurrent_steps=t.stages,
