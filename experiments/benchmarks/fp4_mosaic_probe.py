@@ -12,6 +12,8 @@ Rows (JSON lines in OUT/fp4_mosaic_probe.jsonl, also printed):
        api_planar_decode: api_planar without the grouped prefill row;
   api_planar_decode_mid: the api's grouped decode at 32 and 16 tokens;
   api_dense: the api's dense decode at M = 1, 8 and 16 (planar weights);
+  api_fused: the api on planar weights a quarter as large (scale bytes <= 128: the one-FMA decoder), grouped
+       at 8192, 64, 32, 16, 8 tokens and dense at M = 1, 8, 16;
   grouped_decode_window: decode-sized grouped calls with window tiles (`mosaic_gpu.grouped(window=True)`: no
        padded copy of x) beside the session-7 entry's packed tiles;
   grouped_decode_window2: window tiles' pipeline depth against CTAs per SM (session 8);
@@ -24,7 +26,7 @@ Rows (JSON lines in OUT/fp4_mosaic_probe.jsonl, also printed):
        past the L2): a max-reduction (read only) and an elementwise copy (read + write), in TB/s of bytes read;
   dense_planar, grouped_planar, grouped_decode_planar: the kernel sweeps on planar weights.
 Usage: python experiments/benchmarks/fp4_mosaic_probe.py [--out DIR] [--parts api,api_planar,api_planar_decode,api_prefill,
-       api_planar_decode_mid,grouped_decode_window,grouped_decode_window2,decode_overlap,dense_occupancy,fused,fused_check,floor,api_dense,
+       api_planar_decode_mid,grouped_decode_window,grouped_decode_window2,decode_overlap,dense_occupancy,fused,fused_check,floor,api_dense,api_fused,
        dense,dense_planar,prefill,grouped,grouped_planar,grouped_decode,grouped_decode_planar] [--budget-s S]
 """
 
@@ -164,17 +166,19 @@ def grouped_part(out, tokens, cfgs, deadline, g=64, k=4096, n=2048, topk=6, plan
         emit(out, row)
 
 
-def api_part(out, deadline, reps=10, token_counts=(8192, 64, 8), dense=True, planar=False, dense_ms=(16,)):
+def api_part(out, deadline, reps=10, token_counts=(8192, 64, 8), dense=True, planar=False, dense_ms=(16,),
+             gain=1.0):
     """The public api with implementation=None (what the model calls): grouped at 8192, 64 and 8 tokens x
     top-6 against tokamax's bf16 ragged_dot, dense M=16 against XLA's bf16 dot, and the grouped VJP (dx)
     against the reference on the GPU. `planar`: the weights in the load-time layout (`fp4_matmul.to_planar`,
-    converted before timing)."""
+    converted before timing). `gain` scales the random weights (1/4: every scale byte <= 128, so planar weights
+    take the one-FMA decoder where the table says asm_fused; random_weight's largest scales are byte 129)."""
     from v4jax.kernels import fp4_matmul
     from v4jax.kernels.grouped_matmul.api import grouped_matmul
 
     layout = _planar if planar else (lambda ww: ww)
     g, k, n, topk = 64, 4096, 2048, 6
-    w = quant.quantize(random_weight(jax.random.key(7), (g, n, k)), "mxfp4")
+    w = quant.quantize(gain * random_weight(jax.random.key(7), (g, n, k)), "mxfp4")
     w_api = layout(w)
     wd = jnp.swapaxes(quant.dequantize(w).astype(jnp.bfloat16), 1, 2)  # [G, K, N] for tokamax
     for tokens in token_counts:
@@ -192,7 +196,8 @@ def api_part(out, deadline, reps=10, token_counts=(8192, 64, 8), dense=True, pla
         tk, _, _ = timed(lambda a, ww, gs: grouped_matmul(a, ww, gs), [(x, wd, sizes)], reps)
         touched = int(jnp.sum(sizes > 0))
         packed = (w.values.size + w.scales.size) * touched // g
-        row = {"part": "api_grouped", "layout": "planar" if planar else "qarray", "tokens": tokens, "m": m, "experts_touched": touched,
+        row = {"part": "api_grouped", "layout": "planar" if planar else "qarray", "gain": gain,
+               "max_scale": getattr(w_api, "max_scale", None), "tokens": tokens, "m": m, "experts_touched": touched,
                "rel_err": rel_err(y, ref), "nan": bool(jnp.any(jnp.isnan(y))), "total_us": total,
                "kernel_us": kern, "glue_us": total - kern, "tokamax_us": tk, "x_vs_tokamax": tk / total,
                "tflops": 2 * m * n * k / total / 1e6, "tbps_touched": packed / total / 1e6}
@@ -205,7 +210,7 @@ def api_part(out, deadline, reps=10, token_counts=(8192, 64, 8), dense=True, pla
     for kn in (4096, 7168) if dense else ():
         if time.time() > deadline:
             return
-        ws = [quant.quantize(random_weight(jax.random.key(kn + i), (kn, kn)), "mxfp4") for i in range(12)]
+        ws = [quant.quantize(gain * random_weight(jax.random.key(kn + i), (kn, kn)), "mxfp4") for i in range(12)]
         wds = [quant.dequantize(ww).astype(jnp.bfloat16) for ww in ws]
         f = lambda a, ww: fp4_matmul.fp4_matmul(a, ww)
         ws_api = [layout(ww) for ww in ws]
@@ -217,7 +222,8 @@ def api_part(out, deadline, reps=10, token_counts=(8192, 64, 8), dense=True, pla
             y = jax.block_until_ready(jax.jit(f)(x, ws_api[0]))
             total, kern, rest = timed(f, [(x, ww) for ww in ws_api], reps)
             xla, _, _ = timed(lambda a, ww: jnp.dot(a, ww.T), [(x, ww) for ww in wds], reps)
-            emit(out, {"part": "api_dense", "layout": "planar" if planar else "qarray", "m": m, "kn": kn,
+            emit(out, {"part": "api_dense", "layout": "planar" if planar else "qarray", "gain": gain,
+                       "max_scale": getattr(ws_api[0], "max_scale", None), "m": m, "kn": kn,
                        "rel_err": rel_err(y, dense_ref(x, ws[0])), "total_us": total, "kernel_us": kern,
                        "glue_us": total - kern, "rest": rest, "xla_bf16_us": xla, "x_vs_xla": xla / total,
                        "tbps": packed / total / 1e6, "kernel_tbps": packed / kern / 1e6 if kern else None})
@@ -358,6 +364,9 @@ def main():
         elif part == "dense_occupancy":  # CTAs per SM: pipeline depth and A's registers (session 8)
             for kn in (4096, 7168):
                 dense_part(args.out, 16, kn, DENSE_DECODE_OCCUPANCY, 12, deadline, planar=True)
+        elif part == "api_fused":  # the api on weights within the one-FMA bound: grouped and dense, every size
+            api_part(args.out, deadline, token_counts=(8192, 64, 32, 16, 8), planar=True, dense_ms=(1, 8, 16),
+                     gain=0.25)
         elif part == "api_dense":  # the api's dense decode at M = 1, 8, 16 (planar weights)
             api_part(args.out, deadline, token_counts=(), planar=True, dense_ms=(1, 8, 16))
         elif part == "fused_check":  # "asm_fused" on weights it is exact for (scale bytes <= 128: gain 1/4)

@@ -18,6 +18,8 @@
 #   fp4s9     issue 6, session 9: asm_fused timed, one XLA kernel's read rate at the dense decode's sizes, the api's
 #             dense decode at M = 1, 8, 16.
 #   fp4s9b    issue 6, session 9: SASS of the decode kernels (nvdisasm from a wheel in .whl), asm_fused's correctness.
+#   fp4s9c    issue 6, session 9: the thread-order planar layout: correctness and time of every planar kernel.
+#   fp4s9d    issue 6, session 9: the public api on the session-9 table, every size of the issue.
 #   fp4dump   issue 6: ptxas registers and spills of the planar kernels (experiments/benchmarks/fp4_sass_dump.py),
 #             with /usr/local/cuda/bin on the PATH so that Mosaic's SASS dump finds nvdisasm.
 #   fp4ncu    issue 6: Nsight Compute on the dense and grouped decode kernels (the machine runs Firecracker, where
@@ -81,6 +83,14 @@ case "${1:-}" in
       && echo "nvdisasm -> /usr/local/cuda/bin"
     DUMP_TIMEOUT=150 DUMP_DECODE=asm_fused DUMP_KERNELS=dense,grouped_decode bash "$0" fp4dump | tail -8
     probe fused_check 100 140 ;;
+  fp4s9c)
+    # session 9: the thread-order planar layout (16-byte shared-memory loads): correctness on weights within the
+    # one-FMA bound, then both decoders on every planar kernel, then the api's dense decode at M = 1, 8, 16
+    probe fused_check,fused,api_dense 420 470 ;;
+  fp4s9d)
+    # session 9: the public api with the session-9 table (thread-order layout, asm_fused entries) on weights within
+    # the one-FMA bound: grouped prefill and decode at 64 / 32 / 16 / 8 tokens, dense decode at M = 1, 8, 16
+    probe api_fused 440 500 ;;
   fp4mid)
     # session 8: the public api's grouped decode at 32 and 16 tokens x top-6 (between the issue's 8 and 64)
     probe api_planar_decode_mid 170 200 ;;
@@ -109,5 +119,5 @@ for l in open('$OUT/diag.log'):
     timeout 400 python3 experiments/benchmarks/indexer.py --sizes 8192,32768 --set mosaic --quants none,fp8 \
       --reps 5 --out "$OUT/mosaic" > "$OUT/mosaic.log" 2>&1; echo "rc=$?"
     python3 experiments/benchmarks/indexer_summary.py "$OUT"/mosaic/indexer.json ;;
-  *) echo "usage: pending_runs.sh ep N | fp4 | fp4s8 | fp4s8b | fp4mid | fp4fused | fp4s9 | fp4s9b | fp4dump | fp4ncu | fp4diag | indexer | mosaic" >&2; exit 2 ;;
+  *) echo "usage: pending_runs.sh ep N | fp4 | fp4s8 | fp4s8b | fp4mid | fp4fused | fp4s9 | fp4s9b | fp4s9c | fp4s9d | fp4dump | fp4ncu | fp4diag | indexer | mosaic" >&2; exit 2 ;;
 esac

@@ -7,7 +7,9 @@ scales): the layout the FP4 kernels read, so the model's expert GEMMs run on the
 `planarize_experts` then moves the bytes once more into the Mosaic GPU kernel's layout
 (`fp4_matmul.PlanarMXFP4`), which spares each expert GEMM a pass over its activations and a scale transpose
 and lets the kernel decode with fewer instructions (on the H200, same tiles: grouped prefill 1.99 against
-2.43 ms, decode at 64 tokens 165 against 180 us; experiments/benchmarks/RESULTS.md, session 7).
+2.43 ms, decode at 64 tokens 165 against 180 us; experiments/benchmarks/RESULTS.md, session 7). Where
+`planar_max_scale` reads at most 128 (scales <= 2, as in LLM weights), `ModelConfig.fp4_fused_decode = True`
+lets the kernels decode with one FMA per register (session 9: 4-9% faster kernels).
 """
 
 from __future__ import annotations
@@ -50,9 +52,10 @@ def pack_experts(params: dict) -> dict:
 def planarize_experts(params: dict) -> dict:
     """A copy of `params` whose packed expert leaves (`pack_experts`) are in the Hopper kernel's load-time
     layout (`fp4_matmul.PlanarMXFP4`): `w{n}_fp4_planar` (uint8 [.., E, out, in/2], each 256-input chunk's
-    planes as the layout's 32-bit words) and `w{n}_fp4_planar_scale` (E8M0 bytes [.., E, in/32, out]). The
-    model computes the same numbers; on an H200 the expert GEMMs are faster (module docstring). Needs `in` %
-    256 == 0 for every expert matrix."""
+    planes as the layout's 32-bit words, in thread order per 64 outputs) and `w{n}_fp4_planar_scale` (E8M0
+    bytes [.., E, in/32, out], permuted within each [8, 64] box). The model computes the same numbers; on an
+    H200 the expert GEMMs are faster (module docstring). Needs `in` % 256 == 0 and `out` % 64 == 0 for every
+    expert matrix."""
     flat = flax.traverse_util.flatten_dict(params, sep="/")
     out = {}
     for k, v in flat.items():
@@ -65,12 +68,23 @@ def planarize_experts(params: dict) -> dict:
         d_in = 2 * v.shape[-1]
         if d_in % planar.CHUNK:
             raise ValueError(f"planarize_experts: {base} has {d_in} inputs, not a multiple of {planar.CHUNK}")
+        if v.shape[-2] % planar.TILE_ROWS:
+            raise ValueError(f"planarize_experts: {base} has {v.shape[-2]} outputs, not a multiple of "
+                             f"{planar.TILE_ROWS}")
         q = quant.QArray(values=v, scales=flat[base + SCALE_SUFFIX], global_scale=None,
                          fmt=quant.get_format("mxfp4"), shape=(*v.shape[:-1], d_in), dtype=np.dtype(np.float32),
                          axis=v.ndim - 1)
         p = planar.to_planar(q)
         out[base + PLANAR_SUFFIX], out[base + PLANAR_SCALE_SUFFIX] = p.values, p.scales
     return flax.traverse_util.unflatten_dict(out, sep="/")
+
+
+def planar_max_scale(params: dict) -> int | None:
+    """The largest E8M0 scale byte of the planar expert leaves (`planarize_experts`), None without any: at most
+    `planar.FUSED_MAX_SCALE` (128), `ModelConfig.fp4_fused_decode` may be True (one FMA per decoded register)."""
+    flat = flax.traverse_util.flatten_dict(params, sep="/")
+    maxima = [int(jnp.max(v)) for k, v in flat.items() if is_expert_weight(k) and k.endswith(PLANAR_SCALE_SUFFIX)]
+    return max(maxima) if maxima else None
 
 
 def expert_bytes(params: dict) -> int:

@@ -46,6 +46,10 @@ class ModelConfig:
     indexer_interpret: bool = False  # run a Pallas indexer backend in interpret mode (CPU tests, debugging)
     fp4_impl: str = "auto"  # backend of packed-FP4 expert GEMMs (v4jax.kernels.fp4_matmul); "auto": its choice
     fp4_interpret: bool = False  # run a Pallas FP4 backend in interpret mode (CPU tests, debugging)
+    # planar expert weights whose E8M0 scale bytes are all <= 128 (scales <= 2; `v4jax.infer.fp4.planar_max_scale`
+    # reads it): the Mosaic GPU kernels then decode with one FMA per register ("asm_fused", H200: 4-9% faster);
+    # True on other weights gives inf/NaN outputs, so set it from that reading, not by hand
+    fp4_fused_decode: bool = False
     # rope: main (sliding layers) and compress (CSA/HCA layers, with YaRN when yarn_factor > 0)
     rope_theta: float = 10000.0
     compress_rope_theta: float = 160000.0
@@ -150,7 +154,8 @@ def validate_model_config(d: Mapping[str, Any]) -> None:
     for name in ("yarn_factor", "swiglu_limit", "hc_init_alpha", "yarn_beta_fast", "yarn_beta_slow", "hc_init_comb_diag"):
         if not isinstance(d[name], (int, float)) or isinstance(d[name], bool) or d[name] < 0:
             raise _err(name, f"must be a non-negative number, got {d[name]!r}")
-    for name in ("scan_layers", "remat", "rope_restart_per_document", "indexer_interpret", "fp4_interpret"):
+    for name in ("scan_layers", "remat", "rope_restart_per_document", "indexer_interpret", "fp4_interpret",
+                 "fp4_fused_decode"):
         if not isinstance(d[name], bool):
             raise _err(name, f"must be True or False, got {d[name]!r}")
     for name in ("param_dtype", "dtype"):

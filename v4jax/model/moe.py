@@ -20,7 +20,7 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from v4jax import quant
-from v4jax.kernels.fp4_matmul.planar import PlanarMXFP4, as_qarray
+from v4jax.kernels.fp4_matmul.planar import FUSED_MAX_SCALE, PlanarMXFP4, as_qarray
 from v4jax.kernels.grouped_matmul import grouped_matmul
 from v4jax.kernels.grouped_matmul.api import is_packed_fp4
 from v4jax.model.config import ModelConfig
@@ -167,9 +167,11 @@ class Experts(nn.Module):
         for planar leaves the same numbers as a `PlanarMXFP4`."""
         if self.has_variable("params", name + PLANAR_SUFFIX):
             e, d_in, d_out = shape
+            # the scales are traced here, so their bound comes from the config (`fp4_fused_decode`)
             return PlanarMXFP4(values=self.get_variable("params", name + PLANAR_SUFFIX),
                                scales=self.get_variable("params", name + PLANAR_SCALE_SUFFIX),
-                               shape=(e, d_out, d_in), dtype=np.dtype(np.float32))
+                               shape=(e, d_out, d_in), dtype=np.dtype(np.float32),
+                               max_scale=FUSED_MAX_SCALE if self.cfg.fp4_fused_decode else None)
         if self.has_variable("params", name + PACKED_SUFFIX):
             e, d_in, d_out = shape
             return quant.QArray(values=self.get_variable("params", name + PACKED_SUFFIX),
