@@ -17,7 +17,7 @@
 #   fp4fused  issue 6, session 8: the one-FMA decoder ("asm_fused") beside the stored entries' decoders.
 #   fp4s9     issue 6, session 9: asm_fused timed, one XLA kernel's read rate at the dense decode's sizes, the api's
 #             dense decode at M = 1, 8, 16.
-#   fp4s9b    issue 6, session 9: SASS of the decode kernels (nvdisasm from a wheel in .whl), asm_fused's correctness.
+#   fp4s9b    issue 6, session 9: PTX of the decode kernels (for SASS off the GPU), asm_fused's correctness.
 #   fp4s9c    issue 6, session 9: the thread-order planar layout: correctness and time of every planar kernel.
 #   fp4s9d    issue 6, session 9: the public api on the session-9 table, every size of the issue.
 #   fp4dump   issue 6: ptxas registers and spills of the planar kernels (experiments/benchmarks/fp4_sass_dump.py),
@@ -76,9 +76,10 @@ case "${1:-}" in
     # api's dense decode at M = 1, 8, 16 (its SASS dump found no CUDA root: fp4s9b puts nvdisasm where Mosaic looks)
     probe floor,fused,api_dense 320 370 ;;
   fp4s9b)
-    # session 9: SASS of the dense and grouped decode kernels with nvdisasm from the nvidia-cuda-nvdisasm wheel in
-    # .whl (the image has none; jax finds no CUDA root there, so Mosaic looks in /usr/local/cuda/bin), then
-    # asm_fused on weights it is exact for (correctness on the GPU)
+    # session 9: PTX and ptxas report of the dense and grouped decode kernels, then asm_fused on weights it is exact
+    # for (correctness on the GPU). Mosaic's own SASS dump still failed to spawn nvdisasm (installed below from the
+    # nvidia-cuda-nvdisasm wheel in .whl); the SASS in RESULTS.md session 9 was made off the GPU from the returned
+    # PTX with the nvidia-cuda-nvcc (ptxas) and nvidia-cuda-nvdisasm wheels
     mkdir -p /usr/local/cuda/bin && install -m 755 /tmp/site/nvidia/cu13/bin/nvdisasm /usr/local/cuda/bin/nvdisasm \
       && echo "nvdisasm -> /usr/local/cuda/bin"
     DUMP_TIMEOUT=150 DUMP_DECODE=asm_fused DUMP_KERNELS=dense,grouped_decode bash "$0" fp4dump | tail -8

@@ -10,8 +10,8 @@ or 128 weight rows (`wn`, from the config's block_n): with 128, two accumulators
 halves the activation traffic per FLOP (the grouped prefill's winner on the H200).
 
 Layout (why bytes): the packed uint8 tile goes to shared memory by TMA as it is stored (no per-call XLA
-bitcast or copy of the weights: the kernel's only weight traffic is one read of values + scales). Loaded in
-the WGMMA register layout, each register tile covers 8 consecutive bytes of a row = 16 K elements, half an
+bitcast or copy of the weights: the kernel's only weight traffic is one read of values + scales). QArray
+weights are loaded in the WGMMA register layout from 128-byte swizzled tiles; each register tile covers 8 consecutive bytes of a row = 16 K elements, half an
 E8M0 scale block, so each row's scale is constant over a register tile: a [64] row vector broadcast over 16
 columns (`_tile_scales`), with no gather. Byte b holds K elements 2b (low nibble, plane 0) and 2b+1 (high,
 plane 1), and the activations come split into the same 2 column planes, so y.T = W_0 @ x_0.T + W_1 @ x_1.T
@@ -21,23 +21,25 @@ packed bytes) so that one scale block of a tile is one contiguous row.
 
 Planar weights (`planar.PlanarMXFP4`, converted once at load time; the layout the GPU default should get):
 plane p of each 256-element K chunk c is its elements [256c + 128p, 256c + 128p + 128), so the kernel reads
-x [M, K] as it is (no per-call plane split) and the scales as stored ([K/32, N], no per-call transpose); a
-plane's 128 columns span 4 scale blocks (`_planar_scales`). Within a chunk row the bytes form 32-bit words,
-each exactly the 4 bytes a thread of the WGMMA layout holds for one k-step (two 16-bit registers, one prmt),
-with the 8 elements' bits placed so that the word decodes into four bf16x2 registers (two per plane) with
-ten rotate/mask ops in the PTX, nine if ptxas merges the last and/or into one LOP3 (`_decode_words_ptx`,
-`planar.ROTATIONS`): about 2.5 integer ops per bf16x2 register, against the QArray decoder's six (prmt,
-two shifts, two masks, an or).
+x [M, K] as it is (no per-call plane split) and the scales without a per-call transpose. Each chunk row is 32
+words, one per k-step and lane of a quad: the 8 elements a WGMMA-layout thread holds for that k-step of both
+planes, bits placed so that a word decodes into four bf16x2 registers with ten rotate/mask ops in the PTX
+(`word_decode_ptx`, `planar.ROTATIONS`). Since session 9 the words of each [64 rows, 128 bytes] TMA box sit in
+thread order and the scales of each [8 blocks, 64 rows] box likewise (`planar`), so a thread fetches its 16
+words with four 16-byte shared-memory loads and its 16 scales with one (`_decode_tile_ptx`), where the
+swizzled WGMMA-layout load took 32 two-byte loads, 16 prmt merges and 16 one-byte scale loads (SASS of the
+session-8 dense kernel: 48 of the 360 instructions of a k-step's loop were shared-memory loads).
 
 Decoders: "asm" (the GPU's): inline PTX on the registers (`plgpu.inline_mgpu`): for QArray weights one asm
 per plane and register turns two packed bytes into a bf16x2 pair (prmt + shifts + masks), for planar
 weights one asm per output register from the word; then two exact bf16x2 FMAs (by 2**126 and by the
 scale). "asm_lean": "asm" with the E8M0 scales converted by max(b << 7, 0x0040) (two ops, not five): exact
 for every scale byte but the E8M0 NaN (255), which reads as +inf (the block's outputs are non-finite
-either way: inf or NaN instead of NaN). "asm_fused" (planar weights whose scale bytes are all <= 128, i.e.
+either way: inf or NaN instead of NaN); planar weights convert their scales this way under "asm" too
+(`scale_ptx`, on the bytes of one 16-byte load). "asm_fused" (planar weights whose scale bytes are all <= 128, i.e.
 scales <= 2, as in LLM weights: `planar.fused_scales_ok`; the api falls back to "asm_lean" for other weights):
 one bf16x2 FMA per register, by 2**126 * scale, instead of two: 15 instead of 19 ops per word in the PTX
-(session 8, not yet timed on a GPU). "jnp" (`decode_plane16`, `decode_words_jnp`): the same numbers in
+(H200, session 9: kernels 4-6% faster; the stored table's dense m16 and grouped entries). "jnp" (`decode_plane16`, `decode_words_jnp`): the same numbers in
 jnp; the interpreter runs it (it cannot run PTX). Measured on the H200 (M = 16, K = N = 7168, kernel
 alone): 28.2 us with "jnp", 18.6 with "asm" (QArray layout, session 5); planar words 14.6 ("asm") and 14.1
 ("asm_lean") us, against 15.7 with the session-6 planar decoder (session 7).
@@ -81,12 +83,12 @@ power-of-two scales), so the f32 result matches the reference to float32 roundin
 terms along M (one launch: the weights are read once); grouped runs one launch per term (stacking would break
 the rows' group order), so it reads the weights three times.
 
-Measured on the H200 (device time, RESULTS.md "FP4 matmul, session 8"; planar weights, the stored table,
-through the public api): grouped prefill (64 experts, top-6 of 8192 tokens, K=4096, N=2048) 2.02 ms, 1.35x
-tokamax's bf16 ragged_dot (2.73 ms); grouped decode (64 / 8 tokens, window tiles) 111 / 66 us, 2.5x / 3.3x
-tokamax, 76% / 68% of copy bandwidth on the touched experts' packed bytes; dense decode M = 16 at 1.4x /
-1.8x XLA bf16 (K = N = 4096 / 7168), 31% / 49% of copy bandwidth (the kernel alone 42% / 58%; around it, the
-XLA sum of the split-K partials took 1.5 / 1.8 us and a placeholder table's broadcast 0.6 us, since removed).
+Measured on the H200 (device time, RESULTS.md "FP4 matmul, session 9"; planar weights with scales <= 2, the
+stored table, through the public api): grouped prefill (64 experts, top-6 of 8192 tokens, K=4096, N=2048) 1.94
+ms, 1.41x tokamax's bf16 ragged_dot (2.74 ms); grouped decode (64 / 8 tokens, window tiles) 100 / 61 us, 2.7x /
+3.4x tokamax, 84% / 74% of copy bandwidth on the touched experts' packed bytes; dense decode M = 16 at 1.64x /
+2.07x XLA bf16 (K = N = 4096 / 7168), 36% / 55% of copy bandwidth (the kernel alone 46% / 63%; around it, the
+XLA sum of the split-K partials takes 1.5 / 1.8 us).
 """
 
 from __future__ import annotations
