@@ -298,17 +298,24 @@ def test_api_takes_planar_weights_on_every_backend(implementation):
     assert _rel(y, _ref_dense(x[:6], jax.tree.map(lambda a: a[1], w).replace(shape=(64, 256), axis=1))) < 1e-5
 
 
+def _tiny_experts(fp4_impl: str, dtype):
+    """A tiny model's Experts config (d = I = 256) with `fp4_impl`, 8 tokens of `dtype` routed to it, and the
+    layer's float weights (w1, w3 [E, d, I], w2 [E, I, d])."""
+    m = presets.tiny()
+    m.update(hidden_size=256, moe_intermediate_size=256)
+    cfg = dataclasses.replace(ModelConfig.from_config(m), fp4_impl=fp4_impl)
+    x = jax.random.normal(jax.random.key(2), (8, 256), dtype)
+    idx = jax.random.randint(jax.random.key(3), (8, cfg.num_experts_per_tok), 0, cfg.n_routed_experts)
+    wts = jnp.full(idx.shape, 0.5, jnp.float32)
+    floats = nn.unbox(Experts(cfg).init(jax.random.key(0), x, idx, wts)["params"])
+    return cfg, x, idx, wts, floats
+
+
 def test_moe_experts_take_planar_leaves():
     """`planarize_experts` turns packed expert leaves planar; an Experts layer on them gives the packed leaves'
     output bit for bit (XLA backend) and runs the Mosaic GPU kernel on them (interpreter, bf16) with the XLA
-    numbers; an input size that is not a multiple of 256 is refused."""
-    m = presets.tiny()
-    m.update(hidden_size=256, moe_intermediate_size=256)
-    cfg = dataclasses.replace(ModelConfig.from_config(m), fp4_impl="xla")
-    x = jax.random.normal(jax.random.key(2), (8, 256), jnp.float32)
-    idx = jax.random.randint(jax.random.key(3), (8, cfg.num_experts_per_tok), 0, cfg.n_routed_experts)
-    wts = jnp.full(idx.shape, 0.5, jnp.float32)
-    floats = nn.unbox(Experts(cfg).init(jax.random.key(0), x, idx, wts)["params"])  # w1, w3 [E, d, I], w2 [E, I, d]
+    numbers; an input size that is not a multiple of 256, or an output size not a multiple of 64, is refused."""
+    cfg, x, idx, wts, floats = _tiny_experts("xla", jnp.float32)
     packed = pack_experts({"moe": {"experts": floats}})["moe"]["experts"]
     planar = planarize_experts({"moe": {"experts": packed}})["moe"]["experts"]
     assert sorted(planar) == sorted(f"w{i}_fp4_planar{s}" for i in (1, 2, 3) for s in ("", "_scale"))
@@ -334,13 +341,7 @@ def test_moe_fused_decode_follows_the_config(monkeypatch):
     """`planar_max_scale` reads the planar experts' largest scale byte; `ModelConfig.fp4_fused_decode` hands the
     kernels that bound (the scales are traced inside the layer), so with the H200 table (asm_fused entries) the
     lowered expert GEMMs decode with one FMA only when the config says so, and fall back to asm_lean without."""
-    m = presets.tiny()
-    m.update(hidden_size=256, moe_intermediate_size=256)
-    cfg = dataclasses.replace(ModelConfig.from_config(m), fp4_impl="mosaic_gpu")
-    x = jax.random.normal(jax.random.key(2), (8, 256), jnp.bfloat16)
-    idx = jax.random.randint(jax.random.key(3), (8, cfg.num_experts_per_tok), 0, cfg.n_routed_experts)
-    wts = jnp.full(idx.shape, 0.5, jnp.float32)
-    floats = nn.unbox(Experts(cfg).init(jax.random.key(0), x, idx, wts)["params"])
+    cfg, x, idx, wts, floats = _tiny_experts("mosaic_gpu", jnp.bfloat16)
     params = planarize_experts(pack_experts({"moe": {"experts": floats}}))
     assert planar_max_scale(params) <= planar.FUSED_MAX_SCALE  # trained-scale weights sit far below scale 2
     assert planar_max_scale({"moe": {"experts": floats}}) is None
