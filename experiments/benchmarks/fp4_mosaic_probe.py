@@ -22,11 +22,13 @@ Rows (JSON lines in OUT/fp4_mosaic_probe.jsonl, also printed):
   fused: the "asm_fused" decoder beside the stored entries' (dense decode, grouped decode and prefill), on
        random_weight, whose largest scales (byte 129) are past the one-FMA bound: timing only (its rows read NaN);
   fused_check: the same decoders on weights a quarter as large (scale bytes <= 128): correctness on the GPU;
+  dense_sweep9: dense decode tiles on the thread-order layout: M = 16 and 8 at K = N = 7168, M = 16 at 4096;
+  api_dense_fused: api_dense on weights within the one-FMA bound (what api_fused's dense rows measure);
   floor: what one XLA kernel reads at the dense decode's sizes (the packed bytes of K=N=4096 / 7168, 12 copies:
        past the L2): a max-reduction (read only) and an elementwise copy (read + write), in TB/s of bytes read;
   dense_planar, grouped_planar, grouped_decode_planar: the kernel sweeps on planar weights.
 Usage: python experiments/benchmarks/fp4_mosaic_probe.py [--out DIR] [--parts api,api_planar,api_planar_decode,api_prefill,
-       api_planar_decode_mid,grouped_decode_window,grouped_decode_window2,decode_overlap,dense_occupancy,fused,fused_check,floor,api_dense,api_fused,
+       api_planar_decode_mid,grouped_decode_window,grouped_decode_window2,decode_overlap,dense_occupancy,fused,fused_check,floor,api_dense,api_fused,api_dense_fused,dense_sweep9,
        dense,dense_planar,prefill,grouped,grouped_planar,grouped_decode,grouped_decode_planar] [--budget-s S]
 """
 
@@ -314,6 +316,17 @@ GROUPED_PREFILL_FUSED = [
     B(96, block_n=128, block_k=256, split_k=1, num_stages=2, decode="asm"),  # the stored prefill entry
     B(96, block_n=128, block_k=256, split_k=1, num_stages=2, decode="asm_fused"),
 ]
+# session 9: the dense decode tiles again on the thread-order layout (shorter loads, one FMA per register): fewer,
+# wider K steps (less per-step overhead: TMA barrier waits, wgmma waits), fewer or more K splits, overlap
+DENSE_DECODE_SWEEP9 = [
+    (B(64, block_k=256, split_k=8, num_stages=4, decode="asm_fused"), True),  # the stored entry
+    (B(64, block_k=512, split_k=8, num_stages=2, decode="asm_fused"), True),
+    (B(64, block_k=512, split_k=4, num_stages=3, decode="asm_fused"), True),
+    (B(64, block_k=256, split_k=4, num_stages=4, decode="asm_fused"), True),
+    (B(64, block_k=256, split_k=16, num_stages=2, decode="asm_fused"), True),
+    (B(64, block_k=256, split_k=8, num_stages=4, decode="asm_fused", overlap=True), True),
+    (B(64, block_n=128, block_k=256, split_k=8, num_stages=2, decode="asm_fused"), True),
+]
 GROUPED_DECODE_PLANAR = [
     B(8, block_k=256, split_k=4, num_stages=4, decode="asm"),  # the stored table's entry until session 7
     B(8, block_k=256, split_k=4, num_stages=4, decode="asm_lean"),
@@ -367,11 +380,16 @@ def main():
         elif part == "api_fused":  # the api on weights within the one-FMA bound: grouped and dense, every size
             api_part(args.out, deadline, token_counts=(8192, 64, 32, 16, 8), planar=True, dense_ms=(1, 8, 16),
                      gain=0.25)
+        elif part == "api_dense_fused":
+            api_part(args.out, deadline, token_counts=(), planar=True, dense_ms=(1, 8, 16), gain=0.25)
         elif part == "api_dense":  # the api's dense decode at M = 1, 8, 16 (planar weights)
             api_part(args.out, deadline, token_counts=(), planar=True, dense_ms=(1, 8, 16))
         elif part == "fused_check":  # "asm_fused" on weights it is exact for (scale bytes <= 128: gain 1/4)
             dense_part(args.out, 16, 4096, DENSE_DECODE_FUSED, 12, deadline, planar=True, gain=0.25)
             grouped_part(args.out, 64, GROUPED_FUSED, deadline, planar=True, gain=0.25)
+        elif part == "dense_sweep9":  # dense decode tiles on the thread-order layout (session 9), M = 16 and 8
+            for kn, m in ((7168, 16), (7168, 8), (4096, 16)):
+                dense_part(args.out, m, kn, DENSE_DECODE_SWEEP9, 12, deadline, planar=True, gain=0.25)
         elif part == "floor":
             for kn in (4096, 7168):
                 floor_part(args.out, kn)

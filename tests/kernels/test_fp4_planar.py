@@ -256,7 +256,8 @@ def test_grouped_kernel_reads_planar_weights(packed, block_n, k, block_k):
 
 
 def test_planar_kernels_lower_for_cuda_with_the_ptx_decoder():
-    """The GPU variant (A in registers, the word decoder's PTX) lowers to one Mosaic GPU call."""
+    """The GPU variant (A in registers, the word decoder's PTX) lowers to one Mosaic GPU call; a dense call
+    reads x as it is, even at M = 1 (the TMA zero-fills the tile's rows past M)."""
     p = fp4_matmul.to_planar(_weight(jax.random.key(0), (4, 128, 512)))
     x = jnp.ones((40, 512), jnp.bfloat16)
     sizes = jnp.array([5, 0, 21, 9], jnp.int32)
@@ -275,6 +276,10 @@ def test_planar_kernels_lower_for_cuda_with_the_ptx_decoder():
     text = jax.jit(f).trace(x, p.values, p.scales, sizes).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("custom_call @mosaic_gpu_v2") == 1 and "c126" not in text  # one FMA per register
     assert "0x3F003F00" in text  # the fused scale: (byte + 126) << 7 in both halves
+    pd = fp4_matmul.to_planar(_weight(jax.random.key(1), (128, 512)))  # dense M = 1: x is not padded to 8 rows
+    f = lambda xx: mosaic_gpu.dense(xx, pd.values, pd.scales, cfg=fused, planar=True)
+    text = jax.jit(f).trace(jnp.ones((1, 512), jnp.bfloat16)).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("custom_call @mosaic_gpu_v2") == 1 and "stablehlo.pad" not in text
 
 
 @pytest.mark.parametrize("implementation", ["mosaic_gpu", "triton", "xla"])
