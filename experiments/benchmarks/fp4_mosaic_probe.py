@@ -24,11 +24,13 @@ Rows (JSON lines in OUT/fp4_mosaic_probe.jsonl, also printed):
   fused_check: the same decoders on weights a quarter as large (scale bytes <= 128): correctness on the GPU;
   dense_sweep9: dense decode tiles on the thread-order layout: M = 16 and 8 at K = N = 7168, M = 16 at 4096;
   api_dense_fused: api_dense on weights within the one-FMA bound (what api_fused's dense rows measure);
+  dense_wgs: `mosaic_gpu.dense_wgs` (K split across a CTA's warpgroups, no split-K sum) at M = 16 / 1, K = N = 7168,
+       and M = 16, K = N = 4096;
   floor: what one XLA kernel reads at the dense decode's sizes (the packed bytes of K=N=4096 / 7168, 12 copies:
        past the L2): a max-reduction (read only) and an elementwise copy (read + write), in TB/s of bytes read;
   dense_planar, grouped_planar, grouped_decode_planar: the kernel sweeps on planar weights.
 Usage: python experiments/benchmarks/fp4_mosaic_probe.py [--out DIR] [--parts api,api_planar,api_planar_decode,api_prefill,
-       api_planar_decode_mid,grouped_decode_window,grouped_decode_window2,decode_overlap,dense_occupancy,fused,fused_check,floor,api_dense,api_fused,api_dense_fused,dense_sweep9,
+       api_planar_decode_mid,grouped_decode_window,grouped_decode_window2,decode_overlap,dense_occupancy,fused,fused_check,floor,api_dense,api_fused,api_dense_fused,dense_sweep9,dense_wgs,
        dense,dense_planar,prefill,grouped,grouped_planar,grouped_decode,grouped_decode_planar] [--budget-s S]
 """
 
@@ -105,6 +107,36 @@ def dense_part(out, m, kn, cfgs, copies, deadline, planar=False, gain=1.0):
                        x_vs_xla=xla_total / total, kernel_tbps=packed / kern / 1e6 if kern else None,
                        kernel_tflops=2 * m * kn * kn / kern / 1e6 if kern else None)
         except Exception as e:  # noqa: BLE001  a config that does not compile is reported, not fatal
+            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            traceback.print_exc()
+        emit(out, row)
+
+
+def dense_wgs_part(out, m, kn, variants, deadline, copies=12, gain=0.25):
+    """`mosaic_gpu.dense_wgs` (K split across a CTA's warpgroups, one kernel per call) for each (wgs, stages),
+    beside XLA's bf16 dot and the stored split-K entry, on planar weights within the one-FMA bound."""
+    kx, kw = jax.random.split(jax.random.key(kn + m))
+    x = jax.random.normal(kx, (m, kn), jnp.bfloat16)
+    ws = [quant.quantize(gain * random_weight(jax.random.fold_in(kw, i), (kn, kn)), "mxfp4") for i in range(copies)]
+    ref = dense_ref(x, ws[0])
+    wk = [_planar(w) for w in ws]
+    packed = ws[0].values.size + ws[0].scales.size
+    xla_total, _, _ = timed(lambda a, w: jnp.dot(a, w.T), [(x, quant.dequantize(w).astype(jnp.bfloat16)) for w in ws])
+    bm = min(16, -(-m // 8) * 8)
+    for wgs, stages in variants:
+        if time.time() > deadline:
+            print("budget reached", flush=True)
+            return
+        row = {"part": "dense_wgs", "m": m, "kn": kn, "wgs": wgs, "stages": stages, "bm": bm, "xla_bf16_us": xla_total}
+        try:
+            f = lambda a, w, wgs=wgs, stages=stages: mosaic_gpu.dense_wgs(a, w.values, w.scales, wgs=wgs, bm=bm,
+                                                                         stages=stages)
+            y = jax.block_until_ready(f(x, wk[0]))
+            row["rel_err"] = rel_err(y, ref)
+            total, kern, rest = timed(f, [(x, w) for w in wk])
+            row.update(total_us=total, kernel_us=kern, rest=rest, x_vs_xla=xla_total / total,
+                       tbps=packed / total / 1e6, pct_copy=packed / total / 1e6 / 3.37 * 100)
+        except Exception as e:  # noqa: BLE001
             row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
             traceback.print_exc()
         emit(out, row)
@@ -390,6 +422,9 @@ def main():
         elif part == "dense_sweep9":  # dense decode tiles on the thread-order layout (session 9), M = 16 and 8
             for kn, m in ((7168, 16), (7168, 8), (4096, 16)):
                 dense_part(args.out, m, kn, DENSE_DECODE_SWEEP9, 12, deadline, planar=True, gain=0.25)
+        elif part == "dense_wgs":  # K split across a CTA's warpgroups: one kernel per call (session 9)
+            for kn, m in ((7168, 16), (7168, 1), (4096, 16)):
+                dense_wgs_part(args.out, m, kn, ((4, 2), (2, 3), (4, 3)), deadline)
         elif part == "floor":
             for kn in (4096, 7168):
                 floor_part(args.out, kn)

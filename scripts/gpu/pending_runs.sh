@@ -21,6 +21,7 @@
 #   fp4s9c    issue 6, session 9: the thread-order planar layout: correctness and time of every planar kernel.
 #   fp4s9d    issue 6, session 9: the public api on the session-9 table, every size of the issue.
 #   fp4s9e    issue 6, session 9: dense decode tiles on the thread-order layout; the api's dense decode, x unpadded.
+#   fp4s9f    issue 6, session 9: dense decode with K split across a CTA's warpgroups (mosaic_gpu.dense_wgs).
 #   fp4dump   issue 6: ptxas registers and spills of the planar kernels (experiments/benchmarks/fp4_sass_dump.py),
 #             with /usr/local/cuda/bin on the PATH so that Mosaic's SASS dump finds nvdisasm.
 #   fp4ncu    issue 6: Nsight Compute on the dense and grouped decode kernels (the machine runs Firecracker, where
@@ -96,6 +97,10 @@ case "${1:-}" in
   fp4s9e)
     # session 9: dense decode tiles on the thread-order layout, then the api's dense decode without the pad of x
     probe dense_sweep9,api_dense_fused 300 350 ;;
+  fp4s9f)
+    # session 9: the dense decode kernel with K split across a CTA's warpgroups (mosaic_gpu.dense_wgs: one kernel
+    # per call, no split-K sum), checked and timed against XLA
+    probe dense_wgs 200 260 ;;
   fp4mid)
     # session 8: the public api's grouped decode at 32 and 16 tokens x top-6 (between the issue's 8 and 64)
     probe api_planar_decode_mid 170 200 ;;
@@ -124,5 +129,5 @@ for l in open('$OUT/diag.log'):
     timeout 400 python3 experiments/benchmarks/indexer.py --sizes 8192,32768 --set mosaic --quants none,fp8 \
       --reps 5 --out "$OUT/mosaic" > "$OUT/mosaic.log" 2>&1; echo "rc=$?"
     python3 experiments/benchmarks/indexer_summary.py "$OUT"/mosaic/indexer.json ;;
-  *) echo "usage: pending_runs.sh ep N | fp4 | fp4s8 | fp4s8b | fp4mid | fp4fused | fp4s9 | fp4s9b | fp4s9c | fp4s9d | fp4s9e | fp4dump | fp4ncu | fp4diag | indexer | mosaic" >&2; exit 2 ;;
+  *) echo "usage: pending_runs.sh ep N | fp4 | fp4s8 | fp4s8b | fp4mid | fp4fused | fp4s9 | fp4s9b | fp4s9c | fp4s9d | fp4s9e | fp4s9f | fp4dump | fp4ncu | fp4diag | indexer | mosaic" >&2; exit 2 ;;
 esac
