@@ -633,7 +633,7 @@ def _dense_wgs_kernel(x_gmem, v_gmem, s_gmem, o_gmem, o_smem, red_smem, red_bar,
             def _():
                 total = acc_ref[...]
                 for c in range(1, wgs):
-                    total = total + plgpu.load(red_smem.at[c], (), layout=plgpu.Layout.WGMMA)
+                    total = total + plgpu.load(red_smem.at[c], layout=plgpu.Layout.WGMMA)
                 o_smem.at[0].transpose((1, 0))[...] = total.astype(jnp.bfloat16)  # [bm, 64] <- [64, bm]
                 plgpu.commit_smem()
                 _store_rows(o_smem, lambda term: o_gmem.at[:, pl.ds(ni * BN, BN)], 0, mi * bm, rows, bm)
