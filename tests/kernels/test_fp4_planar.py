@@ -257,7 +257,7 @@ def test_grouped_kernel_reads_planar_weights(packed, block_n, k, block_k):
 
 def test_planar_kernels_lower_for_cuda_with_the_ptx_decoder():
     """The GPU variant (A in registers, the word decoder's PTX) lowers to one Mosaic GPU call; a dense call
-    reads x as it is, even at M = 1 (the TMA zero-fills the tile's rows past M)."""
+    reads x as it is where TMA allows it, M = 1 included (the TMA zero-fills the tile's rows past M)."""
     p = fp4_matmul.to_planar(_weight(jax.random.key(0), (4, 128, 512)))
     x = jnp.ones((40, 512), jnp.bfloat16)
     sizes = jnp.array([5, 0, 21, 9], jnp.int32)
@@ -276,10 +276,34 @@ def test_planar_kernels_lower_for_cuda_with_the_ptx_decoder():
     text = jax.jit(f).trace(x, p.values, p.scales, sizes).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("custom_call @mosaic_gpu_v2") == 1 and "c126" not in text  # one FMA per register
     assert "0x3F003F00" in text  # the fused scale: (byte + 126) << 7 in both halves
-    pd = fp4_matmul.to_planar(_weight(jax.random.key(1), (128, 512)))  # dense M = 1: x is not padded to 8 rows
-    f = lambda xx: mosaic_gpu.dense(xx, pd.values, pd.scales, cfg=fused, planar=True)
-    text = jax.jit(f).trace(jnp.ones((1, 512), jnp.bfloat16)).lower(lowering_platforms=("cuda",)).as_text()
-    assert text.count("custom_call @mosaic_gpu_v2") == 1 and "stablehlo.pad" not in text
+    # dense: x as it is at M = 1 (TMA zero-fills the tile's rows past M) or a multiple of 8; M = 13 is padded to
+    # 16 rows (a TMA tile of 8 rows needs M < 8 or M % 8 == 0: without the pad the call does not lower)
+    pd = fp4_matmul.to_planar(_weight(jax.random.key(1), (128, 512)))
+    for m, pad in ((1, False), (13, True), (16, False)):
+        for f in (lambda xx: mosaic_gpu.dense(xx, pd.values, pd.scales, cfg=fused, planar=True),
+                  lambda xx: mosaic_gpu.dense_wgs(xx, pd.values, pd.scales, wgs=2, bm=16)):
+            text = jax.jit(f).trace(jnp.ones((m, 512), jnp.bfloat16)).lower(lowering_platforms=("cuda",)).as_text()
+            assert text.count("custom_call @mosaic_gpu_v2") == 1 and ("stablehlo.pad" in text) == pad
+
+
+@pytest.mark.parametrize("wgs, m, bm", [(2, 13, 8), (4, 5, 16)])
+def test_dense_wgs_splits_k_across_warpgroups(wgs, m, bm):
+    """`mosaic_gpu.dense_wgs` in the interpreter: K = 1024 in steps of `wgs` chunks (warpgroup c takes chunk c),
+    two 64-row tiles of N, M rows in tiles of bm (the last one partial): the reference's numbers in one kernel;
+    lowered for CUDA (PTX decoder, warp-specialized) it is one Mosaic GPU call and no XLA sum; bad shapes raise."""
+    kx, kw = jax.random.split(_key())
+    x = jax.random.normal(kx, (m, 1024), jnp.bfloat16)
+    w = _weight(kw, (128, 1024))
+    p = fp4_matmul.to_planar(w)
+    y = jax.block_until_ready(mosaic_gpu.dense_wgs(x, p.values, p.scales, wgs=wgs, bm=bm, interpret=True))
+    assert y.shape == (m, 128) and y.dtype == jnp.bfloat16 and _rel(y, _ref_dense(x, w)) < 1e-2
+    f = lambda xx: mosaic_gpu.dense_wgs(xx, p.values, p.scales, wgs=wgs, bm=bm)
+    text = jax.jit(f).trace(x).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("custom_call @mosaic_gpu_v2") == 1 and "stablehlo.add" not in text and "0x3F003F00" in text
+    with pytest.raises(ValueError, match=f"K % {256 * 4} == 0"):
+        mosaic_gpu.dense_wgs(x[:, :512], p.values[:, :256], p.scales[:16], wgs=4)
+    with pytest.raises(ValueError, match="bf16 x"):
+        mosaic_gpu.dense_wgs(x.astype(jnp.float32), p.values, p.scales)
 
 
 @pytest.mark.parametrize("implementation", ["mosaic_gpu", "triton", "xla"])

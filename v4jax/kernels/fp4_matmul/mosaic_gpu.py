@@ -598,9 +598,10 @@ def _dense_wgs_kernel(x_gmem, v_gmem, s_gmem, o_gmem, o_smem, red_smem, red_bar,
     each K step holds `wgs` chunks and compute warpgroup c decodes and multiplies chunk c into its own
     accumulator; at the end the accumulators meet in shared memory and the first warpgroup stores their sum
     as bf16. No split-K partials leave the kernel, so a call is this one kernel (the split-K kernel's call adds
-    an XLA sum of its partials: 1.1-1.8 us on the H200)."""
+    an XLA sum of its partials: 1.1-1.8 us on the H200). Session 9: correct in the interpreter and lowered for
+    CUDA, not yet timed on a GPU (its first H200 run hung, before the row-count fix in `compute`); not in the
+    api until it is."""
     ni, mi, wg = (jax.lax.axis_index(a) for a in ("n", "m", "wg"))
-    rows = jnp.minimum(bm, m - mi * bm)
     kc = wgs * PLANAR_CHUNK  # K elements per step
 
     def body(_, x_smem, v_smem, s_smem, acc_ref):
@@ -623,6 +624,10 @@ def _dense_wgs_kernel(x_gmem, v_gmem, s_gmem, o_gmem, o_smem, red_smem, red_bar,
         return acc_ref
 
     def compute(run_pipeline):
+        # computed here, in the compute warpgroups: the same row count computed before the pipeline hung the
+        # stores below in the interpreter (and this kernel's one H200 run, before the change, hung too)
+        rows = jnp.minimum(bm, m - jax.lax.axis_index("m") * bm)
+
         def scope(acc_ref):
             run_pipeline(acc_ref)
             red_smem.at[wg][...] = acc_ref[...]  # [64, bm] float32: this warpgroup's K chunks
@@ -670,7 +675,9 @@ def dense_wgs(
 ) -> Float[Array, "m n"]:
     """y = x @ W.T for bf16 x [M, K] and planar W (`planar.PlanarMXFP4`'s values [N, K/2], scales [K/32, N]), K
     split across `wgs` warpgroups of each CTA (`_dense_wgs_kernel`): one kernel, no split-K partials. Needs
-    N % 64 == 0 and K % (256 * wgs) == 0; bm is the rows of x per CTA (a multiple of 8, at most 64)."""
+    N % 64 == 0 and K % (256 * wgs) == 0; bm is the rows of x per CTA (a multiple of 8, at most 64); `decode` a
+    PTX decoder ("asm_fused" only for scale bytes <= 128, `planar.fused_scales_ok`); `interpret` runs the jnp
+    decoder in the Mosaic GPU interpreter. Not yet run on a GPU (`_dense_wgs_kernel`)."""
     m, k = x.shape
     n = values.shape[0]
     _check_shapes(x, values[None], scales[None], "fp4_matmul (warpgroup split)", True)
@@ -692,7 +699,16 @@ def dense_wgs(
         interpret=_interpret_params(False) if interpret else None,
         kernel_name="fp4_matmul_mosaic_gpu_wgs",
     )
-    return call(x, values.reshape(n, k // PLANAR_CHUNK, CHUNK), scales)  # [N, K/256, 128]: a free reshape
+    return call(_tma_rows(x), values.reshape(n, k // PLANAR_CHUNK, CHUNK), scales)  # values: a free reshape
+
+
+def _tma_rows(x: jax.Array) -> jax.Array:
+    """x [M, K] as a dense kernel's TMA copies may read it: as it is when M < 8 or M % 8 == 0 (a TMA tile of 8
+    rows needs one of the two), else padded to a multiple of 8 rows. The copy of the last x tile fills the rows
+    past the array with zeros, output row j reads only x row j, and the kernel stores rows < M, so M = 1 needs
+    no pad (on the H200 the pad was a 0.7 us XLA kernel, a tenth of the call at K = N = 4096)."""
+    m = x.shape[0]
+    return jnp.pad(x, ((0, common.round_up(m, ROW_ALIGN) - m), (0, 0))) if m > ROW_ALIGN and m % ROW_ALIGN else x
 
 
 def _interpret_params(detect_races: bool):
@@ -754,9 +770,9 @@ def _run(x, values, scales, group_sizes, cfg, interpret, a_in_registers, detect_
     if tt.x_source is not None:  # the padded copy: each group from an aligned row; a tile may overrun by < bm
         src = jnp.concatenate([tt.x_source, jnp.full((t.bm,), m, jnp.int32)])  # row m: out of range, a zero row
         xb = jnp.take(xb, src, axis=0, mode="fill", fill_value=0)
-    elif not (dense_rows is not None and planar):  # grid tiles: whole row blocks; window tiles: whole windows.
-        # Dense planar calls skip the pad (a 0.7 us XLA kernel at M = 1 on the H200): the TMA copy of the last x
-        # tile fills the rows past M with zeros, output row j reads only x row j, and the kernel stores rows < M
+    elif dense_rows is not None and planar:  # dense planar: x as it is where TMA takes it (see `_tma_rows`)
+        xb = _tma_rows(xb)
+    else:  # grid tiles: whole row blocks; window tiles: whole windows
         rows_p = window_rows(m, t.bm) if packed and window else common.round_up(m, t.bm)
         xb = jnp.pad(xb, ((0, rows_p - m), (0, 0))) if rows_p != m else xb
     if planar:  # the load-time layout: x as it is, scales already [G, K/32, N]
