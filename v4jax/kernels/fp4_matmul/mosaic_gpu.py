@@ -88,7 +88,9 @@ stored table, through the public api): grouped prefill (64 experts, top-6 of 819
 ms, 1.41x tokamax's bf16 ragged_dot (2.74 ms); grouped decode (64 / 8 tokens, window tiles) 100 / 61 us, 2.7x /
 3.4x tokamax, 84% / 74% of copy bandwidth on the touched experts' packed bytes; dense decode M = 16 at 1.64x /
 2.07x XLA bf16 (K = N = 4096 / 7168), 36% / 55% of copy bandwidth (the kernel alone 46% / 63%; around it, the
-XLA sum of the split-K partials takes 1.5 / 1.8 us).
+XLA sum of the split-K partials takes 1.5 / 1.8 us), M = 1 at 1.70x / 2.20x (41% / 66%; x read unpadded).
+`dense_wgs` splits K across a CTA's warpgroups instead (one kernel, no partials to add): interpreter-tested and
+lowered for CUDA, not yet timed on a GPU.
 """
 
 from __future__ import annotations
