@@ -154,6 +154,44 @@ def test_generated_ptx_decodes_the_registers_a_thread_holds():
             np.testing.assert_array_equal(reg["$0"][ok], (want | want << 16)[ok])
 
 
+@pytest.mark.parametrize("chunks, wn, h, c", [(1, 64, 0, 0), (2, 128, 1, 1)])
+def test_kernel_loads_and_places_each_threads_registers(chunks, wn, h, c):
+    """The GPU decode path's own arithmetic, run on the CPU: for every thread of the warpgroup,
+    `mosaic_gpu.tile_load_offsets` (the kernel's offsets) reads 16-byte segments and scale groups from a step's
+    shared-memory images (values [wn, 128 * chunks], scales [8 * chunks, wn], row-major, as TMA lands them) at
+    16-byte aligned offsets; `tile_registers` with the kernel's `scale_ptx` / `word_decode_ptx` text (interpreted
+    here) must file under (plane p, column group g, row half hr) the E2M1 codes and scale of weight row
+    16w + 8hr + r, plane columns 8g + 2q + (0, 1) of tile h, chunk c (thread t = 32w + 4r + q)."""
+    w = _weight(_key(), (wn, 256 * chunks))
+    p = fp4_matmul.to_planar(w)
+    v_img = np.asarray(p.values).astype(np.uint64).reshape(-1)  # the step's values tile [wn, kb]
+    s_img = np.asarray(p.scales).astype(np.uint64).reshape(-1)  # the step's scales tile [8 * chunks, wn]
+    t = np.arange(128)
+    v_off, s_off = mosaic_gpu.tile_load_offsets(t, h, c, 128 * chunks, wn)
+    assert all((o % 16 == 0).all() for o in (*v_off, s_off))  # ld.shared.v4 needs 16-byte alignment
+    word = lambda img, o: img[o] | img[o + 1] << 8 | img[o + 2] << 16 | img[o + 3] << 24
+    segs = [[word(v_img, o + 4 * i) for i in range(4)] for o in v_off]
+    sregs = [word(s_img, s_off + 4 * i) for i in range(4)]
+    scale = lambda reg, b: _run_ptx(mosaic_gpu.scale_ptx("asm_fused", b), {"$1": reg})["$0"]
+    decode = lambda wd, sc, rots: (_run_ptx(mosaic_gpu.word_decode_ptx(rots, True), {"$1": wd})["u"], sc)
+    regs = mosaic_gpu.tile_registers(segs, sregs, scale, decode)
+    assert sorted(regs) == [(pp, g, hr) for pp in range(2) for g in range(16) for hr in range(2)]
+    v = np.asarray(w.values)
+    codes = np.stack([v & 15, v >> 4], -1).reshape(wn, chunks, 2, 128)  # [row, chunk, plane, plane column]
+    scales = np.asarray(w.scales).reshape(wn, chunks, 2, 4)  # [row, chunk, plane, block of the plane]
+    e2m1 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6], np.float64)
+    row = 64 * h + 16 * (t // 32) + (t % 32) // 4
+    q = t % 4
+    for (pp, g, hr), (u, sc) in regs.items():
+        rr = row + 8 * hr
+        want_sc = (scales[rr, c, pp, g // 4].astype(np.uint64) + 126) << 7  # the fused bf16 scale bits
+        np.testing.assert_array_equal(sc, want_sc | want_sc << 16)
+        for e in range(2):
+            got = (((u >> (16 * e)) & 0xFFFF) << 16).astype(np.uint32).view(np.float32).astype(np.float64) * 2.0**126
+            cc = codes[rr, c, pp, 8 * g + 2 * q + e]
+            np.testing.assert_array_equal(got, np.where(cc & 8, -1.0, 1.0) * e2m1[cc & 7])
+
+
 def test_fused_decoder_gives_the_two_fma_numbers_for_scales_up_to_2():
     """"asm_fused": the same integer ops as the two-FMA decoder, then one FMA by 2**126 * scale, the bf16
     `_e8m0_to_bf16(how="asm_fused")` gives for every scale byte up to 128 (scale 2); on every code and each of those
@@ -241,7 +279,8 @@ def test_dense_kernel_reads_planar_weights(dtype, m, tol):
                                                           (True, 128, 2048, 1024)])
 def test_grouped_kernel_reads_planar_weights(packed, block_n, k, block_k):
     """Packed and grid tiles, 64 and 128 weight rows per CTA, split K, an empty expert, rows past the sum;
-    K = 2048 in 1024-wide steps: chunks c = 0..3 of a step."""
+    K = 2048 with block_k 1024: planar steps stop at 512 (`PLANAR_MAX_BK`: a values box without a swizzle is at
+    most 256 bytes wide), chunks c = 0, 1 of a step; the call lowers for CUDA."""
     kx, kw = jax.random.split(_key())
     w = _weight(kw, (3, 128, k))
     p = fp4_matmul.to_planar(w)
@@ -249,7 +288,11 @@ def test_grouped_kernel_reads_planar_weights(packed, block_n, k, block_k):
     x = jax.random.normal(kx, (20, k), jnp.bfloat16)
     cfg = block_sizes.BlockConfig(block_m=8, block_n=block_n, block_k=block_k, split_k=2, num_stages=2)
     assert mosaic_gpu.tiles(cfg, 8, k, False, 128).bk == block_k
+    assert mosaic_gpu.tiles(cfg, 8, k, False, 128, max_bk=mosaic_gpu.PLANAR_MAX_BK).bk == min(block_k, 512)
     y = mosaic_gpu.grouped(x, p.values, p.scales, sizes, cfg, interpret=True, packed=packed, planar=True)
+    gpu = dataclasses.replace(cfg, decode="asm_lean")
+    f = lambda xx, gs: mosaic_gpu.grouped(xx, p.values, p.scales, gs, cfg=gpu, packed=packed, planar=True)
+    assert jax.jit(f).trace(x, sizes).lower(lowering_platforms=("cuda",)).as_text().count("mosaic_gpu_v2") == 1
     ref = _ref_grouped(x, w, sizes)
     assert _rel(y[:16], ref[:16]) < 1e-2
     np.testing.assert_array_equal(np.asarray(y[16:], np.float32), 0.0)
@@ -304,6 +347,8 @@ def test_dense_wgs_splits_k_across_warpgroups(wgs, m, bm):
         mosaic_gpu.dense_wgs(x[:, :512], p.values[:, :256], p.scales[:16], wgs=4)
     with pytest.raises(ValueError, match="bf16 x"):
         mosaic_gpu.dense_wgs(x.astype(jnp.float32), p.values, p.scales)
+    with pytest.raises(ValueError, match="shared memory"):  # 2 stages of 64 rows of x x 1024 K: past the budget
+        mosaic_gpu.dense_wgs(x, p.values, p.scales, wgs=4, bm=64)
 
 
 @pytest.mark.parametrize("implementation", ["mosaic_gpu", "triton", "xla"])

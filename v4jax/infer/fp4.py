@@ -9,7 +9,7 @@ scales): the layout the FP4 kernels read, so the model's expert GEMMs run on the
 and lets the kernel decode with fewer instructions (on the H200, same tiles: grouped prefill 1.99 against
 2.43 ms, decode at 64 tokens 165 against 180 us; experiments/benchmarks/RESULTS.md, session 7). Where
 `planar_max_scale` reads at most 128 (scales <= 2, as in LLM weights), `ModelConfig.fp4_fused_decode = True`
-lets the kernels decode with one FMA per register (session 9: 4-9% faster kernels).
+lets the kernels decode with one FMA per register (session 9: kernels 3-6% faster).
 """
 
 from __future__ import annotations
@@ -80,11 +80,13 @@ def planarize_experts(params: dict) -> dict:
 
 
 def planar_max_scale(params: dict) -> int | None:
-    """The largest E8M0 scale byte of the planar expert leaves (`planarize_experts`), None without any: at most
-    `planar.FUSED_MAX_SCALE` (128), `ModelConfig.fp4_fused_decode` may be True (one FMA per decoded register)."""
+    """The largest E8M0 scale byte of the planar expert leaves (`planarize_experts`); None without any, or when
+    one cannot be read here (multi-host arrays). At most `planar.FUSED_MAX_SCALE` (128),
+    `ModelConfig.fp4_fused_decode` may be True (one FMA per decoded register)."""
     flat = flax.traverse_util.flatten_dict(params, sep="/")
-    maxima = [int(jnp.max(v)) for k, v in flat.items() if is_expert_weight(k) and k.endswith(PLANAR_SCALE_SUFFIX)]
-    return max(maxima) if maxima else None
+    # planar.max_scale_byte: None for arrays it cannot read here (traced, or not all held by this process)
+    maxima = [planar.max_scale_byte(v) for k, v in flat.items() if is_expert_weight(k) and k.endswith(PLANAR_SCALE_SUFFIX)]
+    return None if not maxima or None in maxima else max(maxima)
 
 
 def expert_bytes(params: dict) -> int:

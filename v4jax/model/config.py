@@ -47,7 +47,7 @@ class ModelConfig:
     fp4_impl: str = "auto"  # backend of packed-FP4 expert GEMMs (v4jax.kernels.fp4_matmul); "auto": its choice
     fp4_interpret: bool = False  # run a Pallas FP4 backend in interpret mode (CPU tests, debugging)
     # planar expert weights whose E8M0 scale bytes are all <= 128 (scales <= 2; `v4jax.infer.fp4.planar_max_scale`
-    # reads it): the Mosaic GPU kernels then decode with one FMA per register ("asm_fused", H200: 4-9% faster);
+    # reads it): the Mosaic GPU kernels then decode with one FMA per register ("asm_fused", H200: kernels 3-6% faster);
     # True on other weights gives inf/NaN outputs, so set it from that reading, not by hand
     fp4_fused_decode: bool = False
     # rope: main (sliding layers) and compress (CSA/HCA layers, with YaRN when yarn_factor > 0)

@@ -39,7 +39,7 @@ either way: inf or NaN instead of NaN); planar weights convert their scales this
 (`scale_ptx`, on the bytes of one 16-byte load). "asm_fused" (planar weights whose scale bytes are all <= 128, i.e.
 scales <= 2, as in LLM weights: `planar.fused_scales_ok`; the api falls back to "asm_lean" for other weights):
 one bf16x2 FMA per register, by 2**126 * scale, instead of two: 15 instead of 19 ops per word in the PTX
-(H200, session 9: kernels 4-6% faster; the stored table's dense m16 and grouped entries). "jnp" (`decode_plane16`, `decode_words_jnp`): the same numbers in
+(H200, session 9: kernels 3-6% faster; the stored table's dense m16 and grouped entries). "jnp" (`decode_plane16`, `decode_words_jnp`): the same numbers in
 jnp; the interpreter runs it (it cannot run PTX). Measured on the H200 (M = 16, K = N = 7168, kernel
 alone): 28.2 us with "jnp", 18.6 with "asm" (QArray layout, session 5); planar words 14.6 ("asm") and 14.1
 ("asm_lean") us, against 15.7 with the session-6 planar decoder (session 7).
@@ -97,6 +97,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import operator
+import types
 from typing import NamedTuple
 
 import jax
@@ -121,9 +123,10 @@ TRANSFORMS16 = (plgpu.TilingTransform((8, SWIZZLE // 2)), plgpu.SwizzleTransform
 PACKED_ROWS_PER_GROUP = 8  # grouped: packed tiles (tile_table) up to this many rows per expert on average
 ROW_ALIGN = 8  # TMA row offsets of x tiles (grouped: each group starts on such a row of a padded copy)
 SMEM_BUDGET = 200 * 1024  # bytes of shared memory a CTA may use (the H200 allows 227 KiB)
+PLANAR_MAX_BK = 512  # planar weights: K per step, so that a values box [wn, bk/2] (no swizzle) stays <= 256 wide
 # planar weights: a decode chunk of CHUNK bytes is exactly one layout chunk, its planes the chunk's halves
-# (the kernel's x slices and `_planar_scales` rely on it); imported by name: `_kernel`'s `planar` flag shadows the
-# module
+# (the kernel's x slices and `_decode_tile_ptx`'s offsets rely on it); imported by name: `_kernel`'s `planar` flag
+# shadows the module
 assert PLANAR_CHUNK == PLANES * CHUNK and PLANAR_HALF == CHUNK
 
 
@@ -148,15 +151,16 @@ def smem_bytes(bm: int, bk: int, stages: int, a_in_registers: bool, wn: int = BN
     return stages * per_stage + a_buf + wn * bm * 2 * terms
 
 
-def tiles(cfg: BlockConfig, m: int, k: int, a_in_registers: bool, n: int = BN, terms: int = 3) -> Tiles:
+def tiles(cfg: BlockConfig, m: int, k: int, a_in_registers: bool, n: int = BN, terms: int = 3,
+          max_bk: int | None = None) -> Tiles:
     """Fit `cfg` to the shape: bm = M rounded up to 8 (at most block_m, at most 256), bk a power of two
-    >= 256 dividing K and fitting `stages` pipeline buffers in shared memory, split | K/bk."""
+    >= 256 dividing K, at most `max_bk`, and fitting `stages` pipeline buffers in shared memory, split | K/bk."""
     bm = min(common.round_up(max(m, 1), 8), max(8, common.round_up(cfg.block_m, 8)), 256)
     stages = max(1, cfg.num_stages)
     wn = 2 * BN if cfg.block_n >= 2 * BN and n % (2 * BN) == 0 else BN
     smem = lambda bk, st: smem_bytes(bm, bk, st, a_in_registers, wn, terms)
-    bk = 256
-    while bk * 2 <= cfg.block_k and k % (bk * 2) == 0 and smem(bk * 2, stages) <= SMEM_BUDGET:
+    bk, top = 256, min(cfg.block_k, max_bk or cfg.block_k)
+    while bk * 2 <= top and k % (bk * 2) == 0 and smem(bk * 2, stages) <= SMEM_BUDGET:
         bk *= 2
     while stages > 1 and smem(bk, stages) > SMEM_BUDGET:
         stages -= 1
@@ -275,15 +279,46 @@ def scale_ptx(how: str, byte: int) -> str:
     return "\n".join(lines + ["}"])
 
 
+# integer ops on Python ints or numpy arrays: `tile_load_offsets` as the tests evaluate it
+INT_OPS = types.SimpleNamespace(add=operator.add, mul=operator.mul, div=operator.floordiv, rem=operator.mod)
+
+
+def tile_load_offsets(t, h: int, c: int, kb: int, wn: int, ops=INT_OPS):
+    """Byte offsets of thread t's four 16-byte value segments (j = 0..3) in a step's values tile [wn, kb] and of
+    its 16-byte scale group in the step's scales tile [8 * chunks, wn], for tile h (64 weight rows) and chunk c:
+    segment j is box byte 2048j + 16t = box row 16j + t // 8, column 16 (t % 8); the scales are box byte 16 (t // 4)
+    = box row t // 16, column 16 ((t // 4) % 4) (`planar`'s thread order). `ops`: the integer ops (Python/numpy
+    here, MLIR arith in the kernel), so that a test runs the kernel's exact arithmetic."""
+    v_base = ops.add(ops.mul(ops.div(t, 8), kb), ops.mul(ops.rem(t, 8), 16))
+    values = [ops.add(v_base, (BN * h + 16 * j) * kb + CHUNK * c) for j in range(4)]
+    s_base = ops.add(ops.mul(ops.div(t, 16), wn), ops.mul(ops.rem(ops.div(t, 4), 4), 16))
+    return values, ops.add(s_base, planar.SCALE_BOX * c * wn + BN * h)
+
+
+def tile_registers(segs, sregs, scale, decode) -> dict:
+    """A thread's decoded A registers from its loads: `segs` [4 segments][4 words] and `sregs` (4 registers of 4
+    scale bytes: register 2hr + p holds plane p's 4 blocks of row half hr) -> {(plane p, column group g, row half
+    hr): register}, word (hr, s) = segs[2hr + s // 4][s % 4] giving groups 2s + h of both planes, with
+    `scale(register, byte)` and `decode(word, scale, rotations)` the kernel's asm (or a test's interpreter)."""
+    scl = {(hr, p, b): scale(sregs[2 * hr + p], b) for hr in range(2) for p in range(PLANES) for b in range(4)}
+    out = {}
+    for hr in range(2):
+        for st in range(8):  # k-step st: word st % 4 of segment 2hr + st // 4; a scale block spans two k-steps
+            word = segs[2 * hr + st // 4][st % 4]
+            for (p, hh), rots in planar.ROTATIONS.items():
+                out[p, 2 * st + hh, hr] = decode(word, scl[hr, p, st // 2], rots)
+    return out
+
+
 def _decode_tile_ptx(v_smem, s_smem, h: int, c: int, how: str) -> tuple[jax.Array, jax.Array]:
     """Planar weights, GPU: tile h (64 weight rows) and chunk c of a pipeline step's shared-memory buffers,
-    values [wn, kb] and scales [8 * chunks, wn] in the layout's thread order (`planar`) -> the chunk's two
-    planes bf16 [64, 128] in the WGMMA register layout (wgmma's A operand).
+    values [wn, kb] (or [wn, chunks, 128]) and scales [8 * chunks, wn] in the layout's thread order (`planar`) ->
+    the chunk's two planes bf16 [64, 128] in the WGMMA register layout (wgmma's A operand).
 
-    Each thread reads its 16 words with four 16-byte loads and its 16 scales with one (a quarter warp reads 128
-    contiguous bytes: no bank conflict), turns each scale byte into a bf16x2 pair (`scale_ptx`) and each word
-    into four registers (`word_decode_ptx`): word (hr, s) gives column groups 2s + h of both planes in row half
-    hr. `decode_words_jnp` is the same numbers in jnp (what the interpreter runs)."""
+    Each thread reads its 16 words with four 16-byte loads and its 16 scales with one (`tile_load_offsets`: a
+    quarter warp reads 128 contiguous bytes, no bank conflict), turns each scale byte into a bf16x2 pair
+    (`scale_ptx`) and each word into four registers (`word_decode_ptx`, placed by `tile_registers`).
+    `decode_words_jnp` is the same numbers in jnp (what the interpreter runs)."""
     from jax.experimental.mosaic.gpu import (
         fragmented_array as fa,  # lazy: Mosaic GPU internals
     )
@@ -300,33 +335,26 @@ def _decode_tile_ptx(v_smem, s_smem, h: int, c: int, how: str) -> tuple[jax.Arra
         pair = ir.VectorType.get((2,), ir.BF16Type.get())
         kb = ir.MemRefType(v_ref.type).get_strides_and_offset()[0][0]  # bytes per row of the step's tile
         wn = ir.MemRefType(s_ref.type).get_strides_and_offset()[0][0]  # weight rows of the scale tile
-        cst = lambda v: arith.constant(i32, v)
-        t = arith.remui(mgpu_utils.thread_idx(), cst(128))  # thread of the warpgroup
+        as_value = lambda v: v if isinstance(v, ir.Value) else arith.constant(i32, v)
+        op = lambda f: lambda a, b: f(as_value(a), as_value(b))
+        ops = types.SimpleNamespace(add=op(arith.addi), mul=op(arith.muli), div=op(arith.divui), rem=op(arith.remui))
 
         def load4(ref, offset):  # 16 bytes at `offset` of `ref` -> 4 x i32
             ptr = mgpu_utils.getelementptr(mgpu_utils.memref_ptr(ref), [offset], i8)
             vec = llvm.load(v4, ptr, alignment=16)
             return [vector.extract(vec, [], [i]) for i in range(4)]
 
-        # values: segment j of thread t at box byte 2048j + 16t = row 16j + t // 8, column 16 (t % 8) of the tile
-        v_base = arith.addi(arith.muli(arith.divui(t, cst(8)), cst(kb)), arith.muli(arith.remui(t, cst(8)), cst(16)))
-        segs = [load4(v_ref, arith.addi(v_base, cst((BN * h + 16 * j) * kb + CHUNK * c))) for j in range(4)]
-        # scales: thread t's 16 bytes at box byte 16 (t // 4) = row t // 16, column 16 ((t // 4) % 4) of the box
-        s_base = arith.addi(arith.muli(arith.divui(t, cst(16)), cst(wn)),
-                            arith.muli(arith.remui(arith.divui(t, cst(4)), cst(4)), cst(16)))
-        sregs = load4(s_ref, arith.addi(s_base, cst(planar.SCALE_BOX * c * wn + BN * h)))  # [2hr + p]: 4 blocks
-        # bf16x2 scale of row half hr, plane p, block b (4 per plane; one block spans k-steps 2b and 2b + 1)
-        scl = {(hr, p, b): llvm.inline_asm(i32, [sregs[2 * hr + p]], scale_ptx(how, b), "=r,r")
-               for hr in range(2) for p in range(PLANES) for b in range(4)}
-        asm = {ph: word_decode_ptx(rots, how == "asm_fused") for ph, rots in planar.ROTATIONS.items()}
+        t = ops.rem(mgpu_utils.thread_idx(), 128)  # thread of the warpgroup
+        v_offsets, s_offset = tile_load_offsets(t, h, c, kb, wn, ops)
+        regs = tile_registers(
+            [load4(v_ref, o) for o in v_offsets], load4(s_ref, s_offset),
+            lambda reg, b: llvm.inline_asm(i32, [reg], scale_ptx(how, b), "=r,r"),
+            lambda word, sc, rots: mgpu_utils.bitcast(
+                llvm.inline_asm(i32, [word, sc], word_decode_ptx(rots, how == "asm_fused"), "=r,r,r"), pair))
         shape = fa.WGMMA_LAYOUT.registers_shape((BN, CHUNK))  # [1, 16 column groups, 1, 1, 2 row halves, ...]
         out = [np.empty(shape, dtype=object) for _ in range(PLANES)]
-        for hr in range(2):
-            for st in range(8):  # k-step st: word st % 4 of segment 2hr + st // 4
-                word = segs[2 * hr + st // 4][st % 4]
-                for (p, hh), text in asm.items():
-                    reg = llvm.inline_asm(i32, [word, scl[hr, p, st // 2]], text, "=r,r,r")
-                    out[p][(0, 2 * st + hh, 0, 0, hr, *(0,) * (len(shape) - 5))] = mgpu_utils.bitcast(reg, pair)
+        for (p, g, hr), reg in regs.items():
+            out[p][(0, g, 0, 0, hr, *(0,) * (len(shape) - 5))] = reg
         return tuple(fa.FragmentedArray(_registers=r, _layout=fa.WGMMA_LAYOUT, _is_signed=None) for r in out)
 
     return tuple(decode(v_smem, s_smem))
@@ -626,9 +654,10 @@ def _dense_wgs_kernel(x_gmem, v_gmem, s_gmem, o_gmem, o_smem, red_smem, red_bar,
         return acc_ref
 
     def compute(run_pipeline):
-        # computed here, in the compute warpgroups: the same row count computed before the pipeline hung the
-        # stores below in the interpreter (and this kernel's one H200 run, before the change, hung too)
-        rows = jnp.minimum(bm, m - jax.lax.axis_index("m") * bm)
+        # the epilogue's indices, computed here in the compute warpgroups: the same row count computed before the
+        # pipeline hung the stores below in the interpreter (and this kernel's one H200 run, before the change)
+        ni, mi = jax.lax.axis_index("n"), jax.lax.axis_index("m")
+        rows = jnp.minimum(bm, m - mi * bm)
 
         def scope(acc_ref):
             run_pipeline(acc_ref)
@@ -686,6 +715,12 @@ def dense_wgs(
     if x.dtype != jnp.bfloat16 or k % (PLANAR_CHUNK * wgs) or bm % 8 or not 8 <= bm <= 64:
         raise ValueError(f"dense_wgs: needs bf16 x, K % {PLANAR_CHUNK * wgs} == 0 and bm in 8..64 (a multiple of 8), "
                          f"got {jnp.dtype(x.dtype).name}, K={k}, bm={bm}")
+    kc = PLANAR_CHUNK * wgs
+    # the GPU's shared memory (the interpreter's extra A tiles do not count: it has no such limit)
+    smem = stages * (bm * kc * 2 + BN * kc // PLANES + kc // common.SCALE_BLOCK * BN) + bm * BN * 2 + wgs * BN * bm * 4
+    if smem > SMEM_BUDGET:
+        raise ValueError(f"dense_wgs: wgs={wgs}, bm={bm}, {stages} stages need {smem} bytes of shared memory "
+                         f"(budget {SMEM_BUDGET}): lower bm or stages")
     how = "jnp" if interpret else decode
     body = functools.partial(_dense_wgs_kernel, bm=bm, wgs=wgs, stages=stages, k=k, m=m, how=how)
     call = plgpu.kernel(
@@ -743,7 +778,8 @@ def _run(x, values, scales, group_sizes, cfg, interpret, a_in_registers, detect_
         raise ValueError("fp4_matmul mosaic_gpu: the interpreter runs wgmma with A in shared memory only")
     if interpret and cfg.decode.startswith("asm"):  # the interpreter cannot run PTX: same numbers through jnp
         cfg = dataclasses.replace(cfg, decode="jnp")
-    t = tiles(cfg, m, k, a_in_registers, n, out_terms(cfg.split_k, out_dtype))  # shared memory for the most
+    t = tiles(cfg, m, k, a_in_registers, n, out_terms(cfg.split_k, out_dtype),  # shared memory for the most
+              PLANAR_MAX_BK if planar else None)
     terms = out_terms(t.split, out_dtype)  # terms the config may need; the split as fitted decides
     if packed is None:
         packed = m <= PACKED_ROWS_PER_GROUP * g  # few rows per expert: don't stream an expert's weights twice

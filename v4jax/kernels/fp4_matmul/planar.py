@@ -77,7 +77,8 @@ assert sorted(POSITIONS.reshape(-1).tolist()) == list(range(32)), "the word layo
 @flax.struct.dataclass
 class PlanarMXFP4:
     """W [..., N, K] as MXFP4 in the planar layout (module docstring): `values` uint8 [..., N, K/2], `scales`
-    E8M0 bytes [..., K/32, N]. Static: the logical `shape` (..., N, K), the `dtype` dequantization returns,
+    E8M0 bytes [..., K/32, N], both permuted within their boxes (thread order: read them through `to_qarray`,
+    `planar_codes` or `load_scales`, not as a plain transpose). Static: the logical `shape` (..., N, K), the `dtype` dequantization returns,
     and `max_scale`, the largest byte of `scales` when known at conversion (None under a trace), which tells
     whether the one-FMA decoder applies (`fused_scales_ok`); `replace` with new scales resets it to None."""
 
@@ -116,10 +117,10 @@ def to_planar(w: QArray) -> PlanarMXFP4:
         raise ValueError(f"to_planar: needs N % {TILE_ROWS} == 0 and K % {CHUNK} == 0 (the layout's tiles), got "
                          f"N={w.shape[-2]}, K={w.shape[-1]}")
     return PlanarMXFP4(values=_planarize(w.values), scales=store_scales(w.scales), shape=tuple(w.shape),
-                       dtype=w.dtype, max_scale=_max_scale(w.scales))
+                       dtype=w.dtype, max_scale=max_scale_byte(w.scales))
 
 
-def _max_scale(scales) -> int | None:
+def max_scale_byte(scales) -> int | None:
     """The largest scale byte, read once at conversion (one device reduction and a scalar to the host), or
     None where it cannot be read: traced scales, or an array not fully held by this process."""
     if isinstance(scales, jax.core.Tracer) or not getattr(scales, "is_fully_addressable", True):
