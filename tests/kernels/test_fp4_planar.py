@@ -122,7 +122,8 @@ def test_generated_ptx_decodes_the_registers_a_thread_holds():
     `word_decode_ptx` asm (interpreted here), must give the registers the kernel files under column group
     2s + h, row half hr of the WGMMA layout (`fragmented_array.WGMMA_LAYOUT`: registers [.., 16 column groups,
     .., 2 row halves, ..]; thread t = 32w + 4r + q holds rows 16w + r + 8hr, columns 8g + 2q + (0, 1)); and
-    `scale_ptx` must turn byte b of a thread's scale register into the bf16x2 pair of `_e8m0_to_bf16`."""
+    `scale_ptx` must turn byte b of a thread's scale register into the bf16x2 pair of the QArray path's
+    `_e8m0_to_bf16` ("asm_lean"), or of 2**(b - 1) ("asm_fused", every b <= 128)."""
     from jax.experimental.mosaic.gpu import fragmented_array as fa
 
     shape = fa.WGMMA_LAYOUT.registers_shape((64, 128))
@@ -145,13 +146,13 @@ def test_generated_ptx_decodes_the_registers_a_thread_holds():
                     c = codes[16 * wp + 8 * hr + r, p, 8 * (2 * s_ + h) + 2 * q + e]
                     np.testing.assert_array_equal(got, np.where(c & 8, -1.0, 1.0) * e2m1[c & 7])
     b = np.arange(256, dtype=np.uint64)
-    for how in ("asm_lean", "asm_fused"):
+    lean = np.asarray(jax.lax.bitcast_convert_type(mosaic_gpu._e8m0_to_bf16(jnp.asarray(b, jnp.uint8), "asm_lean"),
+                                                   jnp.uint16)).astype(np.uint64)  # the QArray path's bits
+    fused = np.asarray(jnp.asarray(2.0 ** (b[:129].astype(np.float64) - 1), jnp.bfloat16).view(jnp.uint16))
+    for how, want in (("asm_lean", lean), ("asm_fused", fused.astype(np.uint64))):  # fused: 2**(b - 1), b <= 128
         for byte in range(4):
             reg = _run_ptx(mosaic_gpu.scale_ptx(how, byte), {"$1": b << (8 * byte) | (b ^ 0x5A) << (8 * ((byte + 1) % 4))})
-            want = np.asarray(jax.lax.bitcast_convert_type(mosaic_gpu._e8m0_to_bf16(jnp.asarray(b, jnp.uint8), how),
-                                                           jnp.uint16)).astype(np.uint64)
-            ok = b <= planar.FUSED_MAX_SCALE if how == "asm_fused" else b < 256
-            np.testing.assert_array_equal(reg["$0"][ok], (want | want << 16)[ok])
+            np.testing.assert_array_equal(reg["$0"][: len(want)], want | want << 16)
 
 
 @pytest.mark.parametrize("chunks, wn, h, c", [(1, 64, 0, 0), (2, 128, 1, 1)])
@@ -194,7 +195,7 @@ def test_kernel_loads_and_places_each_threads_registers(chunks, wn, h, c):
 
 def test_fused_decoder_gives_the_two_fma_numbers_for_scales_up_to_2():
     """"asm_fused": the same integer ops as the two-FMA decoder, then one FMA by 2**126 * scale, the bf16
-    `_e8m0_to_bf16(how="asm_fused")` gives for every scale byte up to 128 (scale 2); on every code and each of those
+    `scale_ptx("asm_fused", ...)` gives for every scale byte up to 128 (scale 2); on every code and each of those
     bytes the product is the exact value (the numbers the two FMAs give). The api takes it only for planar
     weights whose largest scale byte, read by `to_planar`, is <= 128."""
     for rots in planar.ROTATIONS.values():
@@ -203,8 +204,9 @@ def test_fused_decoder_gives_the_two_fma_numbers_for_scales_up_to_2():
         assert "fma.rn.bf16x2 $0, u, $2, nz;" in one
         words = np.random.default_rng(0).integers(0, 1 << 32, 4096, dtype=np.uint64)
         np.testing.assert_array_equal(_run_ptx(one, {"$1": words})["u"], _run_ptx(two, {"$1": words})["u"])
-    b = jnp.arange(planar.FUSED_MAX_SCALE + 1, dtype=jnp.uint8)
-    fused = np.asarray(mosaic_gpu._e8m0_to_bf16(b, "asm_fused").astype(jnp.float32), np.float64)
+    b = np.arange(planar.FUSED_MAX_SCALE + 1, dtype=np.uint64)  # the fused scale, as the kernel's `scale_ptx` gives it
+    bits = _run_ptx(mosaic_gpu.scale_ptx("asm_fused", 0), {"$1": b})["$0"] & 0xFFFF
+    fused = (bits << 16).astype(np.uint32).view(np.float32).astype(np.float64)
     np.testing.assert_array_equal(fused, 2.0 ** (np.arange(planar.FUSED_MAX_SCALE + 1) - 1.0))
     # u = E2M1 * 2**-126 as bf16 bits (sign, exponent 0..3, mantissa bit 6): every code times every fused scale
     codes = np.arange(16)

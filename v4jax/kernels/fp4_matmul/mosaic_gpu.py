@@ -128,6 +128,8 @@ PLANAR_MAX_BK = 512  # planar weights: K per step, so that a values box [wn, bk/
 # (the kernel's x slices and `_decode_tile_ptx`'s offsets rely on it); imported by name: `_kernel`'s `planar` flag
 # shadows the module
 assert PLANAR_CHUNK == PLANES * CHUNK and PLANAR_HALF == CHUNK
+# ... and a storage tile is one warpgroup's 64 weight rows, its scale box the chunk's 8 blocks (`tile_load_offsets`)
+assert planar.TILE_ROWS == BN and planar.SCALE_BOX == CHUNK // BYTES_PER_SCALE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,7 +247,7 @@ def word_decode_ptx(rotations, fused: bool = False) -> str:
     the 32-bit word $1 that put the register's bits on bf16 bits 15 | 8 7 | 6 (both halves), masked and
     merged (ptxas makes each rotation one SHF and each mask-and-merge one LOP3), then the two exact bf16x2
     FMAs of `common.ptx_nibble_pair`: by 2**126 (the bits read as E2M1 * 2**-126) and by the scale $2; with
-    `fused` ("asm_fused") one FMA by $2 = 2**126 * scale (`_e8m0_to_bf16(how="asm_fused")`), as exact."""
+    `fused` ("asm_fused") one FMA by $2 = 2**126 * scale (`scale_ptx("asm_fused", ...)`), as exact."""
     lines = ["{", ".reg .b32 r, u, nz;", "mov.b32 nz, 0x80008000;"]
     if not fused:
         lines[1:1] = [".reg .b32 c126;", "mov.b32 c126, 0x7E807E80;"]
@@ -381,14 +383,11 @@ def decode_words_jnp(byte: jax.Array, scales: tuple[jax.Array, jax.Array]) -> tu
 
 
 def _e8m0_to_bf16(byte: jax.Array, how: str = "asm") -> jax.Array:
-    """E8M0 bytes -> the bf16 scale the PTX decoder `how` multiplies by. "asm": 2**(b-127) from the bit
-    pattern: b << 7 (a normal bf16), 0 -> 2**-127 (the bf16 subnormal 0x0040), 255 -> NaN; exact, and no
-    float32 subnormal on the way. "asm_lean": max(b << 7, 0x0040), two ops instead of five, exact but for the
-    NaN byte 255, which reads as +inf. "asm_fused": 2**126 * 2**(b-127) = 2**(b-1), bits (b + 126) << 7, two
-    ops, exact for b <= planar.FUSED_MAX_SCALE (128; the caller guarantees it, see `planar.fused_scales_ok`)."""
+    """QArray weights: E8M0 bytes -> the bf16 scale the PTX decoder `how` multiplies by (planar weights convert
+    in PTX, `scale_ptx`). "asm": 2**(b-127) from the bit pattern: b << 7 (a normal bf16), 0 -> 2**-127 (the bf16
+    subnormal 0x0040), 255 -> NaN; exact, and no float32 subnormal on the way. "asm_lean": max(b << 7, 0x0040),
+    two ops instead of five, exact but for the NaN byte 255, which reads as +inf."""
     b = byte.astype(jnp.uint16)
-    if how == "asm_fused":
-        return jax.lax.bitcast_convert_type((b + jnp.uint16(126)) << 7, jnp.bfloat16)
     if how == "asm_lean":
         return jax.lax.bitcast_convert_type(jnp.maximum(b << 7, jnp.uint16(0x0040)), jnp.bfloat16)
     bits = jnp.where(b == 0, jnp.uint16(0x0040), b << 7)
@@ -396,22 +395,17 @@ def _e8m0_to_bf16(byte: jax.Array, how: str = "asm") -> jax.Array:
     return jax.lax.bitcast_convert_type(bits, jnp.bfloat16)
 
 
-def _scale_columns(s_smem, blocks: range, width: int, r0: int, how: str) -> jax.Array:
-    """Scale blocks `blocks` of the step's tile [groups, wn] uint8 (transposed: one scale block per row), rows
-    r0 .. r0 + 64 -> the decoder `how`'s scales (float32 for "jnp", else `_e8m0_to_bf16`'s bf16)
-    [64, width * len(blocks)] in the WGMMA layout: each block's scale repeated over its `width` byte columns."""
+def _tile_scales(s_smem, g0: int, groups: int, r0: int, how: str) -> jax.Array:
+    """QArray layout: scale blocks g0 .. g0 + groups of the step's tile [groups, wn] uint8 (transposed: one scale
+    block per row), rows r0 .. r0 + 64 -> the decoder `how`'s scales (float32 for "jnp", else `_e8m0_to_bf16`'s
+    bf16) [64, 16 * groups] in the WGMMA layout: each block's scale over its 16 byte columns (2 register tiles;
+    a byte's two elements share a block)."""
     cols = []
-    for g in blocks:
+    for g in range(g0, g0 + groups):
         row = plgpu.load(s_smem.at[g, pl.ds(r0, BN)], layout=plgpu.Layout.WGMMA.reduce(1))  # [64] uint8 per row
         sc = common.e8m0_to_f32(row) if how == "jnp" else _e8m0_to_bf16(row, how)  # [64]
-        cols.append(jnp.broadcast_to(sc[:, None], (BN, width)))  # [64, width]
-    return jnp.concatenate(cols, axis=1)  # [64, width * len(blocks)]
-
-
-def _tile_scales(s_smem, g0: int, groups: int, r0: int, how: str) -> jax.Array:
-    """QArray layout: blocks g0 .. g0 + groups, each over its 16 byte columns (2 register tiles; a byte's two
-    elements share a block) -> [64, 16 * groups]."""
-    return _scale_columns(s_smem, range(g0, g0 + groups), BYTES_PER_SCALE, r0, how)
+        cols.append(jnp.broadcast_to(sc[:, None], (BN, BYTES_PER_SCALE)))  # [64, 16]
+    return jnp.concatenate(cols, axis=1)  # [64, 16 * groups]
 
 
 def out_terms(split: int, out_dtype) -> int:
