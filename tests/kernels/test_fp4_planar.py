@@ -349,6 +349,8 @@ def test_dense_wgs_splits_k_across_warpgroups(wgs, m, bm):
         mosaic_gpu.dense_wgs(x[:, :512], p.values[:, :256], p.scales[:16], wgs=4)
     with pytest.raises(ValueError, match="bf16 x"):
         mosaic_gpu.dense_wgs(x.astype(jnp.float32), p.values, p.scales)
+    with pytest.raises(ValueError, match="decode must be asm, asm_lean or asm_fused, got 'jnp'"):
+        mosaic_gpu.dense_wgs(x, p.values, p.scales, decode="jnp")  # no Mosaic GPU lowering for planar weights
     with pytest.raises(ValueError, match="shared memory"):  # 2 stages of 64 rows of x x 1024 K: past the budget
         mosaic_gpu.dense_wgs(x, p.values, p.scales, wgs=4, bm=64)
 

@@ -706,6 +706,8 @@ def dense_wgs(
     m, k = x.shape
     n = values.shape[0]
     _check_shapes(x, values[None], scales[None], "fp4_matmul (warpgroup split)", True)
+    if decode not in ("asm", "asm_lean", "asm_fused"):  # the GPU's word decoders (the interpreter runs jnp)
+        raise ValueError(f"dense_wgs: decode must be asm, asm_lean or asm_fused, got {decode!r}")
     if x.dtype != jnp.bfloat16 or k % (PLANAR_CHUNK * wgs) or bm % 8 or not 8 <= bm <= 64:
         raise ValueError(f"dense_wgs: needs bf16 x, K % {PLANAR_CHUNK * wgs} == 0 and bm in 8..64 (a multiple of 8), "
                          f"got {jnp.dtype(x.dtype).name}, K={k}, bm={bm}")
