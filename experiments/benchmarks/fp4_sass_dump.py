@@ -4,8 +4,10 @@ instructions per packed byte of the inner loop and see registers and spills.
 Usage (on the GPU machine): python experiments/benchmarks/fp4_sass_dump.py --out DIR [--decode asm,asm_lean]
     [--kernels dense,grouped_decode,grouped_prefill]
 Writes DIR/<decoder>/ (Mosaic's SASS, ptxas report and PTX, gzipped; its other dumps stay in a temporary folder)
-and DIR/sass_summary.txt (instruction mix per kernel, where the machine has nvdisasm: the image has none, so
-`pending_runs.sh fp4s9` brings it as a wheel); prints each kernel's registers and spills (ptxas).
+and DIR/sass_summary.txt (instruction mix per kernel, where Mosaic finds nvdisasm; on the H200 image it did not,
+even with the nvidia-cuda-nvdisasm wheel installed, session 9); prints each kernel's registers and spills (ptxas).
+SASS without the GPU, from the kept PTX (session 9): unpack the nvidia-cuda-nvcc and nvidia-cuda-nvdisasm wheels,
+then `ptxas -arch=sm_90a -O3 K.ptx -o K.cubin && nvdisasm -c K.cubin`.
 """
 
 from __future__ import annotations

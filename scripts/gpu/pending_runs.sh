@@ -22,8 +22,8 @@
 #   fp4s9d    issue 6, session 9: the public api on the session-9 table, every size of the issue.
 #   fp4s9e    issue 6, session 9: dense decode tiles on the thread-order layout; the api's dense decode, x unpadded.
 #   fp4s9f    issue 6, session 9: dense decode with K split across a CTA's warpgroups (mosaic_gpu.dense_wgs).
-#   fp4dump   issue 6: ptxas registers and spills of the planar kernels (experiments/benchmarks/fp4_sass_dump.py),
-#             with /usr/local/cuda/bin on the PATH so that Mosaic's SASS dump finds nvdisasm.
+#   fp4dump   issue 6: ptxas registers and spills and the PTX of the planar kernels (experiments/benchmarks/
+#             fp4_sass_dump.py; its docstring says how to get SASS from the PTX off the GPU).
 #   fp4ncu    issue 6: Nsight Compute on the dense and grouped decode kernels (the machine runs Firecracker, where
 #             ncu reads the counters): stall reasons, issue slots, occupancy, DRAM throughput.
 #   fp4diag   issue 6: the session-3 dense decode stage breakdown of the Triton kernel (load, decode, kernel, XLA).
