@@ -24,8 +24,8 @@ Rows (JSON lines in OUT/fp4_mosaic_probe.jsonl, also printed):
   fused_check: the same decoders on weights a quarter as large (scale bytes <= 128): correctness on the GPU;
   dense_sweep9: dense decode tiles on the thread-order layout: M = 16 and 8 at K = N = 7168, M = 16 at 4096;
   api_dense_fused: api_dense on weights within the one-FMA bound (what api_fused's dense rows measure);
-  dense_wgs: `mosaic_gpu.dense_wgs` (K split across a CTA's warpgroups, no split-K sum) at M = 16 / 1 / 8, K = N =
-       7168, and M = 16, K = N = 4096;
+  dense_wgs: `mosaic_gpu.dense_wgs` (K split across a CTA's warpgroups, no split-K sum) at M = 1 / 8 / 16, K = N =
+       7168 and 4096;
   floor: what one XLA kernel reads at the dense decode's sizes (the packed bytes of K=N=4096 / 7168, 12 copies:
        past the L2): a max-reduction (read only) and an elementwise copy (read + write), in TB/s of bytes read;
   dense_planar, grouped_planar, grouped_decode_planar: the kernel sweeps on planar weights.
@@ -423,8 +423,8 @@ def main():
             for kn, m in ((7168, 16), (7168, 8), (4096, 16)):
                 dense_part(args.out, m, kn, DENSE_DECODE_SWEEP9, 12, deadline, planar=True, gain=0.25)
         elif part == "dense_wgs":  # K split across a CTA's warpgroups: one kernel per call (session 9)
-            for kn, m in ((7168, 16), (7168, 1), (7168, 8), (4096, 16)):
-                dense_wgs_part(args.out, m, kn, ((4, 2), (2, 3), (4, 3)), deadline)
+            for kn, m in ((7168, 1), (7168, 8), (7168, 16), (4096, 1), (4096, 8), (4096, 16)):
+                dense_wgs_part(args.out, m, kn, ((4, 2), (2, 4), (4, 3)), deadline)
         elif part == "floor":
             for kn in (4096, 7168):
                 floor_part(args.out, kn)

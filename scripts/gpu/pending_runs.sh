@@ -101,7 +101,7 @@ case "${1:-}" in
     # session 9: the dense decode kernel with K split across a CTA's warpgroups (mosaic_gpu.dense_wgs: one kernel
     # per call, no split-K sum), checked and timed against XLA. Its first run (eba8829) hung; fixed since in the
     # interpreter (30f1e8b): the next session's first call
-    probe dense_wgs 200 260 ;;
+    probe dense_wgs 240 300 ;;
   fp4mid)
     # session 8: the public api's grouped decode at 32 and 16 tokens x top-6 (between the 8 and 64)
     probe api_planar_decode_mid 170 200 ;;
