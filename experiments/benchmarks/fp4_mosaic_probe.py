@@ -423,8 +423,9 @@ def main():
             for kn, m in ((7168, 16), (7168, 8), (4096, 16)):
                 dense_part(args.out, m, kn, DENSE_DECODE_SWEEP9, 12, deadline, planar=True, gain=0.25)
         elif part == "dense_wgs":  # K split across a CTA's warpgroups: one kernel per call (session 9)
-            for kn, m in ((7168, 1), (7168, 8), (7168, 16), (4096, 1), (4096, 8), (4096, 16)):
-                dense_wgs_part(args.out, m, kn, ((4, 2), (2, 4), (4, 3)), deadline)
+            for kn, m in ((7168, 1), (7168, 16), (4096, 1), (7168, 8), (4096, 16), (4096, 8)):
+                variants = ((4, 3), (4, 2), (2, 4), (2, 6)) if m <= 8 else ((4, 2), (2, 4), (2, 5))
+                dense_wgs_part(args.out, m, kn, variants, deadline)
         elif part == "floor":
             for kn in (4096, 7168):
                 floor_part(args.out, kn)

@@ -33,10 +33,17 @@
 set -uo pipefail
 OUT=${OUT:-./gpu_out}; mkdir -p "$OUT"
 
-probe() {  # probe PARTS BUDGET_S TIMEOUT_S: experiments/benchmarks/fp4_mosaic_probe.py's parts, then its rows
+probe() {  # probe PARTS BUDGET_S TIMEOUT_S: experiments/benchmarks/fp4_mosaic_probe.py's parts, then its rows.
+  # A watchdog ends it when no row came for STALL_S seconds (default 90: a hung kernel, session 9 lost 300 s)
   timeout "$3" python3 experiments/benchmarks/fp4_mosaic_probe.py --parts "$1" --budget-s "$2" --out "$OUT" \
-    > "$OUT/probe.log" 2>&1
-  echo "probe rc=$?"; grep -v '^{' "$OUT/probe.log" | grep -v Autotun | tail -5
+    > "$OUT/probe.log" 2>&1 &
+  local pid=$! rows=-1 idle=0 n
+  while kill -0 "$pid" 2>/dev/null; do
+    sleep 5; n=$(cat "$OUT/fp4_mosaic_probe.jsonl" 2>/dev/null | wc -l)
+    if [ "$n" != "$rows" ]; then rows=$n; idle=0; else idle=$((idle + 5)); fi
+    if [ "$idle" -ge "${STALL_S:-90}" ]; then echo "watchdog: no row for ${idle} s after $rows rows"; kill -9 "$pid"; fi
+  done
+  wait "$pid"; echo "probe rc=$?"; grep -v '^{' "$OUT/probe.log" | grep -v Autotun | tail -5
   python3 -c "
 import json
 for l in open('$OUT/fp4_mosaic_probe.jsonl'):
@@ -98,9 +105,10 @@ case "${1:-}" in
     # session 9: dense decode tiles on the thread-order layout, then the api's dense decode without the pad of x
     probe dense_sweep9,api_dense_fused 300 350 ;;
   fp4s9f)
-    # session 9: the dense decode kernel with K split across a CTA's warpgroups (mosaic_gpu.dense_wgs: one kernel
-    # per call, no split-K sum), checked and timed against XLA. Its first run (eba8829) hung; fixed since in the
-    # interpreter (30f1e8b): the next session's first call
+    # the dense decode kernel with K split across a CTA's warpgroups (mosaic_gpu.dense_wgs: one kernel per call,
+    # no split-K sum), checked and timed against XLA. Session 9's warp-specialized version hung on the H200 twice
+    # (eba8829, a2d45b2: setmaxnreg asked 4 compute warpgroups for more registers than 640 threads hold); session
+    # 10's has one pipeline per warpgroup and no setmaxnreg
     probe dense_wgs 240 300 ;;
   fp4mid)
     # session 8: the public api's grouped decode at 32 and 16 tokens x top-6 (between the issue's 8 and 64)

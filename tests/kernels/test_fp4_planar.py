@@ -331,16 +331,18 @@ def test_planar_kernels_lower_for_cuda_with_the_ptx_decoder():
             assert text.count("custom_call @mosaic_gpu_v2") == 1 and ("stablehlo.pad" in text) == pad
 
 
-@pytest.mark.parametrize("wgs, m, bm", [(2, 13, 8), (4, 5, 16)])
-def test_dense_wgs_splits_k_across_warpgroups(wgs, m, bm):
-    """`mosaic_gpu.dense_wgs` in the interpreter: K = 1024 in steps of `wgs` chunks (warpgroup c takes chunk c),
+@pytest.mark.parametrize("wgs, m, bm, stages", [(2, 13, 8, 2), (4, 5, 16, 2), (1, 1, 8, 3)])
+def test_dense_wgs_splits_k_across_warpgroups(wgs, m, bm, stages):
+    """`mosaic_gpu.dense_wgs` in the interpreter: K = 1024 split across `wgs` warpgroups (each streams its own 4 /
+    wgs chunks through its own pipeline: fewer chunks than stages, as many, and more, where slots are refilled),
     two 64-row tiles of N, M rows in tiles of bm (the last one partial): the reference's numbers in one kernel;
-    lowered for CUDA (PTX decoder, warp-specialized) it is one Mosaic GPU call and no XLA sum; bad shapes raise."""
+    lowered for CUDA (PTX decoder) it is one Mosaic GPU call and no XLA sum; bad shapes raise."""
     kx, kw = jax.random.split(_key())
     x = jax.random.normal(kx, (m, 1024), jnp.bfloat16)
     w = _weight(kw, (128, 1024))
     p = fp4_matmul.to_planar(w)
-    y = jax.block_until_ready(mosaic_gpu.dense_wgs(x, p.values, p.scales, wgs=wgs, bm=bm, interpret=True))
+    y = jax.block_until_ready(mosaic_gpu.dense_wgs(x, p.values, p.scales, wgs=wgs, bm=bm, stages=stages,
+                                                    interpret=True))
     assert y.shape == (m, 128) and y.dtype == jnp.bfloat16 and _rel(y, _ref_dense(x, w)) < 1e-2
     f = lambda xx: mosaic_gpu.dense_wgs(xx, p.values, p.scales, wgs=wgs, bm=bm)
     text = jax.jit(f).trace(x).lower(lowering_platforms=("cuda",)).as_text()

@@ -615,76 +615,77 @@ def _store_rows(o_smem, o_rows, lead, out_row0, rows, bm: int) -> None:
     plgpu.wait_smem_to_gmem(0)
 
 
-def _dense_wgs_kernel(x_gmem, v_gmem, s_gmem, o_gmem, o_smem, red_smem, red_bar, *a_smem, bm: int, wgs: int,
-                      stages: int, k: int, m: int, how: str):
-    """Dense planar decode with K split across the CTA's warpgroups instead of across CTAs: one CTA per 64
-    weight rows and bm rows of x runs `wgs` compute warpgroups and a TMA warpgroup (a warp-specialized pipeline);
-    each K step holds `wgs` chunks and compute warpgroup c decodes and multiplies chunk c into its own
-    accumulator; at the end the accumulators meet in shared memory and the first warpgroup stores their sum
-    as bf16. No split-K partials leave the kernel, so a call is this one kernel (the split-K kernel's call adds
-    an XLA sum of its partials: 1.1-1.8 us on the H200). Session 9: correct in the interpreter and lowered for
-    CUDA, not yet timed on a GPU (its first H200 run hung, before the row-count fix in `compute`); not in the
-    api until it is."""
+def _dense_wgs_kernel(x_gmem, v_gmem, s_gmem, o_gmem, x_smem, v_smem, s_smem, bars, o_smem, red_smem, red_bar,
+                      *a_smem, bm: int, wgs: int, stages: int, k: int, m: int, how: str):
+    """Dense planar decode with K split across the CTA's warpgroups instead of across CTAs: one CTA per 64 weight
+    rows and bm rows of x runs `wgs` warpgroups, warpgroup w streams its own contiguous K range (K / wgs) through
+    its own `stages`-deep TMA pipeline (its own shared-memory slots and barriers) into its own accumulator; at the
+    end the accumulators meet in shared memory and warpgroup 0 stores their sum as bf16. No split-K partials
+    leave the kernel, so a call is this one kernel (the split-K kernel's call adds an XLA sum of its partials:
+    1.1-1.8 us on the H200).
+
+    Why not `plgpu.emit_pipeline_warp_specialized` (session 9's version): its compute warpgroups raise their
+    registers with setmaxnreg to (512 - memory registers) / wgs each, which for 4 compute warpgroups asks for more
+    than the 640 threads' launch allocation (at most 96 per thread) holds; setmaxnreg.inc then waits forever,
+    and the H200 run hung twice (eba8829, a2d45b2). Here there is no producer warpgroup and no setmaxnreg: every
+    warpgroup issues its own copies, with 65536 / (128 * wgs) registers each."""
     ni, mi, wg = (jax.lax.axis_index(a) for a in ("n", "m", "wg"))
-    kc = wgs * PLANAR_CHUNK  # K elements per step
+    steps = k // (wgs * PLANAR_CHUNK)  # K chunks per warpgroup
+    rows = pl.ds(mi * bm, bm)
 
-    def body(_, x_smem, v_smem, s_smem, acc_ref):
-        for c in range(wgs):  # static offsets: each warpgroup runs its own chunk's branch
-            @pl.when(wg == c)
-            def _(c=c):
-                planes = _decode_tile_ptx(v_smem, s_smem, 0, c, how) if how != "jnp" else _decode_tile_jnp(
-                    v_smem, s_smem, 0, c)
-                for p in range(PLANES):
-                    # [128, bm]: x columns c*256 + p*128 + j of the step, transposed
-                    b = x_smem.at[:, pl.ds(c * PLANAR_CHUNK + p * PLANAR_HALF, PLANAR_HALF)].transpose((1, 0))
-                    if a_smem:  # interpret mode: the interpreter runs wgmma with A in shared memory only
-                        a_smem[0].at[c][...] = planes[p]
-                        plgpu.commit_smem()
-                        plgpu.wgmma(acc_ref, a_smem[0].at[c], b)
-                        plgpu.wgmma_wait(0)
-                    else:
-                        plgpu.wgmma(acc_ref, planes[p], b)  # acc [64, bm] += W_p [64, 128] @ x_p.T
-        plgpu.wgmma_wait(0)
-        return acc_ref
+    def fetch(i, slot):  # warpgroup wg's chunk i (of its range) -> its slot `slot`
+        chunk = wg * steps + i
+        bar = bars.at[wg * stages + slot]
+        plgpu.copy_gmem_to_smem(x_gmem.at[rows, pl.ds(chunk * PLANAR_CHUNK, PLANAR_CHUNK)], x_smem.at[wg, slot], bar)
+        plgpu.copy_gmem_to_smem(v_gmem.at[pl.ds(ni * BN, BN), pl.ds(chunk * CHUNK, CHUNK)], v_smem.at[wg, slot], bar)
+        plgpu.copy_gmem_to_smem(s_gmem.at[pl.ds(chunk * planar.SCALE_BOX, planar.SCALE_BOX), pl.ds(ni * BN, BN)],
+                                s_smem.at[wg, slot], bar)
 
-    def compute(run_pipeline):
-        # the epilogue's indices, computed here in the compute warpgroups: the same row count computed before the
-        # pipeline hung the stores below in the interpreter (and this kernel's one H200 run, before the change)
-        ni, mi = jax.lax.axis_index("n"), jax.lax.axis_index("m")
-        rows = jnp.minimum(bm, m - mi * bm)
+    for i in range(min(stages, steps)):  # the prologue: the first `stages` chunks in flight
+        fetch(i, i)
 
-        def scope(acc_ref):
-            run_pipeline(acc_ref)
-            red_smem.at[wg][...] = acc_ref[...]  # [64, bm] float32: this warpgroup's K chunks
-            plgpu.barrier_arrive(red_bar)
-            plgpu.barrier_wait(red_bar)
+    def scope(acc_ref):
+        def step(i, _):
+            slot = jax.lax.rem(i, stages)
+            plgpu.barrier_wait(bars.at[wg * stages + slot])
+            v, sc = v_smem.at[wg, slot], s_smem.at[wg, slot]
+            planes = _decode_tile_ptx(v, sc, 0, 0, how) if how != "jnp" else _decode_tile_jnp(v, sc, 0, 0)
+            for p in range(PLANES):
+                b = x_smem.at[wg, slot, :, pl.ds(p * PLANAR_HALF, PLANAR_HALF)].transpose((1, 0))  # [128, bm]
+                if a_smem:  # interpret mode: the interpreter runs wgmma with A in shared memory only
+                    a_smem[0].at[wg][...] = planes[p]
+                    plgpu.commit_smem()
+                    plgpu.wgmma(acc_ref, a_smem[0].at[wg], b)
+                    plgpu.wgmma_wait(0)
+                else:
+                    plgpu.wgmma(acc_ref, planes[p], b)  # acc [64, bm] += W_p [64, 128] @ x_p.T
+            plgpu.wgmma_wait(0)  # the slot's x is read: the slot may take chunk i + stages
+            plgpu.commit_smem()  # every thread of the warpgroup is done with the slot before the refill
 
-            @pl.when(wg == 0)
+            @pl.when(i + stages < steps)
             def _():
-                total = acc_ref[...]
-                for c in range(1, wgs):
-                    total = total + plgpu.load(red_smem.at[c], layout=plgpu.Layout.WGMMA)
-                o_smem.at[0].transpose((1, 0))[...] = total.astype(jnp.bfloat16)  # [bm, 64] <- [64, bm]
-                plgpu.commit_smem()
-                _store_rows(o_smem, lambda term: o_gmem.at[:, pl.ds(ni * BN, BN)], 0, mi * bm, rows, bm)
+                fetch(i + stages, slot)
 
-        pl.run_scoped(scope, plgpu.ACC((BN, bm), jnp.float32))
+        jax.lax.fori_loop(0, steps, step, None)
 
-    plgpu.emit_pipeline_warp_specialized(
-        body,
-        grid=(k // kc,),
-        memory_registers=40,
-        in_specs=[
-            plgpu.BlockSpec((bm, kc), lambda kk: (0, kk), transforms=TRANSFORMS16),
-            # thread order, no swizzle: [64, chunks, 128] boxes (a TMA box is at most 256 wide)
-            plgpu.BlockSpec((BN, wgs, CHUNK), lambda kk: (0, kk, 0)),
-            plgpu.BlockSpec((kc // common.SCALE_BLOCK, BN), lambda kk: (kk, 0)),
-        ],
-        max_concurrent_steps=stages,
-        wg_axis="wg",
-        num_compute_wgs=wgs,
-        compute_context=compute,
-    )(x_gmem.at[pl.ds(mi * bm, bm), :], v_gmem.at[pl.ds(ni * BN, BN)], s_gmem.at[:, pl.ds(ni * BN, BN)])
+        @pl.when(wg != 0)
+        def _():
+            red_smem.at[wg][...] = acc_ref[...]  # [64, bm] float32: this warpgroup's K range
+            plgpu.barrier_arrive(red_bar)
+
+        @pl.when(wg == 0)
+        def _():
+            total = acc_ref[...]
+            if wgs > 1:
+                plgpu.barrier_wait(red_bar)
+            for w in range(1, wgs):
+                total = total + plgpu.load(red_smem.at[w], layout=plgpu.Layout.WGMMA)
+            o_smem.at[0].transpose((1, 0))[...] = total.astype(jnp.bfloat16)  # [bm, 64] <- [64, bm]
+            plgpu.commit_smem()
+            _store_rows(o_smem, lambda term: o_gmem.at[:, pl.ds(ni * BN, BN)], 0, mi * bm,
+                        jnp.minimum(bm, m - mi * bm), bm)
+
+    pl.run_scoped(scope, plgpu.ACC((BN, bm), jnp.float32))
 
 
 @functools.partial(jax.jit, static_argnames=("wgs", "bm", "stages", "decode", "interpret"))
@@ -700,20 +701,20 @@ def dense_wgs(
 ) -> Float[Array, "m n"]:
     """y = x @ W.T for bf16 x [M, K] and planar W (`planar.PlanarMXFP4`'s values [N, K/2], scales [K/32, N]), K
     split across `wgs` warpgroups of each CTA (`_dense_wgs_kernel`): one kernel, no split-K partials. Needs
-    N % 64 == 0 and K % (256 * wgs) == 0; bm is the rows of x per CTA (a multiple of 8, at most 64); `decode` a
-    PTX decoder ("asm_fused" only for scale bytes <= 128, `planar.fused_scales_ok`); `interpret` runs the jnp
-    decoder in the Mosaic GPU interpreter. Not yet run on a GPU (`_dense_wgs_kernel`)."""
+    N % 64 == 0 and K % (256 * wgs) == 0; bm is the rows of x per CTA (a multiple of 8, at most 64); `stages` the
+    TMA pipeline depth of each warpgroup; `decode` a PTX decoder ("asm_fused" only for scale bytes <= 128,
+    `planar.fused_scales_ok`); `interpret` runs the jnp decoder in the Mosaic GPU interpreter."""
     m, k = x.shape
     n = values.shape[0]
     _check_shapes(x, values[None], scales[None], "fp4_matmul (warpgroup split)", True)
     if decode not in ("asm", "asm_lean", "asm_fused"):  # the GPU's word decoders (the interpreter runs jnp)
         raise ValueError(f"dense_wgs: decode must be asm, asm_lean or asm_fused, got {decode!r}")
-    if x.dtype != jnp.bfloat16 or k % (PLANAR_CHUNK * wgs) or bm % 8 or not 8 <= bm <= 64:
-        raise ValueError(f"dense_wgs: needs bf16 x, K % {PLANAR_CHUNK * wgs} == 0 and bm in 8..64 (a multiple of 8), "
-                         f"got {jnp.dtype(x.dtype).name}, K={k}, bm={bm}")
-    kc = PLANAR_CHUNK * wgs
+    if x.dtype != jnp.bfloat16 or k % (PLANAR_CHUNK * wgs) or bm % 8 or not 8 <= bm <= 64 or stages < 1:
+        raise ValueError(f"dense_wgs: needs bf16 x, K % {PLANAR_CHUNK * wgs} == 0, bm in 8..64 (a multiple of 8) "
+                         f"and stages >= 1, got {jnp.dtype(x.dtype).name}, K={k}, bm={bm}, stages={stages}")
     # the GPU's shared memory (the interpreter's extra A tiles do not count: it has no such limit)
-    smem = stages * (bm * kc * 2 + BN * kc // PLANES + kc // common.SCALE_BLOCK * BN) + bm * BN * 2 + wgs * BN * bm * 4
+    slot = bm * PLANAR_CHUNK * 2 + BN * CHUNK + planar.SCALE_BOX * BN  # x, values, scales of one chunk
+    smem = wgs * stages * slot + wgs * BN * bm * 4 + bm * BN * 2
     if smem > SMEM_BUDGET:
         raise ValueError(f"dense_wgs: wgs={wgs}, bm={bm}, {stages} stages need {smem} bytes of shared memory "
                          f"(budget {SMEM_BUDGET}): lower bm or stages")
@@ -724,15 +725,22 @@ def dense_wgs(
         out_type=jax.ShapeDtypeStruct((m, n), jnp.bfloat16),
         grid=(n // BN, -(-m // bm)),
         grid_names=("n", "m"),
-        num_threads=wgs + 1,
+        num_threads=wgs,
         thread_name="wg",
-        scratch_types=[plgpu.SMEM((1, bm, BN), jnp.bfloat16), plgpu.SMEM((wgs, BN, bm), jnp.float32),
-                       plgpu.Barrier(num_arrivals=wgs),
-                       *([plgpu.SMEM((wgs, BN, CHUNK), jnp.bfloat16, transforms=TRANSFORMS16)] if interpret else [])],
+        scratch_types=[
+            plgpu.SMEM((wgs, stages, bm, PLANAR_CHUNK), jnp.bfloat16, transforms=TRANSFORMS16),  # x
+            plgpu.SMEM((wgs, stages, BN, CHUNK), jnp.uint8),  # values, thread order (no swizzle)
+            plgpu.SMEM((wgs, stages, planar.SCALE_BOX, BN), jnp.uint8),  # scales
+            plgpu.Barrier(num_arrivals=3, num_barriers=wgs * stages),  # a slot's three copies landed
+            plgpu.SMEM((1, bm, BN), jnp.bfloat16),  # the output tile
+            plgpu.SMEM((wgs, BN, bm), jnp.float32),  # the accumulators of warpgroups 1..wgs-1
+            plgpu.Barrier(num_arrivals=max(wgs - 1, 1)),  # ... are in shared memory
+            *([plgpu.SMEM((wgs, BN, CHUNK), jnp.bfloat16, transforms=TRANSFORMS16)] if interpret else []),
+        ],
         interpret=_interpret_params(False) if interpret else None,
         kernel_name="fp4_matmul_mosaic_gpu_wgs",
     )
-    return call(_tma_rows(x), values.reshape(n, k // PLANAR_CHUNK, CHUNK), scales)  # values: a free reshape
+    return call(_tma_rows(x), values, scales)
 
 
 def _tma_rows(x: jax.Array) -> jax.Array:
