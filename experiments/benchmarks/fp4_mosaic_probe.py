@@ -24,13 +24,15 @@ Rows (JSON lines in OUT/fp4_mosaic_probe.jsonl, also printed):
   fused_check: the same decoders on weights a quarter as large (scale bytes <= 128): correctness on the GPU;
   dense_sweep9: dense decode tiles on the thread-order layout: M = 16 and 8 at K = N = 7168, M = 16 at 4096;
   api_dense_fused: api_dense on weights within the one-FMA bound (what api_fused's dense rows measure);
+  dense_cluster: the dense decode's split-K partials summed in a cluster's shared memory (BlockConfig.cluster)
+       beside the stored entry, at M = 1 / 8 / 16, K = N = 7168 and 4096;
   dense_wgs: `mosaic_gpu.dense_wgs` (K split across a CTA's warpgroups, no split-K sum) at M = 1 / 8 / 16, K = N =
        7168 and 4096;
   floor: what one XLA kernel reads at the dense decode's sizes (the packed bytes of K=N=4096 / 7168, 12 copies:
        past the L2): a max-reduction (read only) and an elementwise copy (read + write), in TB/s of bytes read;
   dense_planar, grouped_planar, grouped_decode_planar: the kernel sweeps on planar weights.
 Usage: python experiments/benchmarks/fp4_mosaic_probe.py [--out DIR] [--parts api,api_planar,api_planar_decode,api_prefill,
-       api_planar_decode_mid,grouped_decode_window,grouped_decode_window2,decode_overlap,dense_occupancy,fused,fused_check,floor,api_dense,api_fused,api_dense_fused,dense_sweep9,dense_wgs,
+       api_planar_decode_mid,grouped_decode_window,grouped_decode_window2,decode_overlap,dense_occupancy,fused,fused_check,floor,api_dense,api_fused,api_dense_fused,dense_sweep9,dense_wgs,dense_cluster,
        dense,dense_planar,prefill,grouped,grouped_planar,grouped_decode,grouped_decode_planar] [--budget-s S]
 """
 
@@ -96,7 +98,7 @@ def dense_part(out, m, kn, cfgs, copies, deadline, planar=False, gain=1.0):
             return
         row = {"part": "dense", "layout": "planar" if planar else "qarray", "m": m, "kn": kn,
                "cfg": [cfg.block_m, cfg.block_n, cfg.block_k, cfg.split_k, cfg.num_stages], "decode": cfg.decode,
-               "overlap": cfg.overlap, "a_regs": regs}
+               "overlap": cfg.overlap, "cluster": cfg.cluster, "a_regs": regs}
         try:
             f = lambda a, w, cfg=cfg, regs=regs: mosaic_gpu.dense(a, w.values, w.scales, cfg=cfg,
                                                                  a_in_registers=regs, planar=planar)
@@ -350,6 +352,12 @@ GROUPED_PREFILL_FUSED = [
 ]
 # session 9: the dense decode tiles again on the thread-order layout (shorter loads, one FMA per register): fewer,
 # wider K steps (less per-step overhead: TMA barrier waits, wgmma waits), fewer or more K splits, overlap
+DENSE_CLUSTER = [  # session 10: split-K partials added in a cluster's shared memory instead of an XLA sum
+    (B(64, block_k=256, split_k=8, num_stages=4, decode="asm_fused"), True),  # the stored entry
+    (B(64, block_k=256, split_k=8, num_stages=4, decode="asm_fused", cluster=True), True),
+    (B(64, block_k=256, split_k=4, num_stages=4, decode="asm_fused", cluster=True), True),
+    (B(64, block_n=128, block_k=256, split_k=8, num_stages=2, decode="asm_fused", cluster=True), True),
+]
 DENSE_DECODE_SWEEP9 = [
     (B(64, block_k=256, split_k=8, num_stages=4, decode="asm_fused"), True),  # the stored entry
     (B(64, block_k=512, split_k=8, num_stages=2, decode="asm_fused"), True),
@@ -422,6 +430,9 @@ def main():
         elif part == "dense_sweep9":  # dense decode tiles on the thread-order layout (session 9), M = 16 and 8
             for kn, m in ((7168, 16), (7168, 8), (4096, 16)):
                 dense_part(args.out, m, kn, DENSE_DECODE_SWEEP9, 12, deadline, planar=True, gain=0.25)
+        elif part == "dense_cluster":  # split-K partials summed in a cluster (session 10), all six decode sizes
+            for kn, m in ((7168, 1), (7168, 16), (4096, 1), (7168, 8), (4096, 16), (4096, 8)):
+                dense_part(args.out, m, kn, DENSE_CLUSTER, 12, deadline, planar=True, gain=0.25)
         elif part == "dense_wgs":  # K split across a CTA's warpgroups: one kernel per call (session 9)
             for kn, m in ((7168, 1), (7168, 16), (4096, 1), (7168, 8), (4096, 16), (4096, 8)):
                 variants = ((4, 3), (4, 2), (2, 4), (2, 6)) if m <= 8 else ((4, 2), (2, 4), (2, 5))

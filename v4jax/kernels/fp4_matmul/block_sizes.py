@@ -37,6 +37,8 @@ class BlockConfig:
     fuse_x: bool = False  # dense: read x's column planes in the kernel (strided) instead of an XLA transpose
     overlap: bool = False  # mosaic_gpu: a K step's wgmmas run under the next step's decode (H200: under 2%)
     window: bool = False  # mosaic_gpu grouped, packed tiles: read x as it is, no padded copy (the H200's decode entry)
+    cluster: bool = False  # mosaic_gpu dense split-K: a K split's CTAs form a cluster and add their partials in the
+    # first one's shared memory (no XLA sum; GPU only, splits <= 8)
 
     def __post_init__(self):
         if self.decode not in DECODERS:
