@@ -24,6 +24,7 @@ Rows (JSON lines in OUT/fp4_mosaic_probe.jsonl, also printed):
   fused_check: the same decoders on weights a quarter as large (scale bytes <= 128): correctness on the GPU;
   dense_sweep9: dense decode tiles on the thread-order layout: M = 16 and 8 at K = N = 7168, M = 16 at 4096;
   api_dense_fused: api_dense on weights within the one-FMA bound (what api_fused's dense rows measure);
+  api_grouped_fused: api_fused's grouped rows alone;
   dense_cluster: the dense decode's split-K partials summed in a cluster's shared memory (BlockConfig.cluster)
        beside the stored entry, at M = 1 / 8 / 16, K = N = 7168 and 4096;
   dense_wgs: `mosaic_gpu.dense_wgs` (K split across a CTA's warpgroups, no split-K sum) at M = 1 / 8 / 16, K = N =
@@ -32,7 +33,7 @@ Rows (JSON lines in OUT/fp4_mosaic_probe.jsonl, also printed):
        past the L2): a max-reduction (read only) and an elementwise copy (read + write), in TB/s of bytes read;
   dense_planar, grouped_planar, grouped_decode_planar: the kernel sweeps on planar weights.
 Usage: python experiments/benchmarks/fp4_mosaic_probe.py [--out DIR] [--parts api,api_planar,api_planar_decode,api_prefill,
-       api_planar_decode_mid,grouped_decode_window,grouped_decode_window2,decode_overlap,dense_occupancy,fused,fused_check,floor,api_dense,api_fused,api_dense_fused,dense_sweep9,dense_wgs,dense_cluster,
+       api_planar_decode_mid,grouped_decode_window,grouped_decode_window2,decode_overlap,dense_occupancy,fused,fused_check,floor,api_dense,api_fused,api_grouped_fused,api_dense_fused,dense_sweep9,dense_wgs,dense_cluster,
        dense,dense_planar,prefill,grouped,grouped_planar,grouped_decode,grouped_decode_planar] [--budget-s S]
 """
 
@@ -420,6 +421,8 @@ def main():
         elif part == "api_fused":  # the api on weights within the one-FMA bound: grouped and dense, every size
             api_part(args.out, deadline, token_counts=(8192, 64, 32, 16, 8), planar=True, dense_ms=(1, 8, 16),
                      gain=0.25)
+        elif part == "api_grouped_fused":  # api_fused's grouped rows alone
+            api_part(args.out, deadline, token_counts=(8192, 64, 32, 16, 8), planar=True, dense_ms=(), gain=0.25)
         elif part == "api_dense_fused":
             api_part(args.out, deadline, token_counts=(), planar=True, dense_ms=(1, 8, 16), gain=0.25)
         elif part == "api_dense":  # the api's dense decode at M = 1, 8, 16 (planar weights)

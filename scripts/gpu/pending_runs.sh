@@ -23,6 +23,7 @@
 #   fp4s9e    issue 6, session 9: dense decode tiles on the thread-order layout; the api's dense decode, x unpadded.
 #   fp4s9f    issue 6, session 9: dense decode with K split across a CTA's warpgroups (mosaic_gpu.dense_wgs).
 #   fp4s10    issue 6, session 10: dense decode with the split-K sum in a cluster's shared memory.
+#   fp4s10b   issue 6, session 10: the public api at every size of the issue with the session-10 table.
 #   fp4dump   issue 6: ptxas registers and spills and the PTX of the planar kernels (experiments/benchmarks/
 #             fp4_sass_dump.py; its docstring says how to get SASS from the PTX off the GPU).
 #   fp4ncu    issue 6: Nsight Compute on the dense and grouped decode kernels (the machine runs Firecracker, where
@@ -115,6 +116,12 @@ case "${1:-}" in
     # session 10: the dense decode's split-K partials summed in a cluster's shared memory (BlockConfig.cluster):
     # one kernel per call, checked and timed beside the stored entry and XLA at the six dense decode sizes
     probe dense_cluster 240 300 ;;
+  fp4s10b)
+    # session 10: the public api with the session-10 table (dense decode on wide N through mosaic_gpu.dense_wgs):
+    # dense decode at M = 1, 8, 16 on weights within the one-FMA bound and on full-range ones (asm_lean), then
+    # grouped prefill and decode (the kernel's epilogue was rewritten for clusters: checked again)
+    probe api_dense_fused,api_dense 150 180
+    probe api_grouped_fused 330 370 ;;
   fp4mid)
     # session 8: the public api's grouped decode at 32 and 16 tokens x top-6 (between the issue's 8 and 64)
     probe api_planar_decode_mid 170 200 ;;

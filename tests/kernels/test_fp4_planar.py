@@ -357,6 +357,49 @@ def test_dense_wgs_splits_k_across_warpgroups(wgs, m, bm, stages):
         mosaic_gpu.dense_wgs(x, p.values, p.scales, wgs=4, bm=64)
 
 
+def test_api_routes_wide_dense_decode_to_the_warpgroup_split(monkeypatch):
+    """The stored H200 table's `dense_mosaic_wgs` entry: a dense decode call on planar weights takes
+    `mosaic_gpu.dense_wgs` (one kernel) only where N has >= 0.75 x 64-row tiles per SM, M <= 16 and x is bf16
+    (H200: N = 7168 yes, 4096 no); lowered for CUDA the call is that one kernel and no XLA sum."""
+    from v4jax.kernels.fp4_matmul import api
+
+    wide = fp4_matmul.to_planar(_weight(_key(), (7168, 1024)))
+    narrow = fp4_matmul.to_planar(_weight(_key(), (4096, 1024)))
+    x = jnp.ones((16, 1024), jnp.bfloat16)
+    monkeypatch.setattr(jax, "devices", lambda *a: [type("H200", (), {"device_kind": "NVIDIA H200", "core_count": 132})])
+    entry = api._warpgroup_split(x, wide, "mosaic_gpu", False)
+    assert entry == {"max_m": 16, "min_tiles_per_sm": 0.75, "warpgroups": 4, "num_stages": 2}
+    for args in ((x, narrow, "mosaic_gpu", False), (jnp.ones((17, 1024), jnp.bfloat16), wide, "mosaic_gpu", False),
+                 (x.astype(jnp.float32), wide, "mosaic_gpu", False), (x, planar.as_qarray(wide), "mosaic_gpu", False),
+                 (x, wide, "mosaic_gpu", True), (x, wide, "triton", False)):
+        assert api._warpgroup_split(*args) is None
+    text = jax.jit(lambda xx: api._dense_forward(xx, wide, "mosaic_gpu", False)).trace(x[:1]).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert text.count("custom_call @mosaic_gpu_v2") == 1 and "fp4_matmul_mosaic_gpu_wgs" in text
+    assert "stablehlo.reduce" not in text
+    monkeypatch.setattr(jax, "devices", lambda *a: [type("GPU", (), {"device_kind": "NVIDIA H200"})])
+    assert api._warpgroup_split(x, wide, "mosaic_gpu", False) is None  # SM count unknown: the split-K kernel
+
+
+def test_cluster_split_k_is_one_kernel():
+    """`BlockConfig.cluster`: lowered for CUDA, a split-K dense decode is one Mosaic GPU kernel (the splits add in
+    a cluster's shared memory) where the plain split-K call adds an XLA reduction; the interpreter, which has no
+    cluster stores, runs the plain split-K kernel with the same numbers."""
+    kx, kw = jax.random.split(_key())
+    w = _weight(kw, (128, 2048))
+    p = fp4_matmul.to_planar(w)
+    x = jax.random.normal(kx, (5, 2048), jnp.bfloat16)
+    base = block_sizes.BlockConfig(block_m=64, block_k=256, split_k=8, num_stages=4, decode="asm_fused")
+    for cluster in (False, True):
+        cfg = dataclasses.replace(base, cluster=cluster)
+        text = jax.jit(lambda xx, cfg=cfg: mosaic_gpu.dense(xx, p.values, p.scales, cfg=cfg, planar=True)).trace(
+            x).lower(lowering_platforms=("cuda",)).as_text()
+        assert text.count("custom_call @mosaic_gpu_v2") == 1 and ("stablehlo.reduce" in text) != cluster
+        y = mosaic_gpu.dense(x, p.values, p.scales, cfg=dataclasses.replace(cfg, decode="jnp"), planar=True,
+                             interpret=True)
+        assert _rel(y, _ref_dense(x, w)) < 1e-2
+
+
 @pytest.mark.parametrize("implementation", ["mosaic_gpu", "triton", "xla"])
 def test_api_takes_planar_weights_on_every_backend(implementation):
     """Value and dL/dx of fp4_grouped_matmul with planar weights equal the QArray reference (other backends

@@ -154,10 +154,30 @@ def _decoder_for(cfg: block_sizes.BlockConfig, w) -> block_sizes.BlockConfig:
     return cfg
 
 
+def _warpgroup_split(x, w, impl: str, interpret: bool) -> dict | None:
+    """The stored table's `dense_mosaic_wgs` entry when it covers this call, else None: planar weights, bf16 x
+    of at most `max_m` rows, K a multiple of 256 x `warpgroups`, and at least `min_tiles_per_sm` 64-row tiles of
+    N per SM (fewer tiles leave SMs idle, and the split-K kernel wins: H200, K = N = 4096)."""
+    if impl != "mosaic_gpu" or interpret or not isinstance(w, PlanarMXFP4) or x.dtype != jnp.bfloat16:
+        return None
+    device = jax.devices()[0]
+    entry = block_sizes.load_table(block_sizes.chip_name(device.device_kind)).get("dense_mosaic_wgs")
+    n, k = w.shape
+    sms = getattr(device, "core_count", None)  # streaming multiprocessors (None: unknown, keep split-K)
+    if (entry is None or not sms or x.shape[0] > entry["max_m"] or k % (256 * entry["warpgroups"])
+            or n // 64 < entry["min_tiles_per_sm"] * sms):
+        return None
+    return entry
+
+
 def _dense_forward(x, w: QArray | PlanarMXFP4, impl: str, interpret: bool):
     op = "dense_mosaic" if impl == "mosaic_gpu" else "dense"  # the Mosaic kernel tiles differently
     cfg = _decoder_for(block_sizes.select(op, x.shape[0], chip=None if not interpret else "interpret"), w)
     backend = _backend_module(impl)
+    if entry := _warpgroup_split(x, w, impl, interpret):  # decode on wide N: one kernel, no split-K sum
+        bm = min(64, -(-x.shape[0] // 8) * 8)
+        return backend.dense_wgs(x, w.values, w.scales, wgs=entry["warpgroups"], bm=bm, stages=entry["num_stages"],
+                                 decode=cfg.decode)
     return backend.dense(x, w.values, w.scales, cfg=cfg, interpret=interpret, **_layout_kwargs(w))
 
 
