@@ -25,6 +25,7 @@ Rows (JSON lines in OUT/fp4_mosaic_probe.jsonl, also printed):
   dense_sweep9: dense decode tiles on the thread-order layout: M = 16 and 8 at K = N = 7168, M = 16 at 4096;
   api_dense_fused: api_dense on weights within the one-FMA bound (what api_fused's dense rows measure);
   api_grouped_fused: api_fused's grouped rows alone;
+  dense_wgs_bm8: dense_wgs at M = 16 in CTAs of 8 rows of x (two per weight tile), K = N = 7168 and 4096;
   dense_cluster: the dense decode's split-K partials summed in a cluster's shared memory (BlockConfig.cluster)
        beside the stored entry, at M = 1 / 8 / 16, K = N = 7168 and 4096;
   dense_wgs: `mosaic_gpu.dense_wgs` (K split across a CTA's warpgroups, no split-K sum) at M = 1 / 8 / 16, K = N =
@@ -33,7 +34,7 @@ Rows (JSON lines in OUT/fp4_mosaic_probe.jsonl, also printed):
        past the L2): a max-reduction (read only) and an elementwise copy (read + write), in TB/s of bytes read;
   dense_planar, grouped_planar, grouped_decode_planar: the kernel sweeps on planar weights.
 Usage: python experiments/benchmarks/fp4_mosaic_probe.py [--out DIR] [--parts api,api_planar,api_planar_decode,api_prefill,
-       api_planar_decode_mid,grouped_decode_window,grouped_decode_window2,decode_overlap,dense_occupancy,fused,fused_check,floor,api_dense,api_fused,api_grouped_fused,api_dense_fused,dense_sweep9,dense_wgs,dense_cluster,
+       api_planar_decode_mid,grouped_decode_window,grouped_decode_window2,decode_overlap,dense_occupancy,fused,fused_check,floor,api_dense,api_fused,api_grouped_fused,api_dense_fused,dense_sweep9,dense_wgs,dense_wgs_bm8,dense_cluster,
        dense,dense_planar,prefill,grouped,grouped_planar,grouped_decode,grouped_decode_planar] [--budget-s S]
 """
 
@@ -115,9 +116,10 @@ def dense_part(out, m, kn, cfgs, copies, deadline, planar=False, gain=1.0):
         emit(out, row)
 
 
-def dense_wgs_part(out, m, kn, variants, deadline, copies=12, gain=0.25):
+def dense_wgs_part(out, m, kn, variants, deadline, copies=12, gain=0.25, bm=None):
     """`mosaic_gpu.dense_wgs` (K split across a CTA's warpgroups, one kernel per call) for each (wgs, stages),
-    beside XLA's bf16 dot and the stored split-K entry, on planar weights within the one-FMA bound."""
+    beside XLA's bf16 dot, on planar weights within the one-FMA bound; `bm`: rows of x per CTA (default M
+    rounded up to 8, at most 16; a smaller bm reads each weight tile once per bm rows, from the L2 after the first)."""
     kx, kw = jax.random.split(jax.random.key(kn + m))
     x = jax.random.normal(kx, (m, kn), jnp.bfloat16)
     ws = [quant.quantize(gain * random_weight(jax.random.fold_in(kw, i), (kn, kn)), "mxfp4") for i in range(copies)]
@@ -125,7 +127,7 @@ def dense_wgs_part(out, m, kn, variants, deadline, copies=12, gain=0.25):
     wk = [_planar(w) for w in ws]
     packed = ws[0].values.size + ws[0].scales.size
     xla_total, _, _ = timed(lambda a, w: jnp.dot(a, w.T), [(x, quant.dequantize(w).astype(jnp.bfloat16)) for w in ws])
-    bm = min(16, -(-m // 8) * 8)
+    bm = bm or min(16, -(-m // 8) * 8)
     for wgs, stages in variants:
         if time.time() > deadline:
             print("budget reached", flush=True)
@@ -436,6 +438,9 @@ def main():
         elif part == "dense_cluster":  # split-K partials summed in a cluster (session 10), all six decode sizes
             for kn, m in ((7168, 1), (7168, 16), (4096, 1), (7168, 8), (4096, 16), (4096, 8)):
                 dense_part(args.out, m, kn, DENSE_CLUSTER, 12, deadline, planar=True, gain=0.25)
+        elif part == "dense_wgs_bm8":  # M = 16 as two CTAs of 8 rows per weight tile: twice the CTAs (session 10)
+            for kn in (7168, 4096):
+                dense_wgs_part(args.out, 16, kn, ((4, 2), (2, 4), (4, 3)), deadline, bm=8)
         elif part == "dense_wgs":  # K split across a CTA's warpgroups: one kernel per call (session 9)
             for kn, m in ((7168, 1), (7168, 16), (4096, 1), (7168, 8), (4096, 16), (4096, 8)):
                 variants = ((4, 3), (4, 2), (2, 4), (2, 6)) if m <= 8 else ((4, 2), (2, 4), (2, 5))
