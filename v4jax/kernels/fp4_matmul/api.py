@@ -11,7 +11,9 @@ Implementations: "xla" (reference.py: dequantize, then one dot), "triton" (trito
 `None` picks, on GPU, "mosaic_gpu" where its shapes fit (N % 64, K % 256; the fastest there for dense
 decode, M <= 16, and for every grouped size measured), with large-M dense calls going to our dequantize kernel +
 cuBLAS (the stored table's `dense_dequant_min_m`) and other shapes to "triton"; "mosaic_tpu" on TPU;
-else "xla". `interpret=True` runs a Pallas backend on CPU.
+else "xla". Within "mosaic_gpu", a dense decode on planar weights with N wide enough to fill the SMs takes
+`mosaic_gpu.dense_wgs` (the table's `dense_mosaic_wgs`: one kernel, no split-K sum). `interpret=True` runs a
+Pallas backend on CPU.
 
 Weights: an mxfp4 `QArray`, or the same numbers in mosaic_gpu's load-time layout (`to_planar` ->
 `PlanarMXFP4`: nibbles ordered so that the kernel reads x as it is and scales stored [K/32, N]), which saves

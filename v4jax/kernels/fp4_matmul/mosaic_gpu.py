@@ -56,7 +56,8 @@ up to 9 rows in one tile. Each CTA writes its [64, bm] accumulator transposed in
 memory and stores only its own rows straight into y [M, N] with a ladder of power-of-two TMA row stores (a
 TMA copy's size is static; the row count is not): no masked stores, no XLA gather after the kernel. A float32
 transposed store does not lower (jax 0.11.2), so float32 sums leave as bf16 terms (`out_terms`): one for a
-bf16 result, two for split-K partial sums (added by XLA), three (float32's 24 bits) for a float32 result.
+bf16 result, two for split-K partial sums (added by XLA; see below), three (float32's 24 bits) for a float32
+result.
 
 Overlapped steps (`BlockConfig.overlap`): by default each K step ends by waiting for its wgmmas; with
 `overlap` it waits only for the previous step's, so a step's tensor-core work runs under the next step's TMA
@@ -83,14 +84,23 @@ power-of-two scales), so the f32 result matches the reference to float32 roundin
 terms along M (one launch: the weights are read once); grouped runs one launch per term (stacking would break
 the rows' group order), so it reads the weights three times.
 
-Measured on the H200 (device time, RESULTS.md "FP4 matmul, session 9"; planar weights with scales <= 2, the
-stored table, through the public api): grouped prefill (64 experts, top-6 of 8192 tokens, K=4096, N=2048) 1.94
-ms, 1.41x tokamax's bf16 ragged_dot (2.74 ms); grouped decode (64 / 8 tokens, window tiles) 100 / 61 us, 2.7x /
-3.4x tokamax, 84% / 74% of copy bandwidth on the touched experts' packed bytes; dense decode M = 16 at 1.64x /
-2.07x XLA bf16 (K = N = 4096 / 7168), 36% / 55% of copy bandwidth (the kernel alone 46% / 63%; around it, the
-XLA sum of the split-K partials takes 1.5 / 1.8 us), M = 1 at 1.70x / 2.20x (41% / 66%; x read unpadded).
-`dense_wgs` splits K across a CTA's warpgroups instead (one kernel, no partials to add): interpreter-tested and
-lowered for CUDA, not yet timed on a GPU.
+Split-K sums: by default the K splits of a tile store bf16 partials that XLA adds (1.0-1.8 us per call at
+decode sizes). `dense_wgs` splits K across a CTA's warpgroups instead: one kernel, the partials meet in shared
+memory. It needs enough 64-row tiles of N to fill the SMs, so the api takes it where the stored table's
+`dense_mosaic_wgs` entry says (N / 64 >= 0.75 x the SMs). `BlockConfig.cluster` makes a tile's K splits one
+cluster that adds its partials in the first CTA's shared memory. On the H200 the cluster kernel ran 1-7 us slower
+than the plain one (session 10), so no stored entry uses it.
+
+Measured on the H200 (device time, RESULTS.md "FP4 matmul, session 10"; planar weights with scales <= 2, the
+stored table, through the public api):
+- grouped prefill (64 experts, top-6 of 8192 tokens, K=4096, N=2048): 1.94 ms, 1.41x tokamax's bf16 ragged_dot
+  (2.73 ms);
+- grouped decode (64 / 8 tokens, window tiles): 99 / 60 us, 2.8x / 3.7x tokamax, 86% / 75% of copy bandwidth on
+  the touched experts' packed bytes;
+- dense decode at K = N = 7168 (`dense_wgs`, one kernel): M = 1 / 8 / 16 at 12.1 / 12.0 / 12.8 us, 2.29x /
+  2.41x / 2.37x XLA bf16, 67% / 67% / 63% of copy bandwidth;
+- dense decode at K = N = 4096 (split-K and the XLA sum): 6.5 / 6.7 / 7.3 us, 1.71x / 1.68x / 1.62x, 41% / 39%
+  / 36% (the kernel alone 49% / 48% / 46%).
 """
 
 from __future__ import annotations
