@@ -177,7 +177,7 @@ def _dense_forward(x, w: QArray | PlanarMXFP4, impl: str, interpret: bool):
     cfg = _decoder_for(block_sizes.select(op, x.shape[0], chip=None if not interpret else "interpret"), w)
     backend = _backend_module(impl)
     if entry := _warpgroup_split(x, w, impl, interpret):  # decode on wide N: one kernel, no split-K sum
-        bm = min(64, -(-x.shape[0] // 8) * 8)
+        bm = min(64, common.round_up(x.shape[0], 8))  # rows of x per CTA (wgmma N): M up to 64, else tiles of 64
         return backend.dense_wgs(x, w.values, w.scales, wgs=entry["warpgroups"], bm=bm, stages=entry["num_stages"],
                                  decode=cfg.decode)
     return backend.dense(x, w.values, w.scales, cfg=cfg, interpret=interpret, **_layout_kwargs(w))

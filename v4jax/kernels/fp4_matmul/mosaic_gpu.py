@@ -635,7 +635,10 @@ def _kernel(tab_gmem, x_gmem, v_gmem, s_gmem, o_gmem, o_smem, *scratch, t: Tiles
             _store_rows(o_smem, lambda term: o_gmem.at[o_split, term, :, pl.ds(ni * wn, wn)], lead, out_row0, rows,
                         bm)
 
-        pl.when(si == 0)(store) if t.cluster else store()  # clustered: split 0 stores the tile's sum
+        if t.cluster:  # split 0 stores the tile's sum
+            pl.when(si == 0)(store)
+        else:
+            store()
 
 
 def _store_rows(o_smem, o_rows, lead, out_row0, rows, bm: int) -> None:
@@ -826,7 +829,8 @@ def _run(x, values, scales, group_sizes, cfg, interpret, a_in_registers, detect_
               PLANAR_MAX_BK if planar else None)
     red_bytes = (t.split - 1) * t.wn * t.bm * 4  # clustered: split 0's slots for the others' float32 sums
     if t.cluster and (interpret or dense_rows is None or not planar  # the interpreter has no cluster stores
-                      or smem_bytes(t.bm, t.bk, t.stages, a_in_registers, t.wn, 1) + red_bytes > SMEM_BUDGET):
+                      or smem_bytes(t.bm, t.bk, t.stages, a_in_registers, t.wn, out_terms(1, out_dtype))
+                      + red_bytes > SMEM_BUDGET):
         t = dataclasses.replace(t, cluster=False)
     terms = out_terms(1 if t.cluster else t.split, out_dtype)  # the config may need more; the split as fitted decides
     if packed is None:
