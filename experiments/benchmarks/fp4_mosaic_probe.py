@@ -30,11 +30,13 @@ Rows (JSON lines in OUT/fp4_mosaic_probe.jsonl, also printed):
        beside the stored entry, at M = 1 / 8 / 16, K = N = 7168 and 4096;
   dense_wgs: `mosaic_gpu.dense_wgs` (K split across a CTA's warpgroups, no split-K sum) at M = 1 / 8 / 16, K = N =
        7168 and 4096;
+  dense_streamk: `mosaic_gpu_streamk.dense_streamk` (stream-K: every SM's warpgroups take an equal share of all
+       tile x K steps, partials summed in the kernel) by (warpgroups, stages, CTAs), beside dense_wgs, same sizes;
   floor: what one XLA kernel reads at the dense decode's sizes (the packed bytes of K=N=4096 / 7168, 12 copies:
        past the L2): a max-reduction (read only) and an elementwise copy (read + write), in TB/s of bytes read;
   dense_planar, grouped_planar, grouped_decode_planar: the kernel sweeps on planar weights.
 Usage: python experiments/benchmarks/fp4_mosaic_probe.py [--out DIR] [--parts api,api_planar,api_planar_decode,api_prefill,
-       api_planar_decode_mid,grouped_decode_window,grouped_decode_window2,decode_overlap,dense_occupancy,fused,fused_check,floor,api_dense,api_fused,api_grouped_fused,api_dense_fused,dense_sweep9,dense_wgs,dense_wgs_bm8,dense_cluster,
+       api_planar_decode_mid,grouped_decode_window,grouped_decode_window2,decode_overlap,dense_occupancy,fused,fused_check,floor,api_dense,api_fused,api_grouped_fused,api_dense_fused,dense_sweep9,dense_wgs,dense_wgs_bm8,dense_cluster,dense_streamk,
        dense,dense_planar,prefill,grouped,grouped_planar,grouped_decode,grouped_decode_planar] [--budget-s S]
 """
 
@@ -56,7 +58,7 @@ from device_timing import device_events
 from fp4_matmul import dense_ref, random_weight, rel_err
 
 from v4jax import quant
-from v4jax.kernels.fp4_matmul import mosaic_gpu, reference
+from v4jax.kernels.fp4_matmul import mosaic_gpu, mosaic_gpu_streamk, reference
 from v4jax.kernels.fp4_matmul.block_sizes import BlockConfig as B
 
 KERNEL_NAMES = ("fp4_matmul_mosaic_gpu", "fp4_grouped_mosaic_gpu")
@@ -116,10 +118,11 @@ def dense_part(out, m, kn, cfgs, copies, deadline, planar=False, gain=1.0):
         emit(out, row)
 
 
-def dense_wgs_part(out, m, kn, variants, deadline, copies=12, gain=0.25, bm=None):
+def dense_wgs_part(out, m, kn, variants, deadline, copies=12, gain=0.25, bm=None, streamk=False):
     """`mosaic_gpu.dense_wgs` (K split across a CTA's warpgroups, one kernel per call) for each (wgs, stages),
     beside XLA's bf16 dot, on planar weights within the one-FMA bound; `bm`: rows of x per CTA (default M
-    rounded up to 8, at most 16; a smaller bm reads each weight tile once per bm rows, from the L2 after the first)."""
+    rounded up to 8, at most 16; a smaller bm reads each weight tile once per bm rows, from the L2 after the first).
+    `streamk`: `mosaic_gpu_streamk.dense_streamk` instead, for each (wgs, stages, ctas)."""
     kx, kw = jax.random.split(jax.random.key(kn + m))
     x = jax.random.normal(kx, (m, kn), jnp.bfloat16)
     ws = [quant.quantize(gain * random_weight(jax.random.fold_in(kw, i), (kn, kn)), "mxfp4") for i in range(copies)]
@@ -128,14 +131,20 @@ def dense_wgs_part(out, m, kn, variants, deadline, copies=12, gain=0.25, bm=None
     packed = ws[0].values.size + ws[0].scales.size
     xla_total, _, _ = timed(lambda a, w: jnp.dot(a, w.T), [(x, quant.dequantize(w).astype(jnp.bfloat16)) for w in ws])
     bm = bm or min(16, -(-m // 8) * 8)
-    for wgs, stages in variants:
+    for wgs, stages, *ctas in variants:
         if time.time() > deadline:
             print("budget reached", flush=True)
             return
-        row = {"part": "dense_wgs", "m": m, "kn": kn, "wgs": wgs, "stages": stages, "bm": bm, "xla_bf16_us": xla_total}
+        row = {"part": "dense_streamk" if streamk else "dense_wgs", "m": m, "kn": kn, "wgs": wgs, "stages": stages,
+               "bm": bm, "xla_bf16_us": xla_total}
         try:
-            f = lambda a, w, wgs=wgs, stages=stages: mosaic_gpu.dense_wgs(a, w.values, w.scales, wgs=wgs, bm=bm,
-                                                                         stages=stages)
+            if streamk:
+                row["ctas"] = ctas[0]
+                f = lambda a, w, wgs=wgs, stages=stages, c=ctas[0]: mosaic_gpu_streamk.dense_streamk(
+                    a, w.values, w.scales, ctas=c, wgs=wgs, stages=stages)
+            else:
+                f = lambda a, w, wgs=wgs, stages=stages: mosaic_gpu.dense_wgs(a, w.values, w.scales, wgs=wgs, bm=bm,
+                                                                             stages=stages)
             y = jax.block_until_ready(f(x, wk[0]))
             row["rel_err"] = rel_err(y, ref)
             total, kern, rest = timed(f, [(x, w) for w in wk])
@@ -445,6 +454,13 @@ def main():
             for kn, m in ((7168, 1), (7168, 16), (4096, 1), (7168, 8), (4096, 16), (4096, 8)):
                 variants = ((4, 3), (4, 2), (2, 4), (2, 6)) if m <= 8 else ((4, 2), (2, 4), (2, 5))
                 dense_wgs_part(args.out, m, kn, variants, deadline)
+        elif part == "dense_streamk":  # stream-K over all SMs, partials summed in the kernel (session 11)
+            sms = jax.devices()[0].core_count
+            for kn, m in ((7168, 1), (7168, 16), (4096, 1), (7168, 8), (4096, 16), (4096, 8)):
+                dense_wgs_part(args.out, m, kn, ((4, 2),), deadline)  # the session-10 kernel, same run
+                variants = ((4, 2, sms), (2, 4, sms), (3, 3, sms) if m <= 8 else (3, 2, sms), (2, 2, 2 * sms),
+                            (1, 4, 2 * sms), (4, 2, sms - 4))
+                dense_wgs_part(args.out, m, kn, variants, deadline, streamk=True)
         elif part == "floor":
             for kn in (4096, 7168):
                 floor_part(args.out, kn)

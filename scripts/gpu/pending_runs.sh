@@ -25,6 +25,7 @@
 #   fp4s10    issue 6, session 10: dense decode with the split-K sum in a cluster's shared memory.
 #   fp4s10b   issue 6, session 10: the public api at every size of the issue with the session-10 table.
 #   fp4s10c   issue 6, session 10: dense_wgs at M = 16 in CTAs of 8 rows.
+#   fp4s11    issue 6, session 11: the stream-K dense decode (mosaic_gpu_streamk) beside dense_wgs, every decode size.
 #   fp4dump   issue 6: ptxas registers and spills and the PTX of the planar kernels (experiments/benchmarks/
 #             fp4_sass_dump.py; its docstring says how to get SASS from the PTX off the GPU).
 #   fp4ncu    issue 6: Nsight Compute on the dense and grouped decode kernels (the machine runs Firecracker, where
@@ -126,6 +127,10 @@ case "${1:-}" in
   fp4s10c)
     # session 10: dense_wgs at M = 16 with 8 rows of x per CTA (twice the CTAs: 224 at N = 7168, 128 at 4096)
     probe dense_wgs_bm8 100 130 ;;
+  fp4s11)
+    # session 11: stream-K dense decode (all SMs, partials summed in the kernel through semaphores) by (warpgroups,
+    # stages, CTAs) beside dense_wgs, at M = 1 / 8 / 16 and K = N = 7168 / 4096
+    probe dense_streamk,api_dense_fused 300 340 ;;
   fp4mid)
     # session 8: the public api's grouped decode at 32 and 16 tokens x top-6 (between the issue's 8 and 64)
     probe api_planar_decode_mid 170 200 ;;
