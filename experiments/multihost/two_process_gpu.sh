@@ -6,7 +6,8 @@
 #      ragged_all_to_all), float32 at full precision: parity.json (one report per process).
 #   2. the training CLI as N processes (--config.mesh.expert=N) against one process driving all N GPUs, same
 #      config and seed: their metrics.jsonl losses should agree (train.log, metrics_*.jsonl).
-# Usage: experiments/multihost/two_process_gpu.sh [N=2] [STEPS=40]   (on the GPU host; PYTHONPATH set up)
+# Usage: experiments/multihost/two_process_gpu.sh [N=2] [STEPS=40]   (on the GPU host; PYTHONPATH set up;
+#        INDEXER=xla sets the training runs' config.model.indexer_impl)
 # Checked on CPU (2 processes, 4 steps): parity 1.2e-7 to 1.8e-7, losses equal at every step.
 # Without nvidia-smi (or with V4JAX_LAUNCH_CPU=1) it runs the same steps on CPU processes (the worker's CPU
 # mode, 4 fake devices each; the CLI with one CPU device per process), which checks this script itself.
@@ -16,8 +17,8 @@ PY=${PYTHON:-python3}
 port() { $PY -c 'import socket; s=socket.socket(); s.bind(("localhost",0)); print(s.getsockname()[1])'; }
 if [ "${V4JAX_LAUNCH_CPU:-0}" = 1 ] || ! command -v nvidia-smi >/dev/null; then
   echo "no GPU: CPU processes"; CPU=1; export JAX_PLATFORMS=cpu; WORKER_MODE=""; unset XLA_FLAGS
-else
-  CPU=0; WORKER_MODE=gpu
+else  # XLA refuses ragged_all_to_all across processes without its NCCL send/recv fallback (H200 x2, session 11)
+  CPU=0; WORKER_MODE=gpu; export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_allow_ragged_all_to_all_nccl_send_recv_fallback=true"
 fi
 one_device() { if [ "$CPU" = 1 ]; then echo ""; else echo "$1"; fi; }  # CUDA_VISIBLE_DEVICES for process i
 
@@ -31,7 +32,8 @@ $PY -c "import json,sys; print(json.dumps([json.load(open(f'$OUT/parity_{i}.json
   > "$OUT/parity.json" 2>/dev/null && cat "$OUT/parity.json"
 
 ARGS=(--config=configs/tiny.py --config.mesh.expert=$N --config.train.steps=$STEPS --config.train.eval_every=$STEPS
-      --config.train.checkpoint_every=$STEPS --config.train.log_every=1 --config.train.progress=False --config.optim.warmup_steps=$((STEPS / 4)))
+      --config.train.checkpoint_every=$STEPS --config.train.log_every=1 --config.train.progress=False --config.optim.warmup_steps=$((STEPS / 4))
+      ${INDEXER:+--config.model.indexer_impl=$INDEXER})
 P=$(port); pids=(); rm -rf /tmp/v4jax_mp /tmp/v4jax_sp
 t0=$(date +%s)
 for i in $(seq 0 $((N-1))); do

@@ -25,6 +25,8 @@
 #   fp4s10    issue 6, session 10: dense decode with the split-K sum in a cluster's shared memory.
 #   fp4s10b   issue 6, session 10: the public api at every size of the issue with the session-10 table.
 #   fp4s10c   issue 6, session 10: dense_wgs at M = 16 in CTAs of 8 rows.
+#   ep11 N    issue 8, session 11 (nvidia-h200-x2: N=2): the tiny model's first GPU step by indexer backend
+#             (scripts/gpu/model_step_diag.py), then `ep` with the indexer that got through.
 #   fp4s11    issue 6, session 11: the stream-K dense decode (mosaic_gpu_streamk) beside dense_wgs, every decode size.
 #   fp4dump   issue 6: ptxas registers and spills and the PTX of the planar kernels (experiments/benchmarks/
 #             fp4_sass_dump.py; its docstring says how to get SASS from the PTX off the GPU).
@@ -61,6 +63,25 @@ case "${1:-}" in
       --dispatch all_gather,all_to_all,ragged_all_to_all --out "$OUT/ep.md" > "$OUT/ep.log" 2>&1
     echo "bench rc=$?"; cat "$OUT/ep.md"
     OUT="$OUT/multihost" timeout 230 bash experiments/multihost/two_process_gpu.sh "$n" 40 > "$OUT/mp.log" 2>&1
+    echo "launcher rc=$?"; tail -n 30 "$OUT/mp.log" ;;
+  ep11)
+    # session 11 (kind nvidia-h200-x2 or -x4): where the tiny model's first step goes on one GPU with the default
+    # indexer (Triton) and with XLA's (session 11's ep run stalled silently there), then the ep run with the
+    # indexer that got through, the multi-process ragged_all_to_all allowed its NCCL fallback
+    n=${2:?ep11 needs the GPU count}; end=$((SECONDS + ${EP_BUDGET_S:-570}))
+    for impl in auto xla; do
+      timeout 100 python3 scripts/gpu/model_step_diag.py "$impl" 30 > "$OUT/diag_$impl.log" 2>&1
+      echo "diag $impl rc=$?"; grep '^\[' "$OUT/diag_$impl.log" || tail -n 25 "$OUT/diag_$impl.log"
+      if grep -q "first run" "$OUT/diag_$impl.log"; then break; fi
+    done
+    impl=auto; grep -q "first run" "$OUT/diag_auto.log" || impl=xla
+    echo "indexer for the ep run: $impl"
+    timeout $(( (end - SECONDS) * 3 / 5 )) python3 -m v4jax.parallel.bench --parity --scaling --steps 5 --devices "$n" \
+      --grouped-impl xla --indexer-impl "$impl" --dispatch all_gather,all_to_all,ragged_all_to_all --out "$OUT/ep.md" \
+      > "$OUT/ep.log" 2>&1
+    echo "bench rc=$?"; cat "$OUT/ep.md"; grep -v '^|' "$OUT/ep.log" | tail -n 5
+    INDEXER=$impl OUT="$OUT/multihost" timeout $((end - SECONDS)) bash experiments/multihost/two_process_gpu.sh "$n" 20 \
+      > "$OUT/mp.log" 2>&1
     echo "launcher rc=$?"; tail -n 30 "$OUT/mp.log" ;;
   fp4)
     probe grouped_decode_window,decode_overlap,api_planar 450 540 ;;

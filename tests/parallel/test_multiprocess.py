@@ -41,5 +41,6 @@ def test_two_processes(tmp_path):
         assert r["data"]["blocks_assemble_the_global_batch"]
         assert r["data"]["local_rows"] == [4, 4, 4] and r["data"]["rows"] == [4 * i, 4 * i + 4]
         for mode in ("all_gather", "all_to_all"):
+            assert "error" not in r["moe"][mode], (i, mode, r["moe"][mode])
             for name, err in r["moe"][mode].items():
                 assert err < 1e-5, (i, mode, name, err)

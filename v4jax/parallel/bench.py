@@ -12,6 +12,8 @@
            refuses (ragged_all_to_all on CPU) gets a row saying so.
 --grouped-impl: backend of the expert GEMMs (v4jax.kernels.grouped_matmul); auto picks XLA for the float32
            parity model and tokamax for the bf16 one on GPU/TPU when installed.
+--indexer-impl: backend of the lightning indexer's scores + top-k in both models (`config.model.indexer_impl`;
+           auto: v4jax.kernels.indexer's platform choice, Triton on a GPU).
 Prints markdown tables row by row as they are measured (and appends each row to --out when given), so a run
 cut short by a time limit keeps what it measured.
 """
@@ -31,6 +33,7 @@ import optax
 
 from v4jax.kernels.grouped_matmul import default_implementation
 from v4jax.model import ModelConfig, Transformer, presets
+from v4jax.model.config import INDEXER_IMPLS
 from v4jax.parallel import shardings as sh
 from v4jax.parallel.dispatch import check_dispatch, resolve_dispatch
 from v4jax.parallel.training import MeshPlan
@@ -64,8 +67,13 @@ def _label(mode: str, n_expert: int, top_k: int) -> str:
     return f"auto ({resolve_dispatch(mode, jax.devices()[0].platform, n_expert, top_k)})"
 
 
-def parity(n: int, modes: list[str]) -> Iterator[str]:
-    cfg = ModelConfig.from_config(presets.tiny())
+def _with_indexer(m, indexer_impl: str):
+    m.indexer_impl = indexer_impl
+    return ModelConfig.from_config(m)
+
+
+def parity(n: int, modes: list[str], indexer_impl: str = "auto") -> Iterator[str]:
+    cfg = _with_indexer(presets.tiny(), indexer_impl)
     model = Transformer(cfg)
     tokens = jax.random.randint(jax.random.key(1), (8, 64), 0, cfg.vocab_size)
     variables = model.init_variables(jax.random.key(0), tokens)
@@ -97,17 +105,17 @@ def parity(n: int, modes: list[str]) -> Iterator[str]:
                    f"{total:.2e} | {leaf_err:.2e} |")
 
 
-def small_moe() -> ModelConfig:
+def small_moe(indexer_impl: str = "auto") -> ModelConfig:
     m = presets.tiny()
     m.update(hidden_size=1024, num_heads=8, head_dim=128, rope_head_dim=32, q_lora_rank=256, o_lora_rank=256,
              o_groups=2, index_head_dim=64, n_routed_experts=32, num_experts_per_tok=4,
              moe_intermediate_size=1024, dtype="bfloat16", vocab_size=4096, sliding_window=128,
              csa_ratio=4, hca_ratio=32, index_topk=64, yarn_original_max_position=2048)
-    return ModelConfig.from_config(m)
+    return _with_indexer(m, indexer_impl)
 
 
-def scaling(n: int, batch: int, seq: int, steps: int, modes: list[str]) -> Iterator[str]:
-    cfg = small_moe()
+def scaling(n: int, batch: int, seq: int, steps: int, modes: list[str], indexer_impl: str = "auto") -> Iterator[str]:
+    cfg = small_moe(indexer_impl)
     model = Transformer(cfg)
     tokens = jax.random.randint(jax.random.key(1), (batch, seq), 0, cfg.vocab_size)
     tx = optax.adamw(1e-4)
@@ -168,6 +176,8 @@ def main() -> None:
     ap.add_argument("--dispatch", default="auto", help="comma-separated MoE dispatch modes to compare")
     ap.add_argument("--grouped-impl", default="auto", choices=["auto", "xla", "tokamax"],
                     help="backend of the expert GEMMs (auto: tokamax for bf16 on GPU/TPU when installed, else XLA)")
+    ap.add_argument("--indexer-impl", default="auto", choices=list(INDEXER_IMPLS),
+                    help="backend of the lightning indexer in both models (auto: the platform's best)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     try:
@@ -183,12 +193,12 @@ def main() -> None:
         if _tokamax_ragged_dot() is None:
             ap.error("--grouped-impl tokamax: tokamax does not import here (pip install '.[cuda]')")
     header = (f"{datetime.date.today()} {jax.devices()[0].device_kind} x{args.devices}, jax {jax.__version__}, "
-              f"expert GEMMs: {args.grouped_impl}")
+              f"expert GEMMs: {args.grouped_impl}, indexer: {args.indexer_impl}")
     sections = [[header]]
     if args.parity:
-        sections.append(parity(args.devices, modes))
+        sections.append(parity(args.devices, modes, args.indexer_impl))
     if args.scaling:
-        sections.append(scaling(args.devices, args.batch, args.seq, args.steps, modes))
+        sections.append(scaling(args.devices, args.batch, args.seq, args.steps, modes, args.indexer_impl))
     with default_implementation(impl):
         for section in sections:  # each row is printed (and appended to --out) as soon as it is measured
             for line in section:
