@@ -19,6 +19,7 @@ on_gpu = sys.argv[5:] == ["gpu"]
 if not on_gpu:
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
 else:  # XLA refuses ragged_all_to_all across processes unless its NCCL send/recv fallback is allowed (H200 x2, session 11)
+    os.environ["V4JAX_ALLOW_MULTIPROCESS_RAGGED"] = "1"  # v4jax refuses it there (wrong gradients): re-measure it
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                " --xla_gpu_allow_ragged_all_to_all_nccl_send_recv_fallback=true").strip()
 

@@ -205,6 +205,22 @@ def test_auto_resolution(platform, n, k, mode):
     assert dp.resolve_dispatch("auto", platform, n, k) == mode
 
 
+def test_ragged_is_refused_across_gpu_processes(monkeypatch):
+    """Across GPU processes ragged_all_to_all gave wrong gradients (H200 x2, session 11): a one-line error names
+    the working modes, unless the re-measuring worker's variable is set; one process and TPUs are unaffected."""
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.delenv(dp.ALLOW_MULTIPROCESS_RAGGED, raising=False)
+    with pytest.raises(ValueError, match=r"^moe_dispatch='ragged_all_to_all': across GPU processes .*'all_to_all'"):
+        dp.resolve_dispatch("ragged_all_to_all", "gpu", 2, 2)
+    assert dp.resolve_dispatch("ragged_all_to_all", "tpu", 2, 2) == "ragged_all_to_all"
+    assert dp.resolve_dispatch("all_to_all", "gpu", 2, 2) == "all_to_all"
+    monkeypatch.setenv(dp.ALLOW_MULTIPROCESS_RAGGED, "1")
+    assert dp.resolve_dispatch("ragged_all_to_all", "gpu", 2, 2) == "ragged_all_to_all"
+    monkeypatch.setattr(jax, "process_count", lambda: 1)
+    monkeypatch.delenv(dp.ALLOW_MULTIPROCESS_RAGGED)
+    assert dp.resolve_dispatch("ragged_all_to_all", "gpu", 2, 2) == "ragged_all_to_all"
+
+
 def test_received_experts_in_both_layouts():
     """Two sources, 3 local experts, capacity 4: source 0 sends [e0, e2, e2], source 1 sends [e1]."""
     counts = jnp.array([[1, 0, 2], [0, 1, 0]], jnp.int32)

@@ -18,8 +18,11 @@ Three dispatch modes exist (`config.mesh.moe_dispatch`, checked by `check_dispat
   silent fallback, so a CPU run never reports "ragged" numbers that came from another collective.
 
 "auto" (the default) resolves to "all_gather" on every platform for now: it is the one mode whose
-parity has been shown end to end, and the ragged path has not yet run on a GPU or TPU (multi-GPU
-machines were withheld). By byte count "ragged_all_to_all" should win on GPU/TPU when K < n
+parity has been shown end to end. On two H200s in two processes (session 11, the multi-process worker,
+XLA's NCCL send/recv fallback allowed) "all_gather" and "all_to_all" matched one device (0 and <= 1.4e-7),
+and "ragged_all_to_all" gave the right outputs (8.7e-8) but wrong gradients (input 1.05, expert weights
+1.0 relative error): `resolve_dispatch` refuses it across GPU processes. Single-process multi-GPU runs of
+it are still unmeasured (the tiny model's GPU compile outlasted that call). By byte count "ragged_all_to_all" should win on GPU/TPU when K < n
 (T*K*(n-1)/n vs T*(n-1) rows each way, balanced routing): ask for it explicitly, and once
 `python -m v4jax.parallel.bench --parity --scaling --dispatch ...` has run on real GPUs, make it auto's
 choice there.
@@ -44,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 from collections.abc import Callable
 
 import jax
@@ -53,6 +57,9 @@ from jaxtyping import Array, Float, Int
 from v4jax.kernels.grouped_matmul import grouped_matmul
 
 DISPATCH_MODES = ("auto", "all_gather", "all_to_all", "ragged_all_to_all")
+# Lets ragged_all_to_all run across GPU processes (resolve_dispatch refuses it: wrong gradients, session 11);
+# tests/parallel/multiprocess_worker.py sets it to re-measure
+ALLOW_MULTIPROCESS_RAGGED = "V4JAX_ALLOW_MULTIPROCESS_RAGGED"
 
 # The mode in force while tracing. A jit-cache-sensitive context (jax.make_user_context), so a function
 # traced under one mode is re-traced under another instead of silently reusing the first trace.
@@ -86,6 +93,11 @@ def resolve_dispatch(mode: str, platform: str, n_expert: int, top_k: int) -> str
     if mode == "ragged_all_to_all" and platform == "cpu":
         raise ValueError("moe_dispatch='ragged_all_to_all': ragged_all_to_all is not implemented on XLA:CPU "
                          "(jax #34755); use 'all_to_all' or 'all_gather' on CPU")
+    if (mode == "ragged_all_to_all" and platform == "gpu" and jax.process_count() > 1
+            and os.environ.get(ALLOW_MULTIPROCESS_RAGGED) != "1"):
+        raise ValueError("moe_dispatch='ragged_all_to_all': across GPU processes its gradients came out wrong "
+                         "(H200 x2: forward 8.7e-8, input gradient 1.05 relative error); use 'all_to_all' or "
+                         f"'all_gather' ({ALLOW_MULTIPROCESS_RAGGED}=1 lifts this, to re-measure)")
     return mode
 
 
