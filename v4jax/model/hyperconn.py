@@ -22,10 +22,12 @@ def sinkhorn(logits: Float[Array, "... n n"], iters: int, eps: float) -> Float[A
     """Row softmax (+eps), a column normalisation, then (iters - 1) x (row, column) normalisations."""
     c = jax.nn.softmax(logits, axis=-1) + eps
     c = c / (jnp.sum(c, axis=-2, keepdims=True) + eps)
-    for _ in range(iters - 1):
+
+    def row_then_column(_, c):
         c = c / (jnp.sum(c, axis=-1, keepdims=True) + eps)
-        c = c / (jnp.sum(c, axis=-2, keepdims=True) + eps)
-    return c
+        return c / (jnp.sum(c, axis=-2, keepdims=True) + eps)
+
+    return jax.lax.fori_loop(0, iters - 1, row_then_column, c)
 
 
 def _comb_base_init(n: int, diag: float):
