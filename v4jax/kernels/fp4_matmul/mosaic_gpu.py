@@ -660,6 +660,48 @@ def _store_rows(o_smem, o_rows, lead, out_row0, rows, bm: int) -> None:
     plgpu.wait_smem_to_gmem(0)
 
 
+def warpgroup_slot_bytes(bm: int) -> int:
+    """Shared memory of one pipeline slot of `warpgroup_pipelines`: a planar chunk's x, values and scales."""
+    return bm * PLANAR_CHUNK * 2 + BN * CHUNK + planar.SCALE_BOX * BN
+
+
+def warpgroup_pipelines(wgs: int, stages: int, bm: int) -> list:
+    """Scratch of `wgs` warpgroups' own `stages`-deep TMA pipelines of planar chunks (`warpgroup_step`): x,
+    values and scales slots, and a barrier per slot."""
+    return [
+        plgpu.SMEM((wgs, stages, bm, PLANAR_CHUNK), jnp.bfloat16, transforms=TRANSFORMS16),  # x
+        plgpu.SMEM((wgs, stages, BN, CHUNK), jnp.uint8),  # values, thread order (no swizzle)
+        plgpu.SMEM((wgs, stages, planar.SCALE_BOX, BN), jnp.uint8),  # scales
+        plgpu.Barrier(num_arrivals=3, num_barriers=wgs * stages),  # a slot's three copies landed
+    ]
+
+
+def warpgroup_step(i, steps, fetch, acc_ref, x_smem, v_smem, s_smem, bars, a_smem, wg, stages: int,
+                   how: str) -> None:
+    """Step i (of `steps`) of warpgroup `wg`'s own pipeline of planar K chunks (`dense_wgs`,
+    `mosaic_gpu_streamk`): waits for its slot to land, decodes the [64, 256] weight tile, adds both planes'
+    products to acc [64, bm], then refills the slot with step i + stages (`fetch(step, slot)`) if there is one."""
+    slot = jax.lax.rem(i, stages)
+    plgpu.barrier_wait(bars.at[wg * stages + slot])
+    v, sc = v_smem.at[wg, slot], s_smem.at[wg, slot]
+    planes = _decode_tile_ptx(v, sc, 0, 0, how) if how != "jnp" else _decode_tile_jnp(v, sc, 0, 0)
+    for p in range(PLANES):
+        b = x_smem.at[wg, slot, :, pl.ds(p * PLANAR_HALF, PLANAR_HALF)].transpose((1, 0))  # [128, bm]
+        if a_smem:  # interpret mode: the interpreter runs wgmma with A in shared memory only
+            a_smem[0].at[wg][...] = planes[p]
+            plgpu.commit_smem()
+            plgpu.wgmma(acc_ref, a_smem[0].at[wg], b)
+            plgpu.wgmma_wait(0)
+        else:
+            plgpu.wgmma(acc_ref, planes[p], b)  # acc [64, bm] += W_p [64, 128] @ x_p.T
+    plgpu.wgmma_wait(0)  # the slot's x is read
+    plgpu.commit_smem()  # every thread of the warpgroup is done with the slot before the refill
+
+    @pl.when(i + stages < steps)
+    def _():
+        fetch(i + stages, slot)
+
+
 def _dense_wgs_kernel(x_gmem, v_gmem, s_gmem, o_gmem, x_smem, v_smem, s_smem, bars, o_smem, red_smem, red_bar,
                       *a_smem, bm: int, wgs: int, stages: int, k: int, m: int, how: str):
     """Dense planar decode with K split across the CTA's warpgroups instead of across CTAs: one CTA per 64 weight
@@ -691,25 +733,7 @@ def _dense_wgs_kernel(x_gmem, v_gmem, s_gmem, o_gmem, x_smem, v_smem, s_smem, ba
 
     def scope(acc_ref):
         def step(i, _):
-            slot = jax.lax.rem(i, stages)
-            plgpu.barrier_wait(bars.at[wg * stages + slot])
-            v, sc = v_smem.at[wg, slot], s_smem.at[wg, slot]
-            planes = _decode_tile_ptx(v, sc, 0, 0, how) if how != "jnp" else _decode_tile_jnp(v, sc, 0, 0)
-            for p in range(PLANES):
-                b = x_smem.at[wg, slot, :, pl.ds(p * PLANAR_HALF, PLANAR_HALF)].transpose((1, 0))  # [128, bm]
-                if a_smem:  # interpret mode: the interpreter runs wgmma with A in shared memory only
-                    a_smem[0].at[wg][...] = planes[p]
-                    plgpu.commit_smem()
-                    plgpu.wgmma(acc_ref, a_smem[0].at[wg], b)
-                    plgpu.wgmma_wait(0)
-                else:
-                    plgpu.wgmma(acc_ref, planes[p], b)  # acc [64, bm] += W_p [64, 128] @ x_p.T
-            plgpu.wgmma_wait(0)  # the slot's x is read: the slot may take chunk i + stages
-            plgpu.commit_smem()  # every thread of the warpgroup is done with the slot before the refill
-
-            @pl.when(i + stages < steps)
-            def _():
-                fetch(i + stages, slot)
+            warpgroup_step(i, steps, fetch, acc_ref, x_smem, v_smem, s_smem, bars, a_smem, wg, stages, how)
 
         jax.lax.fori_loop(0, steps, step, None)
 
@@ -758,8 +782,7 @@ def dense_wgs(
         raise ValueError(f"dense_wgs: needs bf16 x, K % {PLANAR_CHUNK * wgs} == 0, bm in 8..64 (a multiple of 8) "
                          f"and stages >= 1, got {jnp.dtype(x.dtype).name}, K={k}, bm={bm}, stages={stages}")
     # the GPU's shared memory (the interpreter's extra A tiles do not count: it has no such limit)
-    slot = bm * PLANAR_CHUNK * 2 + BN * CHUNK + planar.SCALE_BOX * BN  # x, values, scales of one chunk
-    smem = wgs * stages * slot + wgs * BN * bm * 4 + bm * BN * 2
+    smem = wgs * stages * warpgroup_slot_bytes(bm) + wgs * BN * bm * 4 + bm * BN * 2
     if smem > SMEM_BUDGET:
         raise ValueError(f"dense_wgs: wgs={wgs}, bm={bm}, {stages} stages need {smem} bytes of shared memory "
                          f"(budget {SMEM_BUDGET}): lower bm or stages")
@@ -773,10 +796,7 @@ def dense_wgs(
         num_threads=wgs,
         thread_name="wg",
         scratch_types=[
-            plgpu.SMEM((wgs, stages, bm, PLANAR_CHUNK), jnp.bfloat16, transforms=TRANSFORMS16),  # x
-            plgpu.SMEM((wgs, stages, BN, CHUNK), jnp.uint8),  # values, thread order (no swizzle)
-            plgpu.SMEM((wgs, stages, planar.SCALE_BOX, BN), jnp.uint8),  # scales
-            plgpu.Barrier(num_arrivals=3, num_barriers=wgs * stages),  # a slot's three copies landed
+            *warpgroup_pipelines(wgs, stages, bm),
             plgpu.SMEM((1, bm, BN), jnp.bfloat16),  # the output tile
             plgpu.SMEM((wgs, BN, bm), jnp.float32),  # the accumulators of warpgroups 1..wgs-1
             plgpu.Barrier(num_arrivals=max(wgs - 1, 1)),  # ... are in shared memory

@@ -43,16 +43,15 @@ from v4jax.kernels.fp4_matmul.mosaic_gpu import (
     BN,
     CHUNK,
     PLANAR_CHUNK,
-    PLANAR_HALF,
-    PLANES,
     SMEM_BUDGET,
     TRANSFORMS16,
     _check_shapes,
-    _decode_tile_jnp,
-    _decode_tile_ptx,
     _interpret_params,
     _store_rows,
     _tma_rows,
+    warpgroup_pipelines,
+    warpgroup_slot_bytes,
+    warpgroup_step,
 )
 
 MAX_ROWS = 64  # rows of x: one tile of x per CTA (wgmma's N), the decode sizes this kernel is for
@@ -140,30 +139,12 @@ def _kernel(x_gmem, v_gmem, s_gmem, o_gmem, ws_gmem, x_smem, v_smem, s_smem, bar
         def _(i=i):
             fetch(i, i)
 
-    def step(i, acc_ref):
-        slot = jax.lax.rem(i, stages)
-        plgpu.barrier_wait(bars.at[wg * stages + slot])
-        v, sc = v_smem.at[wg, slot], s_smem.at[wg, slot]
-        planes = _decode_tile_ptx(v, sc, 0, 0, how) if how != "jnp" else _decode_tile_jnp(v, sc, 0, 0)
-        for pl_i in range(PLANES):
-            b = x_smem.at[wg, slot, :, pl.ds(pl_i * PLANAR_HALF, PLANAR_HALF)].transpose((1, 0))  # [128, bm]
-            if a_smem:  # interpret mode: the interpreter runs wgmma with A in shared memory only
-                a_smem[0].at[wg][...] = planes[pl_i]
-                plgpu.commit_smem()
-                plgpu.wgmma(acc_ref, a_smem[0].at[wg], b)
-                plgpu.wgmma_wait(0)
-            else:
-                plgpu.wgmma(acc_ref, planes[pl_i], b)  # acc [64, bm] += W_p [64, 128] @ x_p.T
-        plgpu.wgmma_wait(0)  # the slot's x is read: the slot may take step i + stages
-        plgpu.commit_smem()  # every thread of the warpgroup is done with the slot before the refill
-
-        @pl.when(i + stages < count)
-        def _():
-            fetch(i + stages, slot)
-
     def segment(start, stop):  # steps [start, stop) of this warpgroup's range, into a fresh accumulator
         def scope(acc_ref):
-            jax.lax.fori_loop(start, stop, lambda i, carry: step(i, acc_ref), None)
+            def step(i, _):
+                warpgroup_step(i, count, fetch, acc_ref, x_smem, v_smem, s_smem, bars, a_smem, wg, stages, how)
+
+            jax.lax.fori_loop(start, stop, step, None)
             return acc_ref[...]
         return pl.run_scoped(scope, plgpu.ACC((BN, bm), jnp.float32))
 
@@ -249,8 +230,7 @@ def dense_streamk(
     check_plan(tiles, chunks, ctas, wgs)
     waits = max_waits(tiles, chunks, ctas, wgs)
     bm = max(8, -(-m // 8) * 8)  # rows of x per tile (wgmma N: a multiple of 8)
-    slot = bm * PLANAR_CHUNK * 2 + BN * CHUNK + planar.SCALE_BOX * BN  # x, values, scales of one step
-    smem = wgs * stages * slot + 2 * wgs * BN * bm * 4 + (1 + waits) * BN * bm * 4 + bm * BN * 2
+    smem = wgs * stages * warpgroup_slot_bytes(bm) + 2 * wgs * BN * bm * 4 + (1 + waits) * BN * bm * 4 + bm * BN * 2
     if smem > SMEM_BUDGET:
         raise ValueError(f"dense_streamk: wgs={wgs}, {bm} rows, {stages} stages need {smem} bytes of shared memory "
                          f"(budget {SMEM_BUDGET}): lower wgs or stages")
@@ -266,10 +246,7 @@ def dense_streamk(
         num_threads=wgs,
         thread_name="wg",
         scratch_types=[
-            plgpu.SMEM((wgs, stages, bm, PLANAR_CHUNK), jnp.bfloat16, transforms=TRANSFORMS16),  # x
-            plgpu.SMEM((wgs, stages, BN, CHUNK), jnp.uint8),  # values, thread order (no swizzle)
-            plgpu.SMEM((wgs, stages, planar.SCALE_BOX, BN), jnp.uint8),  # scales
-            plgpu.Barrier(num_arrivals=3, num_barriers=wgs * stages),  # a slot's three copies landed
+            *warpgroup_pipelines(wgs, stages, bm),
             plgpu.SMEM((1, bm, BN), jnp.bfloat16),  # the output tile
             plgpu.SMEM((2, wgs, BN, bm), jnp.float32),  # warpgroups 1..wgs-1's sums of the CTA's two tiles
             plgpu.Barrier(num_arrivals=max(wgs - 1, 1)),  # ... are in shared memory
