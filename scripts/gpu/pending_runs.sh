@@ -72,15 +72,16 @@ case "${1:-}" in
     for impl in auto xla; do
       timeout 100 python3 scripts/gpu/model_step_diag.py "$impl" 30 > "$OUT/diag_$impl.log" 2>&1
       echo "diag $impl rc=$?"; grep '^\[' "$OUT/diag_$impl.log" || tail -n 25 "$OUT/diag_$impl.log"
-      if grep -q "first run" "$OUT/diag_$impl.log"; then break; fi
+      if grep -q '^\[.*\] first run' "$OUT/diag_$impl.log"; then break; fi
     done
-    impl=auto; grep -q "first run" "$OUT/diag_auto.log" || impl=xla
+    impl=auto; grep -q '^\[.*\] first run' "$OUT/diag_auto.log" || impl=xla
     echo "indexer for the ep run: $impl"
-    timeout $(( (end - SECONDS) * 3 / 5 )) python3 -m v4jax.parallel.bench --parity --scaling --steps 5 --devices "$n" \
+    left() { local s=$(( ($1) )); echo $(( s > 1 ? s : 1 )); }  # seconds for the next stage, at least 1
+    timeout "$(left "(end - SECONDS) * 3 / 5")" python3 -m v4jax.parallel.bench --parity --scaling --steps 5 --devices "$n" \
       --grouped-impl xla --indexer-impl "$impl" --dispatch all_gather,all_to_all,ragged_all_to_all --out "$OUT/ep.md" \
       > "$OUT/ep.log" 2>&1
     echo "bench rc=$?"; cat "$OUT/ep.md"; grep -v '^|' "$OUT/ep.log" | tail -n 5
-    INDEXER=$impl OUT="$OUT/multihost" timeout $((end - SECONDS)) bash experiments/multihost/two_process_gpu.sh "$n" 20 \
+    INDEXER=$impl OUT="$OUT/multihost" timeout "$(left "end - SECONDS")" bash experiments/multihost/two_process_gpu.sh "$n" 20 \
       > "$OUT/mp.log" 2>&1
     echo "launcher rc=$?"; tail -n 30 "$OUT/mp.log" ;;
   fp4)

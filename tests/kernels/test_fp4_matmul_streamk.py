@@ -85,6 +85,11 @@ def test_streamk_lowers_to_one_kernel_with_semaphores_and_rejects_bad_sizes():
         sk.dense_streamk(x, p.values, p.scales, ctas=4, wgs=2)
     with pytest.raises(ValueError, match=r"ctas in 5\.\.10"):
         sk.dense_streamk(x, p.values, p.scales, ctas=11, wgs=2)
+    for ctas in (0, -1):
+        with pytest.raises(ValueError, match=r"ctas in 5\.\.10"):
+            sk.dense_streamk(x, p.values, p.scales, ctas=ctas, wgs=2)
+    with pytest.raises(ValueError, match="lower wgs"):  # 5 tiles x 4 chunks: no CTA count gives 8 warpgroups a step
+        sk.dense_streamk(x, p.values, p.scales, ctas=5, wgs=8)
     with pytest.raises(ValueError, match="at most 64 rows"):
         sk.dense_streamk(jnp.ones((65, 1024), jnp.bfloat16), p.values, p.scales, ctas=7, wgs=2)
     with pytest.raises(ValueError, match="bf16 x"):

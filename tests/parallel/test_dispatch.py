@@ -105,7 +105,7 @@ def test_ragged_path_with_emulated_collective_matches_single_device(setup, mesh_
     mesh = make_mesh(mesh_cfg)
     placed = place(params, x, weights, routings[routing], mesh)
     with dp.moe_dispatch("ragged_all_to_all"):
-        step_fresh = jax.jit(step.__wrapped__) if hasattr(step, "__wrapped__") else step
+        step_fresh = jax.jit(lambda *a: step.__wrapped__(*a))  # a new function: traced with this collective
         check_parity(step_fresh, placed, mesh, reference[routing])
 
 
@@ -205,20 +205,36 @@ def test_auto_resolution(platform, n, k, mode):
     assert dp.resolve_dispatch("auto", platform, n, k) == mode
 
 
-def test_ragged_is_refused_across_gpu_processes(monkeypatch):
+def test_ragged_is_refused_where_an_expert_group_spans_gpu_processes(monkeypatch):
     """Across GPU processes ragged_all_to_all gave wrong gradients (H200 x2, session 11): a one-line error names
-    the working modes, unless the re-measuring worker's variable is set; one process and TPUs are unaffected."""
-    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    the working modes where an expert group spans processes, unless the re-measuring worker's variable is set;
+    expert groups inside one process and TPUs are unaffected. `_spans_processes` reads the mesh's devices."""
+    from v4jax.parallel.expert import _spans_processes
+
     monkeypatch.delenv(dp.ALLOW_MULTIPROCESS_RAGGED, raising=False)
-    with pytest.raises(ValueError, match=r"^moe_dispatch='ragged_all_to_all': across GPU processes .*'all_to_all'"):
-        dp.resolve_dispatch("ragged_all_to_all", "gpu", 2, 2)
-    assert dp.resolve_dispatch("ragged_all_to_all", "tpu", 2, 2) == "ragged_all_to_all"
-    assert dp.resolve_dispatch("all_to_all", "gpu", 2, 2) == "all_to_all"
+    with pytest.raises(ValueError) as err:
+        dp.resolve_dispatch("ragged_all_to_all", "gpu", 2, 2, spans_processes=True)
+    assert "\n" not in str(err.value) and "'all_to_all' or 'all_gather'" in str(err.value)
+    assert str(err.value).startswith("moe_dispatch='ragged_all_to_all': across GPU processes")
+    assert dp.resolve_dispatch("ragged_all_to_all", "tpu", 2, 2, spans_processes=True) == "ragged_all_to_all"
+    assert dp.resolve_dispatch("all_to_all", "gpu", 2, 2, spans_processes=True) == "all_to_all"
+    assert dp.resolve_dispatch("ragged_all_to_all", "gpu", 2, 2) == "ragged_all_to_all"
     monkeypatch.setenv(dp.ALLOW_MULTIPROCESS_RAGGED, "1")
-    assert dp.resolve_dispatch("ragged_all_to_all", "gpu", 2, 2) == "ragged_all_to_all"
-    monkeypatch.setattr(jax, "process_count", lambda: 1)
-    monkeypatch.delenv(dp.ALLOW_MULTIPROCESS_RAGGED)
-    assert dp.resolve_dispatch("ragged_all_to_all", "gpu", 2, 2) == "ragged_all_to_all"
+    assert dp.resolve_dispatch("ragged_all_to_all", "gpu", 2, 2, spans_processes=True) == "ragged_all_to_all"
+
+    class Dev:  # a device of process p
+        def __init__(self, p):
+            self.process_index = p
+
+    class FakeMesh:  # data=2 x expert=2: process = data row (expert groups inside a process), then = column
+        axis_names = ("data", "expert")
+
+        def __init__(self, by_row):
+            self.devices = np.array([[Dev(i if by_row else j) for j in range(2)] for i in range(2)], object)
+
+    assert not _spans_processes(FakeMesh(by_row=True), "expert")
+    assert _spans_processes(FakeMesh(by_row=False), "expert")
+    assert not _spans_processes(make_mesh({"expert": 8}), "expert")  # one process here
 
 
 def test_received_experts_in_both_layouts():
@@ -253,12 +269,16 @@ def test_ragged_path_lowers_for_gpu_and_tpu_with_its_backward(platform, monkeypa
     assert text.count("custom_call @ragged_all_to_all") == 4  # rows out and results back; their transposes
 
 
+_TRANSPOSE_TRACES: list[str] = []  # one entry per trace of `_ragged_with_jax_transpose`: the test really used it
+
+
 def _ragged_with_jax_transpose(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *, axis_name):
     """The emulated collective, differentiated by the formula of JAX's own transpose rule for ragged_all_to_all
     (`jax._src.lax.parallel._ragged_all_to_all_transpose`, jax 0.11.2): the cotangent travels back through the
     same collective with all_to_all'ed output / input offsets as input / output offsets and the sizes swapped;
     the output buffer's cotangent is the incoming one outside the received rows."""
     ints = (input_offsets, send_sizes, output_offsets, recv_sizes)
+    _TRANSPOSE_TRACES.append(axis_name)
 
     @jax.custom_vjp
     def call(operand, output, *ints):
@@ -299,6 +319,8 @@ def test_jax_transpose_rule_of_ragged_gives_single_device_gradients(setup, mesh_
     mesh = make_mesh(mesh_cfg)
     for routing in ("skewed", "all_to_experts_0_1"):
         placed = place(params, x, weights, routings[routing], mesh)
+        traces = len(_TRANSPOSE_TRACES)
         with dp.moe_dispatch("ragged_all_to_all"):
-            step_fresh = jax.jit(step.__wrapped__) if hasattr(step, "__wrapped__") else step
+            step_fresh = jax.jit(lambda *a: step.__wrapped__(*a))  # a new function: traced with this collective
             check_parity(step_fresh, placed, mesh, reference[routing])
+        assert len(_TRANSPOSE_TRACES) == traces + 2  # both exchanges (tokens out, results back) went through it

@@ -21,11 +21,12 @@ Three dispatch modes exist (`config.mesh.moe_dispatch`, checked by `check_dispat
 parity has been shown end to end. On two H200s in two processes (session 11, the multi-process worker,
 XLA's NCCL send/recv fallback allowed) "all_gather" and "all_to_all" matched one device (0 and <= 1.4e-7),
 and "ragged_all_to_all" gave the right outputs (8.7e-8) but wrong gradients (input 1.05, expert weights
-1.0 relative error): `resolve_dispatch` refuses it across GPU processes. Single-process multi-GPU runs of
-it are still unmeasured (the tiny model's GPU compile outlasted that call). By byte count "ragged_all_to_all" should win on GPU/TPU when K < n
-(T*K*(n-1)/n vs T*(n-1) rows each way, balanced routing): ask for it explicitly, and once
-`python -m v4jax.parallel.bench --parity --scaling --dispatch ...` has run on real GPUs, make it auto's
-choice there.
+1.0 relative error): `resolve_dispatch` refuses it where an expert group spans GPU processes.
+Single-process multi-GPU runs of it are still unmeasured (the tiny model's GPU compile outlasted that
+call). By byte count "ragged_all_to_all" should win on GPU/TPU when K < n (T*K*(n-1)/n vs T*(n-1) rows
+each way, balanced routing): ask for it explicitly, and once
+`python -m v4jax.parallel.bench --parity --scaling --dispatch ...` has shown its parity on real GPUs,
+make it auto's choice there.
 
 The exchange metadata ([n] int32 per shard unless noted; three all_to_alls of a few integers):
   send_counts[j, e]  pairs this shard sends to local expert e of shard j ([n, E_loc]; its pairs are
@@ -57,7 +58,8 @@ from jaxtyping import Array, Float, Int
 from v4jax.kernels.grouped_matmul import grouped_matmul
 
 DISPATCH_MODES = ("auto", "all_gather", "all_to_all", "ragged_all_to_all")
-# Lets ragged_all_to_all run across GPU processes (resolve_dispatch refuses it: wrong gradients, session 11);
+# Lets ragged_all_to_all run where an expert group spans GPU processes (resolve_dispatch refuses it there: wrong
+# gradients, session 11);
 # tests/parallel/multiprocess_worker.py sets it to re-measure
 ALLOW_MULTIPROCESS_RAGGED = "V4JAX_ALLOW_MULTIPROCESS_RAGGED"
 
@@ -84,8 +86,9 @@ def current_dispatch() -> str:
     return _DISPATCH.value
 
 
-def resolve_dispatch(mode: str, platform: str, n_expert: int, top_k: int) -> str:
-    """The concrete mode for `mode` ("auto" resolved, see the module docstring); refuses ragged on CPU."""
+def resolve_dispatch(mode: str, platform: str, n_expert: int, top_k: int, spans_processes: bool = False) -> str:
+    """The concrete mode for `mode` ("auto" resolved, see the module docstring); refuses ragged on CPU, and on
+    GPUs when an expert group spans processes (`spans_processes`)."""
     check_dispatch(mode)
     if mode == "auto":  # all_gather until the ragged path has run on real GPUs (module docstring)
         del n_expert, top_k
@@ -93,7 +96,7 @@ def resolve_dispatch(mode: str, platform: str, n_expert: int, top_k: int) -> str
     if mode == "ragged_all_to_all" and platform == "cpu":
         raise ValueError("moe_dispatch='ragged_all_to_all': ragged_all_to_all is not implemented on XLA:CPU "
                          "(jax #34755); use 'all_to_all' or 'all_gather' on CPU")
-    if (mode == "ragged_all_to_all" and platform == "gpu" and jax.process_count() > 1
+    if (mode == "ragged_all_to_all" and platform == "gpu" and spans_processes
             and os.environ.get(ALLOW_MULTIPROCESS_RAGGED) != "1"):
         raise ValueError("moe_dispatch='ragged_all_to_all': across GPU processes its gradients came out wrong "
                          "(H200 x2: forward 8.7e-8, input gradient 1.05 relative error); use 'all_to_all' or "

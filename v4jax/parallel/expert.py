@@ -29,6 +29,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float, Int
 
@@ -117,7 +118,8 @@ def routed_experts_parallel(x: Float[Array, "t d"], idx: Int[Array, "t k"], weig
         raise ValueError(f"routed_experts_parallel: moe_intermediate_size {I} does not split over {mlp_axes}")
     mode = dp.check_dispatch(dp.current_dispatch() if dispatch is None else dispatch, "moe_dispatch")
     platform = "emulated" if _ragged_collective is not None else _platform(mesh)
-    mode = dp.resolve_dispatch(mode, platform, n_expert, idx.shape[-1])
+    mode = dp.resolve_dispatch(mode, platform, n_expert, idx.shape[-1],
+                               spans_processes=expert_axis is not None and _spans_processes(mesh, expert_axis))
     if expert_axis is None:
         mode = "all_gather"  # no expert axis: every shard holds all experts, nothing to exchange
     collective = _ragged_collective or jax.lax.ragged_all_to_all
@@ -147,6 +149,17 @@ def routed_experts_parallel(x: Float[Array, "t d"], idx: Int[Array, "t k"], weig
     fn = body if mode == "all_gather" else a2a_body
     return jax.shard_map(fn, mesh=mesh, in_specs=(tok, tok, tok, w_in, w_in, w_out), out_specs=tok)(
         x, idx, weights, w1, w3, w2)
+
+
+def _spans_processes(mesh, axis: str) -> bool:
+    """Whether some group of devices along mesh axis `axis` (an expert group) holds devices of several processes
+    (False for an abstract mesh: no devices to tell)."""
+    try:
+        procs = np.vectorize(lambda d: d.process_index)(mesh.devices)
+    except (AttributeError, ValueError):
+        return False
+    procs = np.moveaxis(procs, mesh.axis_names.index(axis), -1)
+    return bool((procs != procs[..., :1]).any())
 
 
 def _platform(mesh) -> str:

@@ -90,8 +90,8 @@ memory. It needs enough 64-row tiles of N to fill the SMs, so the api takes it w
 `dense_mosaic_wgs` entry says (N / 64 >= 0.75 x the SMs). `BlockConfig.cluster` makes a tile's K splits one
 cluster that adds its partials in the first CTA's shared memory. On the H200 the cluster kernel ran 1-7 us slower
 than the plain one (session 10), so no stored entry uses it. `mosaic_gpu_streamk` (stream-K over every SM, the
-partials summed across CTAs through semaphores) lost at every decode size too (session 11): 12.55 against 12.01 us
-at K = N = 7168 (kernel alone), 7.1-8.0 against the split-K call's 6.4-7.3 at 4096.
+partials summed across CTAs through semaphores) lost at every decode size too (session 11), call against call:
+13.2-13.8 against `dense_wgs`'s 12.0-12.7 us at K = N = 7168, 7.7-8.0 against the split-K call's 6.4-7.3 at 4096.
 
 Measured on the H200 (device time, RESULTS.md "FP4 matmul, session 10"; planar weights with scales <= 2, the
 stored table, through the public api):

@@ -14,8 +14,9 @@ The partial sums of a tile meet inside the kernel:
   touches the tile (at most one partial per CTA: the tile it starts or ends in and does not finish) stores
   its float32 sums to a workspace slot of its own by TMA and signals the tile's semaphore; the finisher adds
   its own sums, waits for the count of CTAs before it on that tile, reads their slots and stores bf16.
-  Finishers wait only on CTAs of lower index, which the GPU starts first, and a grid of at most one CTA
-  per SM is co-resident anyway: no deadlock.
+  Finishers wait only on CTAs of lower index. CUDA starts a grid's CTAs in index order (an assumption the
+  usual stream-K kernels share; not a documented guarantee), and a grid that fits on the SMs at once is
+  co-resident anyway, so no finisher waits for a CTA that cannot start: no deadlock.
 - Ordering: a partial is written by the async (TMA) proxy and signalled by a release; the finisher acquires,
   then reads by TMA. A `fence.proxy.async.global` on each side orders the two proxies (PTX memory model).
 
@@ -91,10 +92,13 @@ def plan(cta, wg, *, tiles: int, chunks: int, ctas: int, wgs: int) -> Plan:
 def check_plan(tiles: int, chunks: int, ctas: int, wgs: int) -> None:
     """Raises unless `plan` holds for these sizes: at least one step per warpgroup, at most `chunks` per CTA."""
     steps = tiles * chunks
-    if steps < ctas * wgs or -(-steps // ctas) > chunks:
+    lo, hi = -(-steps // chunks), steps // wgs  # the ctas this split allows
+    if lo > hi:
+        raise ValueError(f"dense_streamk: {tiles} tiles x {chunks} K chunks cannot give each of {wgs} warpgroups "
+                         f"per CTA a step with at most {chunks} per CTA: lower wgs")
+    if not lo <= ctas <= hi:
         raise ValueError(f"dense_streamk: {tiles} tiles x {chunks} K chunks over {ctas} CTAs x {wgs} warpgroups: "
-                         f"needs 1 step per warpgroup and at most {chunks} per CTA, i.e. ctas in "
-                         f"{-(-steps // chunks)}..{steps // wgs}")
+                         f"needs 1 step per warpgroup and at most {chunks} per CTA, i.e. ctas in {lo}..{hi}")
 
 
 def max_waits(tiles: int, chunks: int, ctas: int, wgs: int) -> int:
@@ -213,8 +217,8 @@ def dense_streamk(
     interpret: bool = False,
 ) -> Float[Array, "m n"]:
     """y = x @ W.T for bf16 x [M <= 64, K] and planar W (`planar.PlanarMXFP4`'s values [N, K/2], scales
-    [K/32, N]) in one stream-K kernel of `ctas` CTAs x `wgs` warpgroups (module docstring; on a GPU, ctas
-    should be at most the SM count: the finishers wait for CTAs before them). Needs N % 64 == 0, K % 256 == 0,
+    [K/32, N]) in one stream-K kernel of `ctas` CTAs x `wgs` warpgroups (module docstring; the H200 run used
+    1 and 2 CTAs per SM: finishers wait only for CTAs of lower index). Needs N % 64 == 0, K % 256 == 0,
     and between one step and one tile's K per warpgroup / CTA (`check_plan`); `stages` is each warpgroup's TMA
     pipeline depth, `decode` a PTX decoder ("asm_fused" only for scale bytes <= 128); `interpret` runs the jnp
     decoder in the Mosaic GPU interpreter, without semaphores (module docstring)."""
@@ -230,7 +234,8 @@ def dense_streamk(
     check_plan(tiles, chunks, ctas, wgs)
     waits = max_waits(tiles, chunks, ctas, wgs)
     bm = max(8, -(-m // 8) * 8)  # rows of x per tile (wgmma N: a multiple of 8)
-    smem = wgs * stages * warpgroup_slot_bytes(bm) + 2 * wgs * BN * bm * 4 + (1 + waits) * BN * bm * 4 + bm * BN * 2
+    smem = (wgs * stages * warpgroup_slot_bytes(bm) + 2 * wgs * BN * bm * 4 + (1 + max(waits, 1)) * BN * bm * 4
+            + bm * BN * 2)  # pipelines, warpgroup sums, sent and received partials, output tile
     if smem > SMEM_BUDGET:
         raise ValueError(f"dense_streamk: wgs={wgs}, {bm} rows, {stages} stages need {smem} bytes of shared memory "
                          f"(budget {SMEM_BUDGET}): lower wgs or stages")
