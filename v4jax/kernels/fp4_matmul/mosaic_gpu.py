@@ -328,7 +328,7 @@ def tile_registers(segs, sregs, scale, decode) -> dict:
 
 def _decode_tile_ptx(v_smem, s_smem, h: int, c: int, how: str) -> tuple[jax.Array, jax.Array]:
     """Planar weights, GPU: tile h (64 weight rows) and chunk c of a pipeline step's shared-memory buffers,
-    values [wn, kb] (or [wn, chunks, 128]) and scales [8 * chunks, wn] in the layout's thread order (`planar`) ->
+    values [wn, kb] and scales [8 * chunks, wn] in the layout's thread order (`planar`) ->
     the chunk's two planes bf16 [64, 128] in the WGMMA register layout (wgmma's A operand).
 
     Each thread reads its 16 words with four 16-byte loads and its 16 scales with one (`tile_load_offsets`: a
@@ -378,10 +378,8 @@ def _decode_tile_ptx(v_smem, s_smem, h: int, c: int, how: str) -> tuple[jax.Arra
 
 def _decode_tile_jnp(v_smem, s_smem, h: int, c: int) -> tuple[jax.Array, jax.Array]:
     """`_decode_tile_ptx` in jnp, for the interpreter: the tile's [64, 128] bytes and [8, 64] scales as loaded
-    (a [64, 256] weight in the planar layout) -> its two planes bf16 [64, 128]. The values tile is [wn, kb], or
-    [wn, chunks, 128] (`dense_wgs`: TMA boxes are at most 256 wide without a swizzle)."""
-    rows = pl.ds(BN * h, BN)
-    byte = v_smem[rows, c, :] if len(v_smem.shape) == 3 else v_smem[rows, pl.ds(CHUNK * c, CHUNK)]  # [64, 128] uint8
+    (a [64, 256] weight in the planar layout) -> its two planes bf16 [64, 128]."""
+    byte = v_smem[pl.ds(BN * h, BN), pl.ds(CHUNK * c, CHUNK)]  # [64, 128] uint8
     box = s_smem[pl.ds(planar.SCALE_BOX * c, planar.SCALE_BOX), pl.ds(BN * h, BN)]  # [8, 64] uint8
     sc = common.e8m0_to_f32(planar.load_scales(box))  # [64, 8]: rows, the chunk's blocks
     scales = tuple(jnp.repeat(sc[:, 4 * p : 4 * p + 4], 2 * BYTES_PER_SCALE, axis=1) for p in range(PLANES))
