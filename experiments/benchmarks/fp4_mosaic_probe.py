@@ -30,13 +30,15 @@ Rows (JSON lines in OUT/fp4_mosaic_probe.jsonl, also printed):
        beside the stored entry, at M = 1 / 8 / 16, K = N = 7168 and 4096;
   dense_wgs: `mosaic_gpu.dense_wgs` (K split across a CTA's warpgroups, no split-K sum) at M = 1 / 8 / 16, K = N =
        7168 and 4096;
+  bounds: `fp4_decode_bounds.bounds_kernel` at M = 8, K = N = 4096 / 7168: the dense decode's pipeline with the
+       copies alone, without the decode, and whole, by (split, wgs, stages);
   dense_streamk: `mosaic_gpu_streamk.dense_streamk` (stream-K: every SM's warpgroups take an equal share of all
        tile x K steps, partials summed in the kernel) by (warpgroups, stages, CTAs), beside dense_wgs, same sizes;
   floor: what one XLA kernel reads at the dense decode's sizes (the packed bytes of K=N=4096 / 7168, 12 copies:
        past the L2): a max-reduction (read only) and an elementwise copy (read + write), in TB/s of bytes read;
   dense_planar, grouped_planar, grouped_decode_planar: the kernel sweeps on planar weights.
 Usage: python experiments/benchmarks/fp4_mosaic_probe.py [--out DIR] [--parts api,api_planar,api_planar_decode,api_prefill,
-       api_planar_decode_mid,grouped_decode_window,grouped_decode_window2,decode_overlap,dense_occupancy,fused,fused_check,floor,api_dense,api_fused,api_grouped_fused,api_dense_fused,dense_sweep9,dense_wgs,dense_wgs_bm8,dense_cluster,dense_streamk,
+       api_planar_decode_mid,grouped_decode_window,grouped_decode_window2,decode_overlap,dense_occupancy,fused,fused_check,floor,api_dense,api_fused,api_grouped_fused,api_dense_fused,dense_sweep9,dense_wgs,bounds,dense_wgs_bm8,dense_cluster,dense_streamk,
        dense,dense_planar,prefill,grouped,grouped_planar,grouped_decode,grouped_decode_planar] [--budget-s S]
 """
 
@@ -154,6 +156,48 @@ def dense_wgs_part(out, m, kn, variants, deadline, copies=12, gain=0.25, bm=None
             row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
             traceback.print_exc()
         emit(out, row)
+
+
+BOUNDS = {  # (split, wgs, stages) per K = N: dense_wgs's shape first, the stored split-K entry's shape last
+    4096: ((1, 4, 2), (2, 4, 2), (2, 2, 4), (2, 1, 8), (4, 2, 2), (4, 1, 4), (16, 1, 1), (8, 1, 2)),
+    7168: ((1, 4, 2), (1, 4, 3), (1, 2, 4), (1, 2, 7), (1, 7, 2), (2, 2, 2), (4, 1, 4), (7, 1, 4)),
+}
+
+
+def bounds_part(out, kn, deadline, m=8, copies=12, gain=0.25):
+    """`fp4_decode_bounds.bounds_kernel` at M = 8: per (split, wgs, stages), the copies alone ("stream"), the loads
+    and wgmmas without the decode ("nodecode") and dense_wgs's whole step ("full"), kernel us and % of copy
+    bandwidth on the packed bytes, beside XLA's bf16 dot on the same shape."""
+    import fp4_decode_bounds
+
+    kx, kw = jax.random.split(jax.random.key(kn + m))
+    x = jax.random.normal(kx, (m, kn), jnp.bfloat16)
+    ws = [quant.quantize(gain * random_weight(jax.random.fold_in(kw, i), (kn, kn)), "mxfp4") for i in range(copies)]
+    ref = dense_ref(x, ws[0])
+    wk = [_planar(w) for w in ws]
+    packed = ws[0].values.size + ws[0].scales.size
+    xla_total, _, _ = timed(lambda a, w: jnp.dot(a, w.T), [(x, quant.dequantize(w).astype(jnp.bfloat16)) for w in ws])
+    emit(out, {"part": "bounds", "m": m, "kn": kn, "impl": "xla_bf16", "total_us": xla_total})
+    for split, wgs, stages in BOUNDS[kn]:
+        for mode in fp4_decode_bounds.MODES:
+            if time.time() > deadline:
+                print("budget reached", flush=True)
+                return
+            row = {"part": "bounds", "m": m, "kn": kn, "mode": mode, "split": split, "wgs": wgs, "stages": stages,
+                   "ctas": kn // 64 * split, "xla_bf16_us": xla_total}
+            try:
+                f = lambda a, w, mode=mode, s=split, g=wgs, st=stages: fp4_decode_bounds.bounds_kernel(
+                    a, w.values, w.scales, mode=mode, split=s, wgs=g, stages=st)
+                y = jax.block_until_ready(f(x, wk[0]))
+                if mode == "full":
+                    row["rel_err"] = rel_err(y.astype(jnp.float32).sum(0), ref)
+                _, kern, _ = timed(f, [(x, w) for w in wk])
+                row.update(kernel_us=kern, pct_copy=packed / kern / 1e6 / 3.37 * 100 if kern else None,
+                           x_vs_xla=xla_total / kern if kern else None)
+            except Exception as e:  # noqa: BLE001
+                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                traceback.print_exc()
+            emit(out, row)
 
 
 def floor_part(out, kn, copies=12):
@@ -461,6 +505,9 @@ def main():
                 variants = ((4, 2, sms), (2, 4, sms), (3, 3, sms) if m <= 8 else (3, 2, sms), (2, 2, 2 * sms),
                             (1, 4, 2 * sms), (4, 2, sms - 4))
                 dense_wgs_part(args.out, m, kn, variants, deadline, streamk=True)
+        elif part == "bounds":  # what bounds the dense decode: copies alone, no decode, dense_wgs's step (session 12)
+            for kn in (4096, 7168):
+                bounds_part(args.out, kn, deadline)
         elif part == "floor":
             for kn in (4096, 7168):
                 floor_part(args.out, kn)

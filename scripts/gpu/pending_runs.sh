@@ -28,6 +28,8 @@
 #   ep11 N    issue 8, session 11 (nvidia-h200-x2: N=2): the tiny model's first GPU step by indexer backend
 #             (scripts/gpu/model_step_diag.py), then `ep` with the indexer that got through.
 #   fp4s11    issue 6, session 11: the stream-K dense decode (mosaic_gpu_streamk) beside dense_wgs, every decode size.
+#   fp4s12    issue 6, session 12: what bounds the dense decode (fp4_decode_bounds: the pipeline with the copies
+#             alone, without the decode, and whole), XLA's read rate and the api's dense decode in the same run.
 #   fp4dump   issue 6: ptxas registers and spills and the PTX of the planar kernels (experiments/benchmarks/
 #             fp4_sass_dump.py; its docstring says how to get SASS from the PTX off the GPU).
 #   fp4ncu    issue 6: Nsight Compute on the dense and grouped decode kernels (the machine runs Firecracker, where
@@ -149,6 +151,9 @@ case "${1:-}" in
   fp4s10c)
     # session 10: dense_wgs at M = 16 with 8 rows of x per CTA (twice the CTAs: 224 at N = 7168, 128 at 4096)
     probe dense_wgs_bm8 100 130 ;;
+  fp4s12)
+    # session 12: the dense decode's pipeline with its work taken away piece by piece, at M = 8, K = N = 4096 / 7168
+    probe bounds,floor,api_dense_fused 400 450 ;;
   fp4s11)
     # session 11: stream-K dense decode (all SMs, partials summed in the kernel through semaphores) by (warpgroups,
     # stages, CTAs) beside dense_wgs, at M = 1 / 8 / 16 and K = N = 7168 / 4096
@@ -181,5 +186,5 @@ for l in open('$OUT/diag.log'):
     timeout 400 python3 experiments/benchmarks/indexer.py --sizes 8192,32768 --set mosaic --quants none,fp8 \
       --reps 5 --out "$OUT/mosaic" > "$OUT/mosaic.log" 2>&1; echo "rc=$?"
     python3 experiments/benchmarks/indexer_summary.py "$OUT"/mosaic/indexer.json ;;
-  *) echo "usage: pending_runs.sh ep N | fp4 | fp4s8 | fp4s8b | fp4mid | fp4fused | fp4s9 | fp4s9b | fp4s9c | fp4s9d | fp4s9e | fp4s9f | fp4dump | fp4ncu | fp4diag | indexer | mosaic" >&2; exit 2 ;;
+  *) echo "usage: pending_runs.sh ep N | fp4 | fp4s8 | fp4s8b | fp4mid | fp4fused | fp4s9 | fp4s9b | fp4s9c | fp4s9d | fp4s9e | fp4s9f | fp4s10 | fp4s10b | fp4s10c | ep11 N | fp4s11 | fp4s12 | fp4dump | fp4ncu | fp4diag | indexer | mosaic" >&2; exit 2 ;;
 esac

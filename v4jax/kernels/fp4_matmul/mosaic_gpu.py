@@ -334,7 +334,9 @@ def _decode_tile_ptx(v_smem, s_smem, h: int, c: int, how: str) -> tuple[jax.Arra
     Each thread reads its 16 words with four 16-byte loads and its 16 scales with one (`tile_load_offsets`: a
     quarter warp reads 128 contiguous bytes, no bank conflict), turns each scale byte into a bf16x2 pair
     (`scale_ptx`) and each word into four registers (`word_decode_ptx`, placed by `tile_registers`).
-    `decode_words_jnp` is the same numbers in jnp (what the interpreter runs)."""
+    `decode_words_jnp` is the same numbers in jnp (what the interpreter runs). `how="raw"` is for measurements
+    only (`experiments/benchmarks/fp4_decode_bounds.py`): the loaded words go to wgmma as they are, with no
+    arithmetic, so a kernel built on it costs what the decode costs less."""
     from jax.experimental.mosaic.gpu import (
         fragmented_array as fa,  # lazy: Mosaic GPU internals
     )
@@ -362,11 +364,15 @@ def _decode_tile_ptx(v_smem, s_smem, h: int, c: int, how: str) -> tuple[jax.Arra
 
         t = ops.rem(mgpu_utils.thread_idx(), 128)  # thread of the warpgroup
         v_offsets, s_offset = tile_load_offsets(t, h, c, kb, wn, ops)
-        regs = tile_registers(
-            [load4(v_ref, o) for o in v_offsets], load4(s_ref, s_offset),
-            lambda reg, b: llvm.inline_asm(i32, [reg], scale_ptx(how, b), "=r,r"),
-            lambda word, sc, rots: mgpu_utils.bitcast(
-                llvm.inline_asm(i32, [word, sc], word_decode_ptx(rots, how == "asm_fused"), "=r,r,r"), pair))
+        if how == "raw":  # measurement only: no scale loads, no arithmetic
+            regs = tile_registers([load4(v_ref, o) for o in v_offsets], [None] * 4, lambda reg, b: reg,
+                                  lambda word, sc, rots: mgpu_utils.bitcast(word, pair))
+        else:
+            regs = tile_registers(
+                [load4(v_ref, o) for o in v_offsets], load4(s_ref, s_offset),
+                lambda reg, b: llvm.inline_asm(i32, [reg], scale_ptx(how, b), "=r,r"),
+                lambda word, sc, rots: mgpu_utils.bitcast(
+                    llvm.inline_asm(i32, [word, sc], word_decode_ptx(rots, how == "asm_fused"), "=r,r,r"), pair))
         shape = fa.WGMMA_LAYOUT.registers_shape((BN, CHUNK))  # [1, 16 column groups, 1, 1, 2 row halves, ...]
         out = [np.empty(shape, dtype=object) for _ in range(PLANES)]
         for (p, g, hr), reg in regs.items():
