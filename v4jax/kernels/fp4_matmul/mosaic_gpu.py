@@ -103,6 +103,11 @@ stored table, through the public api):
   2.41x / 2.37x XLA bf16, 67% / 67% / 63% of copy bandwidth;
 - dense decode at K = N = 4096 (split-K and the XLA sum): 6.5 / 6.7 / 7.3 us, 1.71x / 1.68x / 1.62x, 41% / 39%
   / 36% (the kernel alone 49% / 48% / 46%).
+
+What bounds the dense decode (session 12, `experiments/benchmarks/fp4_decode_bounds.py`, M = 8): the same
+pipeline moving only the bytes, with no decode and no wgmma, takes at best 3.78 us at K = N = 4096 (69.9% of copy
+bandwidth) and 8.41 us at 7168 (96%). With the loads and wgmmas but no decode it takes 4.56 / 9.48 us. The decode
+adds the rest: 2.4 us of `dense_wgs`'s 12.0 at 7168.
 """
 
 from __future__ import annotations
