@@ -77,20 +77,7 @@ def _bounds_kernel(x_gmem, v_gmem, s_gmem, o_gmem, x_smem, v_smem, s_smem, bars,
             mg.warpgroup_step(i, steps, fetch, acc_ref, x_smem, v_smem, s_smem, bars, a_smem, wg, stages, how)
 
         jax.lax.fori_loop(0, steps, step, None)
-
-        @pl.when(wg != 0)
-        def _():
-            red_smem.at[wg][...] = acc_ref[...]
-            plgpu.barrier_arrive(red_bar)
-
-        @pl.when(wg == 0)
-        def _():
-            total = acc_ref[...]
-            if wgs > 1:
-                plgpu.barrier_wait(red_bar)
-            for w in range(1, wgs):
-                total = total + plgpu.load(red_smem.at[w], layout=plgpu.Layout.WGMMA)
-            store(total)
+        mg.sum_warpgroups(acc_ref, red_smem, red_bar, wg, wgs, store)
 
     pl.run_scoped(scope, plgpu.ACC((mg.BN, bm), jnp.float32))
 

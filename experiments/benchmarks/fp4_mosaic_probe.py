@@ -120,18 +120,22 @@ def dense_part(out, m, kn, cfgs, copies, deadline, planar=False, gain=1.0):
         emit(out, row)
 
 
+def _planar_decode_inputs(m, kn, copies, gain):
+    """A dense decode's inputs: bf16 x [m, kn], `copies` planar K = N = kn weights (past the L2), the float64
+    reference on the first, the packed bytes per weight and XLA's bf16 dot timed on the same shapes (us)."""
+    kx, kw = jax.random.split(jax.random.key(kn + m))
+    x = jax.random.normal(kx, (m, kn), jnp.bfloat16)
+    ws = [quant.quantize(gain * random_weight(jax.random.fold_in(kw, i), (kn, kn)), "mxfp4") for i in range(copies)]
+    xla_total, _, _ = timed(lambda a, w: jnp.dot(a, w.T), [(x, quant.dequantize(w).astype(jnp.bfloat16)) for w in ws])
+    return x, [_planar(w) for w in ws], dense_ref(x, ws[0]), ws[0].values.size + ws[0].scales.size, xla_total
+
+
 def dense_wgs_part(out, m, kn, variants, deadline, copies=12, gain=0.25, bm=None, streamk=False):
     """`mosaic_gpu.dense_wgs` (K split across a CTA's warpgroups, one kernel per call) for each (wgs, stages),
     beside XLA's bf16 dot, on planar weights within the one-FMA bound; `bm`: rows of x per CTA (default M
     rounded up to 8, at most 16; a smaller bm reads each weight tile once per bm rows, from the L2 after the first).
     `streamk`: `mosaic_gpu_streamk.dense_streamk` instead, for each (wgs, stages, ctas)."""
-    kx, kw = jax.random.split(jax.random.key(kn + m))
-    x = jax.random.normal(kx, (m, kn), jnp.bfloat16)
-    ws = [quant.quantize(gain * random_weight(jax.random.fold_in(kw, i), (kn, kn)), "mxfp4") for i in range(copies)]
-    ref = dense_ref(x, ws[0])
-    wk = [_planar(w) for w in ws]
-    packed = ws[0].values.size + ws[0].scales.size
-    xla_total, _, _ = timed(lambda a, w: jnp.dot(a, w.T), [(x, quant.dequantize(w).astype(jnp.bfloat16)) for w in ws])
+    x, wk, ref, packed, xla_total = _planar_decode_inputs(m, kn, copies, gain)
     bm = bm or min(16, -(-m // 8) * 8)
     for wgs, stages, *ctas in variants:
         if time.time() > deadline:
@@ -170,13 +174,7 @@ def bounds_part(out, kn, deadline, m=8, copies=12, gain=0.25):
     bandwidth on the packed bytes, beside XLA's bf16 dot on the same shape."""
     import fp4_decode_bounds
 
-    kx, kw = jax.random.split(jax.random.key(kn + m))
-    x = jax.random.normal(kx, (m, kn), jnp.bfloat16)
-    ws = [quant.quantize(gain * random_weight(jax.random.fold_in(kw, i), (kn, kn)), "mxfp4") for i in range(copies)]
-    ref = dense_ref(x, ws[0])
-    wk = [_planar(w) for w in ws]
-    packed = ws[0].values.size + ws[0].scales.size
-    xla_total, _, _ = timed(lambda a, w: jnp.dot(a, w.T), [(x, quant.dequantize(w).astype(jnp.bfloat16)) for w in ws])
+    x, wk, ref, packed, xla_total = _planar_decode_inputs(m, kn, copies, gain)
     emit(out, {"part": "bounds", "m": m, "kn": kn, "impl": "xla_bf16", "total_us": xla_total})
     for split, wgs, stages in BOUNDS[kn]:
         for mode in fp4_decode_bounds.MODES:

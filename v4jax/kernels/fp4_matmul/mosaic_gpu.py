@@ -746,24 +746,35 @@ def _dense_wgs_kernel(x_gmem, v_gmem, s_gmem, o_gmem, x_smem, v_smem, s_smem, ba
 
         jax.lax.fori_loop(0, steps, step, None)
 
-        @pl.when(wg != 0)
-        def _():
-            red_smem.at[wg][...] = acc_ref[...]  # [64, bm] float32: this warpgroup's K range
-            plgpu.barrier_arrive(red_bar)
-
-        @pl.when(wg == 0)
-        def _():
-            total = acc_ref[...]
-            if wgs > 1:
-                plgpu.barrier_wait(red_bar)
-            for w in range(1, wgs):
-                total = total + plgpu.load(red_smem.at[w], layout=plgpu.Layout.WGMMA)
+        def store(total):
             o_smem.at[0].transpose((1, 0))[...] = total.astype(jnp.bfloat16)  # [bm, 64] <- [64, bm]
             plgpu.commit_smem()
             _store_rows(o_smem, lambda term: o_gmem.at[:, pl.ds(ni * BN, BN)], 0, mi * bm,
                         jnp.minimum(bm, m - mi * bm), bm)
 
+        sum_warpgroups(acc_ref, red_smem, red_bar, wg, wgs, store)
+
     pl.run_scoped(scope, plgpu.ACC((BN, bm), jnp.float32))
+
+
+def sum_warpgroups(acc_ref, red_smem, red_bar, wg, wgs: int, finish) -> None:
+    """The CTA's warpgroup accumulators acc [64, bm] float32 (one K range each) summed in shared memory:
+    warpgroups 1.. leave theirs in red_smem [wgs, 64, bm] and arrive on red_bar; warpgroup 0 waits, adds them to
+    its own and calls finish(total)."""
+
+    @pl.when(wg != 0)
+    def _():
+        red_smem.at[wg][...] = acc_ref[...]
+        plgpu.barrier_arrive(red_bar)
+
+    @pl.when(wg == 0)
+    def _():
+        total = acc_ref[...]
+        if wgs > 1:
+            plgpu.barrier_wait(red_bar)
+        for w in range(1, wgs):
+            total = total + plgpu.load(red_smem.at[w], layout=plgpu.Layout.WGMMA)
+        finish(total)
 
 
 @functools.partial(jax.jit, static_argnames=("wgs", "bm", "stages", "decode", "interpret"))
