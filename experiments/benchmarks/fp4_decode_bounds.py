@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
+from jaxtyping import Array, Float, UInt8
 
 from v4jax.kernels.fp4_matmul import mosaic_gpu as mg
 from v4jax.kernels.fp4_matmul import planar
@@ -88,8 +89,9 @@ def smem_bytes(bm: int, wgs: int, stages: int) -> int:
 
 
 @functools.partial(jax.jit, static_argnames=("mode", "split", "wgs", "stages", "interpret"))
-def bounds_kernel(x: jax.Array, values: jax.Array, scales: jax.Array, mode: str = "full", split: int = 1,
-                  wgs: int = 4, stages: int = 2, interpret: bool = False) -> jax.Array:
+def bounds_kernel(x: Float[Array, "bm k"], values: UInt8[Array, "n kh"], scales: UInt8[Array, "kb n"],
+                  mode: str = "full", split: int = 1, wgs: int = 4, stages: int = 2,
+                  interpret: bool = False) -> Float[Array, "split bm n"]:
     """x bf16 [bm, K] (bm a multiple of 8, at most 64: pad x first), planar W (values [N, K/2], scales [K/32, N])
     -> out bf16 [split, bm, N], per-split partial products for "full" (see the module docstring)."""
     bm, k = x.shape
@@ -108,7 +110,7 @@ def bounds_kernel(x: jax.Array, values: jax.Array, scales: jax.Array, mode: str 
                          f"shared memory (budget {mg.SMEM_BUDGET})")
     if interpret and mode == "nodecode":
         raise ValueError("bounds_kernel: 'nodecode' feeds wgmma raw words through PTX loads: GPU only")
-    how = "jnp" if interpret else {"full": "asm_fused", "nodecode": "raw", "stream": "raw"}[mode]
+    how = "jnp" if interpret else {"full": "asm_fused", "nodecode": "raw", "stream": None}[mode]  # stream: no decode
     body = functools.partial(_bounds_kernel, bm=bm, wgs=wgs, stages=stages, k=k, split=split, mode=mode, how=how)
     call = plgpu.kernel(
         body,
