@@ -34,11 +34,12 @@ Rows (JSON lines in OUT/fp4_mosaic_probe.jsonl, also printed):
        copies alone, without the decode, and whole, by (split, wgs, stages);
   dense_streamk: `mosaic_gpu_streamk.dense_streamk` (stream-K: every SM's warpgroups take an equal share of all
        tile x K steps, partials summed in the kernel) by (warpgroups, stages, CTAs), beside dense_wgs, same sizes;
+  floor_rows: one-pass XLA reads of the same bytes (a max over each row, by row count);
   floor: what one XLA kernel reads at the dense decode's sizes (the packed bytes of K=N=4096 / 7168, 12 copies:
        past the L2): a max-reduction (read only) and an elementwise copy (read + write), in TB/s of bytes read;
   dense_planar, grouped_planar, grouped_decode_planar: the kernel sweeps on planar weights.
 Usage: python experiments/benchmarks/fp4_mosaic_probe.py [--out DIR] [--parts api,api_planar,api_planar_decode,api_prefill,
-       api_planar_decode_mid,grouped_decode_window,grouped_decode_window2,decode_overlap,dense_occupancy,fused,fused_check,floor,api_dense,api_fused,api_grouped_fused,api_dense_fused,dense_sweep9,dense_wgs,bounds,dense_wgs_bm8,dense_cluster,dense_streamk,
+       api_planar_decode_mid,grouped_decode_window,grouped_decode_window2,decode_overlap,dense_occupancy,fused,fused_check,floor,api_dense,api_fused,api_grouped_fused,api_dense_fused,dense_sweep9,dense_wgs,bounds,floor_rows,dense_wgs_bm8,dense_cluster,dense_streamk,
        dense,dense_planar,prefill,grouped,grouped_planar,grouped_decode,grouped_decode_planar] [--budget-s S]
 """
 
@@ -207,6 +208,18 @@ def floor_part(out, kn, copies=12):
         total, _, rest = timed(fn, [(b,) for b in bufs])
         emit(out, {"part": "floor", "kn": kn, "op": name, "bytes_read": nbytes, "total_us": total,
                    "tbps_read": nbytes / total / 1e6, "events": rest})
+
+
+def floor_rows_part(out, kn, copies=12, rows=(256, 1024, 4096, 8192)):
+    """The fastest one-pass read XLA makes of the same bytes: a max over each row of the buffer seen as
+    [r, nbytes / 4r] uint32, for each row count r (one kernel each, no second pass as in `floor_part`'s full
+    reduction), over `copies` buffers (past the L2)."""
+    nbytes = kn * kn // 2 + kn * kn // 32
+    bufs = [jax.random.bits(jax.random.key(i), (nbytes // 4,), jnp.uint32) for i in range(copies)]
+    for r in rows:
+        total, _, rest = timed(lambda b, r=r: jnp.max(b.reshape(r, -1), axis=1), [(b,) for b in bufs])
+        emit(out, {"part": "floor_rows", "kn": kn, "rows": r, "bytes_read": nbytes, "total_us": total,
+                   "tbps_read": nbytes / total / 1e6, "pct_copy": nbytes / total / 1e6 / 3.37 * 100, "events": rest})
 
 
 def grouped_part(out, tokens, cfgs, deadline, g=64, k=4096, n=2048, topk=6, planar=False, gain=1.0):
@@ -506,6 +519,9 @@ def main():
         elif part == "bounds":  # what bounds the dense decode: copies alone, no decode, dense_wgs's step (session 12)
             for kn in (4096, 7168):
                 bounds_part(args.out, kn, deadline)
+        elif part == "floor_rows":  # the fastest one-pass XLA read of the same bytes, by row count (session 12)
+            for kn in (4096, 7168):
+                floor_rows_part(args.out, kn)
         elif part == "floor":
             for kn in (4096, 7168):
                 floor_part(args.out, kn)
