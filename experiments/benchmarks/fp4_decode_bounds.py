@@ -52,9 +52,9 @@ def _bounds_kernel(x_gmem, v_gmem, s_gmem, o_gmem, x_smem, v_smem, s_smem, bars,
         fetch(i, i)
 
     def store(total):  # [64, bm] float32 -> out[si, :, this CTA's 64 columns] as bf16
-        o_smem.transpose((1, 0))[...] = total.astype(jnp.bfloat16)  # [bm, 64] <- [64, bm]
+        o_smem.at[0].transpose((1, 0))[...] = total.astype(jnp.bfloat16)  # [bm, 64] <- [64, bm]
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[si, :, pl.ds(ni * mg.BN, mg.BN)])
+        plgpu.copy_smem_to_gmem(o_smem.at[0], o_gmem.at[si, :, pl.ds(ni * mg.BN, mg.BN)])
         plgpu.wait_smem_to_gmem(0)
 
     if mode == "stream":
@@ -83,11 +83,6 @@ def _bounds_kernel(x_gmem, v_gmem, s_gmem, o_gmem, x_smem, v_smem, s_smem, bars,
     pl.run_scoped(scope, plgpu.ACC((mg.BN, bm), jnp.float32))
 
 
-def smem_bytes(bm: int, wgs: int, stages: int) -> int:
-    """The kernel's shared memory on the GPU (the interpreter's A tiles aside)."""
-    return wgs * stages * mg.warpgroup_slot_bytes(bm) + wgs * mg.BN * bm * 4 + bm * mg.BN * 2
-
-
 @functools.partial(jax.jit, static_argnames=("mode", "split", "wgs", "stages", "interpret"))
 def bounds_kernel(x: Float[Array, "bm k"], values: UInt8[Array, "n kh"], scales: UInt8[Array, "kb n"],
                   mode: str = "full", split: int = 1, wgs: int = 4, stages: int = 2,
@@ -105,9 +100,9 @@ def bounds_kernel(x: Float[Array, "bm k"], values: UInt8[Array, "n kh"], scales:
     if values.shape != (n, k // 2) or scales.shape != (k // 32, n):
         raise ValueError(f"bounds_kernel: planar values [N, K/2] and scales [K/32, N] expected, got "
                          f"{values.shape} and {scales.shape}")
-    if smem_bytes(bm, wgs, stages) > mg.SMEM_BUDGET:
-        raise ValueError(f"bounds_kernel: wgs={wgs}, {stages} stages need {smem_bytes(bm, wgs, stages)} bytes of "
-                         f"shared memory (budget {mg.SMEM_BUDGET})")
+    if (smem := mg.dense_wgs_smem_bytes(wgs, stages, bm)) > mg.SMEM_BUDGET:
+        raise ValueError(f"bounds_kernel: wgs={wgs}, {stages} stages need {smem} bytes of shared memory "
+                         f"(budget {mg.SMEM_BUDGET})")
     if interpret and mode == "nodecode":
         raise ValueError("bounds_kernel: 'nodecode' feeds wgmma raw words through PTX loads: GPU only")
     how = "jnp" if interpret else {"full": "asm_fused", "nodecode": "raw", "stream": None}[mode]  # stream: no decode
@@ -119,13 +114,7 @@ def bounds_kernel(x: Float[Array, "bm k"], values: UInt8[Array, "n kh"], scales:
         grid_names=("n", "s"),
         num_threads=wgs,
         thread_name="wg",
-        scratch_types=[
-            *mg.warpgroup_pipelines(wgs, stages, bm),
-            plgpu.SMEM((bm, mg.BN), jnp.bfloat16),  # the output tile
-            plgpu.SMEM((wgs, mg.BN, bm), jnp.float32),  # the accumulators of warpgroups 1..wgs-1
-            plgpu.Barrier(num_arrivals=max(wgs - 1, 1)),
-            *([plgpu.SMEM((wgs, mg.BN, mg.CHUNK), jnp.bfloat16, transforms=mg.TRANSFORMS16)] if interpret else []),
-        ],
+        scratch_types=mg.dense_wgs_scratch(wgs, stages, bm, interpret),
         interpret=mg._interpret_params(False) if interpret else None,
         kernel_name=f"fp4_matmul_mosaic_gpu_bounds_{mode}",
     )

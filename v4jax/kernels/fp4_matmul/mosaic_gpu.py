@@ -39,9 +39,9 @@ either way: inf or NaN instead of NaN); planar weights convert their scales this
 (`scale_ptx`, on the bytes of one 16-byte load). "asm_fused" (planar weights whose scale bytes are all <= 128, i.e.
 scales <= 2, as in LLM weights: `planar.fused_scales_ok`; the api falls back to "asm_lean" for other weights):
 one bf16x2 FMA per register, by 2**126 * scale, instead of two: 15 instead of 19 ops per word in the PTX
-(H200, session 9: kernels 3-6% faster; the stored table's dense m16 and grouped entries). "jnp" (`decode_plane16`, `decode_words_jnp`): the same numbers in
-jnp; the interpreter runs it (it cannot run PTX). Measured on the H200 (M = 16, K = N = 7168, kernel
-alone): 28.2 us with "jnp", 18.6 with "asm" (QArray layout, session 5); planar words 14.6 ("asm") and 14.1
+(H200, session 9: kernels 3-6% faster; the stored table's dense m16 and grouped entries). "jnp"
+(`decode_plane16`, `decode_words_jnp`): the same numbers in jnp; the interpreter runs it (it cannot run PTX).
+Measured on the H200 (M = 16, K = N = 7168, kernel alone): 28.2 us with "jnp", 18.6 with "asm" (QArray layout, session 5); planar words 14.6 ("asm") and 14.1
 ("asm_lean") us, against 15.7 with the session-6 planar decoder (session 7).
 
 Tiles and stores: a launch is a list of tiles (`tile_table`): expert, first row of its x tile, and the output
@@ -777,6 +777,25 @@ def sum_warpgroups(acc_ref, red_smem, red_bar, wg, wgs: int, finish) -> None:
         finish(total)
 
 
+def dense_wgs_smem_bytes(wgs: int, stages: int, bm: int) -> int:
+    """Shared memory of `dense_wgs_scratch` on the GPU (the interpreter's extra A tiles do not count: it has no
+    such limit)."""
+    return wgs * stages * warpgroup_slot_bytes(bm) + wgs * BN * bm * 4 + bm * BN * 2
+
+
+def dense_wgs_scratch(wgs: int, stages: int, bm: int, interpret: bool) -> list:
+    """Scratch of a `_dense_wgs_kernel`-shaped kernel (also `experiments/benchmarks/fp4_decode_bounds.py`): the
+    warpgroups' pipelines, the output tile, the accumulators `sum_warpgroups` meets in and their barrier, and in
+    interpret mode a shared-memory A tile per warpgroup."""
+    return [
+        *warpgroup_pipelines(wgs, stages, bm),
+        plgpu.SMEM((1, bm, BN), jnp.bfloat16),  # the output tile
+        plgpu.SMEM((wgs, BN, bm), jnp.float32),  # the accumulators of warpgroups 1..wgs-1
+        plgpu.Barrier(num_arrivals=max(wgs - 1, 1)),  # ... are in shared memory
+        *([plgpu.SMEM((wgs, BN, CHUNK), jnp.bfloat16, transforms=TRANSFORMS16)] if interpret else []),
+    ]
+
+
 @functools.partial(jax.jit, static_argnames=("wgs", "bm", "stages", "decode", "interpret"))
 def dense_wgs(
     x: Float[Array, "m k"],
@@ -802,7 +821,7 @@ def dense_wgs(
         raise ValueError(f"dense_wgs: needs bf16 x, K % {PLANAR_CHUNK * wgs} == 0, bm in 8..64 (a multiple of 8) "
                          f"and stages >= 1, got {jnp.dtype(x.dtype).name}, K={k}, bm={bm}, stages={stages}")
     # the GPU's shared memory (the interpreter's extra A tiles do not count: it has no such limit)
-    smem = wgs * stages * warpgroup_slot_bytes(bm) + wgs * BN * bm * 4 + bm * BN * 2
+    smem = dense_wgs_smem_bytes(wgs, stages, bm)
     if smem > SMEM_BUDGET:
         raise ValueError(f"dense_wgs: wgs={wgs}, bm={bm}, {stages} stages need {smem} bytes of shared memory "
                          f"(budget {SMEM_BUDGET}): lower bm or stages")
@@ -815,13 +834,7 @@ def dense_wgs(
         grid_names=("n", "m"),
         num_threads=wgs,
         thread_name="wg",
-        scratch_types=[
-            *warpgroup_pipelines(wgs, stages, bm),
-            plgpu.SMEM((1, bm, BN), jnp.bfloat16),  # the output tile
-            plgpu.SMEM((wgs, BN, bm), jnp.float32),  # the accumulators of warpgroups 1..wgs-1
-            plgpu.Barrier(num_arrivals=max(wgs - 1, 1)),  # ... are in shared memory
-            *([plgpu.SMEM((wgs, BN, CHUNK), jnp.bfloat16, transforms=TRANSFORMS16)] if interpret else []),
-        ],
+        scratch_types=dense_wgs_scratch(wgs, stages, bm, interpret),
         interpret=_interpret_params(False) if interpret else None,
         kernel_name="fp4_matmul_mosaic_gpu_wgs",
     )
