@@ -59,8 +59,7 @@ from v4jax.kernels.grouped_matmul import grouped_matmul
 
 DISPATCH_MODES = ("auto", "all_gather", "all_to_all", "ragged_all_to_all")
 # Lets ragged_all_to_all run where an expert group spans GPU processes (resolve_dispatch refuses it there: wrong
-# gradients, session 11);
-# tests/parallel/multiprocess_worker.py sets it to re-measure
+# gradients, session 11); tests/parallel/multiprocess_worker.py sets it to re-measure
 ALLOW_MULTIPROCESS_RAGGED = "V4JAX_ALLOW_MULTIPROCESS_RAGGED"
 
 # The mode in force while tracing. A jit-cache-sensitive context (jax.make_user_context), so a function

@@ -78,8 +78,8 @@ assert sorted(POSITIONS.reshape(-1).tolist()) == list(range(32)), "the word layo
 class PlanarMXFP4:
     """W [..., N, K] as MXFP4 in the planar layout (module docstring): `values` uint8 [..., N, K/2], `scales`
     E8M0 bytes [..., K/32, N], both permuted within their boxes (thread order: read them through `to_qarray`,
-    `planar_codes` or `load_scales`, not as a plain transpose). Static: the logical `shape` (..., N, K), the `dtype` dequantization returns,
-    and `max_scale`, the largest byte of `scales` when known at conversion (None under a trace), which tells
+    `planar_codes` or `load_scales`, not as a plain transpose). Static: the logical `shape` (..., N, K), the
+    `dtype` dequantization returns, and `max_scale`, the largest byte of `scales` when known at conversion (None under a trace), which tells
     whether the one-FMA decoder applies (`fused_scales_ok`); `replace` with new scales resets it to None."""
 
     values: jax.Array
